@@ -1,0 +1,224 @@
+"""Every parameter of a visionflow run, as pydantic models.
+
+`PipelineParams` is what a params YAML holds, what `--set a.b=c` overrides and what the
+Prefect flow takes as its parameter (so the Prefect UI renders it as a form). Extra keys are
+errors, every field has a default and a description.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import VisionflowError
+
+
+class ParamsError(VisionflowError):
+    """A params file or override that cannot be used; the message is one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Section):
+    """Where the images come from and how they are split."""
+
+    path: str = Field(
+        "bundled:digits",
+        description="Image source: an ImageFolder directory (class sub-folders, optional "
+        "train/val/test top folders), a CSV manifest (path,label[,more label columns]), a .zip or "
+        ".tar.gz of either, 'bundled:digits' (scikit-learn's digits) or 'torchvision:MNIST' / "
+        "'torchvision:FashionMNIST' / 'torchvision:CIFAR10' (downloaded when online).",
+    )
+    label_column: str = Field("label", description="Label column of a CSV manifest.")
+    channels: Literal[1, 3] = Field(3, description="Channels every image is converted to (1 = L, 3 = RGB).")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class held out for validation (when the source has no split folders).")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class held out for testing (when the source has no split folders).")
+    seed: int = Field(42, description="Seed of the stratified split; the same data and seed give the same split.")
+    max_pixels: int = Field(40_000_000, gt=0, description="Images with more pixels than this are quarantined (decompression bombs).")
+    min_images_per_class: int = Field(3, ge=3, description="A class with fewer valid images cannot be split into train/val/test and is refused.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "DataParams":
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        return self
+
+
+class AugmentParams(_Section):
+    """Albumentations pipelines: random train transform and deterministic eval transform."""
+
+    image_size: int = Field(32, ge=8, le=1024, description="Side of the square image the model sees.")
+    eval_resize_ratio: float = Field(1.0, ge=1.0, le=2.0, description="Eval: resize to image_size*ratio, then center-crop image_size (1.0 = plain resize).")
+    crop_scale_min: float = Field(0.8, gt=0, le=1.0, description="Train: RandomResizedCrop's smallest area fraction (1.0 turns the random crop off).")
+    hflip_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a horizontal flip (keep 0 for digits and text).")
+    vflip_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a vertical flip.")
+    rotate_limit: float = Field(10.0, ge=0, le=180, description="Train: largest rotation in degrees.")
+    rotate_p: float = Field(0.5, ge=0, le=1, description="Train: probability of a rotation.")
+    color_jitter_p: float = Field(0.0, ge=0, le=1, description="Train: probability of brightness/contrast/saturation/hue jitter.")
+    mean: list[float] = Field([0.5, 0.5, 0.5], description="Normalization mean per channel (one value per data.channels).")
+    std: list[float] = Field([0.5, 0.5, 0.5], description="Normalization std per channel (one value per data.channels).")
+    preview_images: int = Field(16, ge=0, le=64, description="Augmented samples drawn in the preview grid logged to MLflow (0 = none).")
+
+
+class ModelParams(_Section):
+    """The network, built by components.models.build_model."""
+
+    name: Literal["cnn", "resnet18", "mobilenet_v3_small"] = Field("cnn", description="Architecture: the small CNN (conv32-pool-conv64-pool-dense128) or a torchvision model.")
+    pretrained: bool = Field(False, description="Load torchvision's ImageNet weights (downloads once; fails with a clear error offline).")
+    dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before the classifier.")
+
+
+class TrainParams(_Section):
+    """Optimisation and the training loop."""
+
+    max_epochs: int = Field(30, ge=1, description="Upper bound on epochs.")
+    batch_size: int = Field(64, ge=1, description="Batch size per device.")
+    optimizer: Literal["sgd", "adam"] = Field("adam", description="sgd (with momentum) or adam.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum for sgd.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
+    early_stopping_patience: int = Field(8, ge=0, description="Epochs without val accuracy improvement before stopping (0 = off).")
+    seed: int = Field(7, description="Seed for weights, shuffling and augmentation.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = load in the training process).")
+    resume: bool = Field(False, description="Continue from the run's last checkpoint (set by `visionflow resume`).")
+    progress_bar: bool = Field(True, description="Show Lightning's progress bar.")
+
+
+class TrainerParams(_Section):
+    """Where and how Lightning runs the training."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
+    devices: int | Literal["auto"] = Field(1, description="Devices per node (an int or 'auto').")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = Field("auto", description="Lightning strategy; ddp runs one process per device.")
+    num_nodes: int = Field(1, ge=1, description="Nodes (multi-node needs torchrun or SLURM to launch).")
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = Field("32-true", description="Numerical precision.")
+
+    @model_validator(mode="after")
+    def _devices_positive(self) -> "TrainerParams":
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ValueError("devices must be >= 1 or 'auto'")
+        return self
+
+
+class EvaluateParams(_Section):
+    """The test-set report."""
+
+    top_k: int = Field(3, ge=1, description="k of the top-k accuracy (clipped to the number of classes).")
+    calibration_bins: int = Field(15, ge=2, description="Bins of the expected calibration error.")
+    misclassified_grid: int = Field(25, ge=0, le=100, description="Misclassified test images drawn in the grid (0 = none).")
+
+
+class RunParams(_Section):
+    """Where the run's files and tracking go."""
+
+    experiment: str = Field("visionflow", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: generated).")
+    output_dir: str = Field("runs", description="Run directories are created under this folder.")
+    cache_dir: str = Field(".visionflow", description="Materialised bundled data sets, extracted archives, downloads.")
+
+
+class PipelineParams(_Section):
+    """All parameters of one pipeline run."""
+
+    data: DataParams = Field(default_factory=DataParams, description="Data source and split.")
+    augment: AugmentParams = Field(default_factory=AugmentParams, description="Augmentation and preprocessing.")
+    model: ModelParams = Field(default_factory=ModelParams, description="Network.")
+    train: TrainParams = Field(default_factory=TrainParams, description="Training loop.")
+    trainer: TrainerParams = Field(default_factory=TrainerParams, description="Devices and strategy.")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Test report.")
+    run: RunParams = Field(default_factory=RunParams, description="Tracking and output folders.")
+
+    @model_validator(mode="after")
+    def _normalization_matches_channels(self) -> "PipelineParams":
+        for name in ("mean", "std"):
+            values = getattr(self.augment, name)
+            if len(values) != self.data.channels:
+                raise ValueError(
+                    f"augment.{name} has {len(values)} values but data.channels is {self.data.channels}"
+                )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "params"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown parameter"
+    return f"invalid parameter {field}: {message}"
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would ("3" -> 3, "true" -> True, "[1,2]" -> list)."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a nested dict (a new dict is returned)."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(f"invalid override {item!r}: expected KEY=VALUE, e.g. train.max_epochs=5")
+        key, value = item.split("=", 1)
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"invalid parameter {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return result
+
+
+def parse_params(raw: dict[str, Any]) -> PipelineParams:
+    """Validate a nested dict into PipelineParams; raises ParamsError with one line naming the field."""
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err)) from None
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineParams:
+    """Read a params YAML (or the defaults when path is None), apply overrides, validate.
+
+    Returns PipelineParams; raises ParamsError (one line naming the field) on any problem.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ParamsError(f"params file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ParamsError(f"invalid YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ParamsError(f"invalid params file {path}: the top level must be a mapping")
+        raw = loaded or {}
+    return parse_params(apply_overrides(raw, overrides or []))
+
+
+def params_to_flat_dict(params: BaseModel) -> dict[str, Any]:
+    """Flatten params to dotted names ({"train.lr": 0.002, ...}) for MLflow."""
+    return _flatten(params.model_dump(mode="json"), "")
+
+
+def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

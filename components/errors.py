@@ -1,0 +1,33 @@
+"""The errors visionflow reports to a user as one clear line (the CLI exits 2 on them)."""
+
+
+class VisionflowError(Exception):
+    """Base of every expected failure: bad parameters, bad data, a failed stage.
+
+    The message is complete on its own: the CLI prints it as one line without a traceback.
+    """
+
+
+class DataError(VisionflowError):
+    """The data source cannot be used (missing, empty, too few classes, unsafe archive, offline download)."""
+
+
+class ImageDecodeError(DataError):
+    """One image cannot be used; names the file and the reason (used for quarantine)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class TrainingError(VisionflowError):
+    """Training stopped on a problem the user must fix (non-finite loss, bad device request)."""
+
+
+class StageError(VisionflowError):
+    """A pipeline stage failed; names the stage."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"stage {stage} failed: {message}")
+        self.stage = stage
