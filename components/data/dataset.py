@@ -1,0 +1,103 @@
+"""Torch dataset over a manifest and the LightningDataModule that feeds training."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from components.data.images import load_image
+
+
+class ManifestDataset(Dataset):
+    """Images listed in manifest rows (dicts with `path` and `label`), decoded and transformed.
+
+    Returns (image tensor, class index) pairs; a decode error names the file.
+    """
+
+    def __init__(
+        self,
+        rows: list[dict[str, str]],
+        classes: list[str],
+        transform: Callable,
+        channels: int,
+        max_pixels: int,
+    ):
+        index = {name: i for i, name in enumerate(classes)}
+        self.paths = [row["path"] for row in rows]
+        self.targets = [index[row["label"]] for row in rows]
+        self.transform = transform
+        self.channels = channels
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = load_image(self.paths[i], self.channels, self.max_pixels)
+        return self.transform(image=image)["image"], self.targets[i]
+
+
+def rows_of_split(rows: list[dict[str, str]], split: str) -> list[dict[str, str]]:
+    """The manifest rows of one split ("train", "val", "test"; "all" keeps every row)."""
+    return list(rows) if split == "all" else [row for row in rows if row["split"] == split]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val loaders over a validated manifest with the train and eval transforms."""
+
+    def __init__(
+        self,
+        rows: list[dict[str, str]],
+        classes: list[str],
+        train_transform: Callable,
+        eval_transform: Callable,
+        channels: int,
+        max_pixels: int,
+        batch_size: int,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.rows = rows
+        self.classes = classes
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.channels = channels
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _dataset(self, split: str, transform: Callable) -> ManifestDataset:
+        return ManifestDataset(rows_of_split(self.rows, split), self.classes, transform, self.channels, self.max_pixels)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader over the train split with the random train transform."""
+        return self._loader(self._dataset("train", self.train_transform), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Loader over the val split with the deterministic eval transform."""
+        return self._loader(self._dataset("val", self.eval_transform), shuffle=False)
+
+
+def eval_loader(
+    rows: list[dict[str, str]],
+    classes: list[str],
+    transform: Callable,
+    channels: int,
+    max_pixels: int,
+    batch_size: int = 256,
+) -> DataLoader:
+    """An ordered DataLoader over `rows` with `transform` (for evaluation); the order is the rows' order."""
+    return DataLoader(ManifestDataset(rows, classes, transform, channels, max_pixels), batch_size=batch_size)

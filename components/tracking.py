@@ -1,0 +1,154 @@
+"""MLflow helpers: runs addressed by id (safe across threads and processes), params, metrics,
+artifacts, data set inputs. Every MLflow call of the pipeline goes through here or the tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+STAGE_TAG = "visionflow.stage"
+RUN_DIR_TAG = "visionflow.run_dir"
+FAILED_STAGE_TAG = "visionflow.failed_stage"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI: MLFLOW_TRACKING_URI, else MLflow's default sqlite:///mlflow.db in the
+    current directory (made absolute so the training process and later commands find the same store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+
+def _artifact_location(experiment: str) -> str | None:
+    """Artifacts of a local sqlite store go beside the database file, not into the current directory."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+
+
+def client() -> MlflowClient:
+    """An MlflowClient on tracking_uri()."""
+    return MlflowClient(tracking_uri())
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created when missing (restored when deleted)."""
+    c = client()
+    experiment = c.get_experiment_by_name(name)
+    if experiment is None:
+        return c.create_experiment(name, artifact_location=_artifact_location(name))
+    if experiment.lifecycle_stage == "deleted":
+        c.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def start_run(
+    experiment: str, name: str | None, tags: dict[str, str], parent_run_id: str | None = None
+) -> str:
+    """Create a RUNNING run (nested under parent_run_id when given); returns its id."""
+    tags = dict(tags)
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = client().create_run(ensure_experiment(experiment), run_name=name, tags=tags)
+    return run.info.run_id
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark an ended run RUNNING again (resume re-attaches to the same run)."""
+    client().update_run(run_id, status="RUNNING")
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """End a run with status FINISHED, FAILED or KILLED."""
+    client().set_terminated(run_id, status=status)
+
+
+def get_run(run_id: str):
+    """The mlflow Run entity (info, data.params, data.metrics, data.tags)."""
+    return client().get_run(run_id)
+
+
+def child_run(parent_run_id: str, stage: str) -> str | None:
+    """The id of the newest child run of `parent_run_id` for `stage`, or None."""
+    parent = get_run(parent_run_id)
+    runs = client().search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log params (values stringified, None as empty); the same value may be logged again on resume."""
+    items = [Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
+    c = client()
+    for start in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log numeric metrics at `step` (non-numbers are skipped)."""
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    if items:
+        client().log_batch(run_id, metrics=items)
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    """Set run tags (values stringified)."""
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(run_id: str, paths: Iterable[str | Path | None], artifact_path: str | None = None) -> None:
+    """Upload files (None entries skipped) into the run's artifacts under `artifact_path`."""
+    c = client()
+    for path in paths:
+        if path is not None and Path(path).is_file():
+            c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dataset(
+    run_id: str, rows: list[dict[str, str]], fingerprint: str, source: str, name: str, context: str
+) -> None:
+    """Log a manifest as an MLflow data set input of the run, with the fingerprint as its digest."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.DataFrame(rows)
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=fingerprint[:36], targets="label")
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    client().log_inputs(run_id, datasets=[entity])
+
+
+def git_commit(path: str | Path = ".") -> str | None:
+    """The git commit of `path`'s checkout, or None outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def ui_hint(uri: str | None = None) -> str:
+    """The command that opens the MLflow UI on this store."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"

@@ -1,0 +1,186 @@
+"""Training process entry point: `python -m components.training.fit SPEC.json`.
+
+The train task writes a FitSpec and launches this module in its own process, so Lightning's DDP
+launcher (and torchrun / SLURM) re-runs only this module, never the Prefect flow. Rank zero logs
+to the MLflow run named by the spec (or MLFLOW_RUN_ID) and writes a FitResult JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from pydantic import BaseModel
+
+from components.config import PipelineParams
+from components.data.augment import build_eval_transform, build_train_transform
+from components.data.dataset import ImageDataModule
+from components.data.ingest import read_manifest
+from components.errors import VisionflowError
+from components.models import ModelSpec
+from components.training.module import ClassifierModule
+
+
+class FitSpec(BaseModel):
+    """Everything the training process needs, written as JSON by the train task."""
+
+    params: PipelineParams
+    manifest_path: str
+    classes: list[str]
+    run_dir: str
+    result_path: str
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    progress_bar: bool = True
+
+
+class FitResult(BaseModel):
+    """What the training process reports back (rank zero)."""
+
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
+    best_val_acc: float | None = None
+    epochs: int = 0
+    final_metrics: dict[str, float] = {}
+    error: str | None = None
+
+
+class EpochSummary(Callback):
+    """Prints one `[visionflow]` line per epoch (the train task relays these to the Prefect log)."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = " ".join(
+            f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if "/" in k
+        )
+        print(f"[visionflow] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown}", flush=True)
+
+
+def model_spec_from_params(params: PipelineParams, num_classes: int) -> ModelSpec:
+    """The ModelSpec a pipeline's params describe for `num_classes` classes."""
+    return ModelSpec(
+        name=params.model.name,
+        num_classes=num_classes,
+        in_channels=params.data.channels,
+        image_size=params.augment.image_size,
+        dropout=params.model.dropout,
+        pretrained=params.model.pretrained,
+        mean=params.augment.mean,
+        std=params.augment.std,
+    )
+
+
+def build_trainer(spec: FitSpec, logger: MLFlowLogger | bool) -> tuple[L.Trainer, ModelCheckpoint]:
+    """A Lightning Trainer configured from the spec's params; returns it and its checkpoint callback."""
+    params = spec.params
+    checkpoint = ModelCheckpoint(
+        dirpath=Path(spec.run_dir) / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [checkpoint, EpochSummary()]
+    if params.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=params.train.early_stopping_patience))
+    trainer = L.Trainer(
+        max_epochs=params.train.max_epochs,
+        accelerator=params.trainer.accelerator,
+        devices=params.trainer.devices,
+        strategy=params.trainer.strategy,
+        num_nodes=params.trainer.num_nodes,
+        precision=params.trainer.precision,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=spec.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=spec.run_dir,
+    )
+    return trainer, checkpoint
+
+
+def fit(spec: FitSpec) -> FitResult:
+    """Train the model the spec describes; returns the FitResult (also written to spec.result_path by rank 0)."""
+    params = spec.params
+    L.seed_everything(params.train.seed, workers=True, verbose=False)
+    rows = read_manifest(spec.manifest_path)
+    module = ClassifierModule(
+        spec=model_spec_from_params(params, len(spec.classes)).model_dump(),
+        optim=params.train.model_dump(),
+        classes=spec.classes,
+        augment=params.augment.model_dump(),
+    )
+    data = ImageDataModule(
+        rows,
+        spec.classes,
+        build_train_transform(params.augment),
+        build_eval_transform(params.augment),
+        channels=params.data.channels,
+        max_pixels=params.data.max_pixels,
+        batch_size=params.train.batch_size,
+        num_workers=params.train.num_workers,
+    )
+    run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
+    logger: MLFlowLogger | bool = False
+    if run_id:
+        logger = MLFlowLogger(
+            experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id
+        )
+    trainer, checkpoint = build_trainer(spec, logger)
+    monitor = None
+    if run_id and trainer.is_global_zero:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=2, tracking_uri=spec.tracking_uri)
+        monitor.start()
+    last = Path(spec.run_dir) / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if params.train.resume and last.is_file() else None
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    best_score = checkpoint.best_model_score
+    return FitResult(
+        best_checkpoint=checkpoint.best_model_path or None,
+        last_checkpoint=str(last) if last.is_file() else None,
+        best_val_acc=float(best_score) if best_score is not None else None,
+        epochs=trainer.current_epoch,
+        final_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+    )
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and int(
+        os.environ.get("NODE_RANK", "0")
+    ) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `fit` on the spec file named by argv[0]; returns the exit code (0 ok, 3 a reported error)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m components.training.fit SPEC.json", file=sys.stderr)
+        return 2
+    spec = FitSpec.model_validate_json(Path(argv[0]).read_text())
+    try:
+        result = fit(spec)
+        code = 0
+    except VisionflowError as err:
+        result, code = FitResult(error=str(err)), 3
+        print(f"[visionflow] error: {err}", file=sys.stderr, flush=True)
+    if _is_rank_zero():
+        Path(spec.result_path).write_text(result.model_dump_json(indent=2))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

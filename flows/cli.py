@@ -1,0 +1,198 @@
+"""The `visionflow` command line: run, resume, validate-data, evaluate.
+
+Expected failures (bad params, bad data, a failed stage) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+# Offline-safe defaults, set before prefect / mlflow / albumentations are imported.
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from components.config import load_params
+from components.errors import VisionflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="visionflow: tracked, compressed, deployable image classifiers.")
+console = Console()
+err_console = Console(stderr=True)
+
+PARAMS_OPTION = typer.Option(None, "--params", "-p", help="Params YAML (default: built-in defaults).")
+SET_OPTION = typer.Option(None, "--set", "-s", help="Override one parameter, e.g. --set train.max_epochs=5 (repeatable).")
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_guarded(fn):
+    """Call fn(); VisionflowError → one line on stderr and exit 2; SIGTERM ends runs as KILLED."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return fn()
+    except VisionflowError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: the MLflow run is marked KILLED; `visionflow resume RUN_ID` continues it")
+        raise typer.Exit(130) from None
+
+
+def _summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _print_pipeline_result(result) -> None:
+    from components.tracking import ui_hint
+
+    m = result.metrics
+    counts = result.split_counts
+    console.print(
+        _summary_table(
+            "visionflow run finished",
+            [
+                ("test accuracy", f"{m.get('test/accuracy', float('nan')):.4f}"),
+                ("macro F1", f"{m.get('test/macro_f1', float('nan')):.4f}"),
+                ("images train / val / test", f"{counts.get('train', 0)} / {counts.get('val', 0)} / {counts.get('test', 0)}"),
+                ("quarantined files", str(len(result.quarantined))),
+                ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
+                ("MLflow UI", ui_hint(result.tracking_uri)),
+                ("run directory", result.run_dir),
+                ("best checkpoint", result.checkpoint),
+            ],
+        )
+    )
+    for line in result.quarantined[:20]:
+        console.print(f"  quarantined: {line}", highlight=False)
+
+
+@app.command()
+def run(
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Run the whole pipeline (ingest, validate, train, evaluate) and print where to look."""
+
+    def go():
+        p = load_params(params, set_ or [])
+        from flows.pipeline import pipeline
+
+        return pipeline(p, params_file=str(params) if params else None)
+
+    _print_pipeline_result(_run_guarded(go))
+
+
+@app.command()
+def resume(
+    run_id: str = typer.Argument(..., help="MLflow run id of the failed or killed pipeline run."),
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Resume a failed or killed pipeline run: same MLflow run, training from its last checkpoint."""
+
+    def go():
+        from components import tracking
+        from flows.pipeline import pipeline
+
+        try:
+            run = tracking.get_run(run_id)
+        except Exception:
+            raise VisionflowError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
+        run_dir = run.data.tags.get(tracking.RUN_DIR_TAG)
+        if not run_dir or not (Path(run_dir) / "params.yaml").is_file():
+            raise VisionflowError(f"run {run_id} has no run directory with params.yaml to resume from")
+        p = load_params(Path(run_dir) / "params.yaml", ["train.resume=true", *(set_ or [])])
+        return pipeline(p, params_file=run.data.tags.get("visionflow.params_file") or None, resume_run_id=run_id)
+
+    _print_pipeline_result(_run_guarded(go))
+
+
+@app.command("validate-data")
+def validate_data(
+    path: str = typer.Argument(..., help="Folder, CSV manifest, archive, bundled:digits or torchvision:NAME."),
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+    out: Optional[Path] = typer.Option(None, help="Where to write manifest and report (default: a temp folder)."),
+) -> None:
+    """Check every image of a data set and print the validation report (no training)."""
+
+    def go():
+        import tempfile
+
+        from components.data.ingest import ingest
+        from components.data.validate import format_report, validate
+
+        p = load_params(params, [*(set_ or []), f"data.path={path}"])
+        out_dir = out or Path(tempfile.mkdtemp(prefix="visionflow-validate-"))
+        snapshot = ingest(p.data, out_dir / "snapshot", Path(p.run.cache_dir))
+        report = validate(snapshot, p.data, out_dir)
+        console.print(format_report(report), highlight=False)
+        console.print(f"report: {report.report_path}\nquarantine list: {report.quarantine_path}", highlight=False)
+
+    _run_guarded(go)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A visionflow checkpoint (.ckpt)."),
+    data: str = typer.Option(..., "--data", "-d", help="Data set to evaluate on (any source `run` accepts)."),
+    split: str = typer.Option("all", help="all, train, val or test."),
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Evaluate an existing checkpoint on a data set; logs an MLflow run and prints the figures."""
+
+    def go():
+        if split not in ("all", "train", "val", "test"):
+            raise VisionflowError(f"invalid --split {split!r}: choose all, train, val or test")
+        if not checkpoint.is_file():
+            raise VisionflowError(f"checkpoint not found: {checkpoint}")
+        p = load_params(params, [*(set_ or []), f"data.path={data}"])
+        from flows.evaluate import evaluate_flow
+
+        return evaluate_flow(
+            str(checkpoint.resolve()), p.data, split, p.evaluate, p.run.experiment, p.run.output_dir, p.run.cache_dir
+        )
+
+    result = _run_guarded(go)
+    m = result.metrics
+    console.print(
+        _summary_table(
+            "visionflow evaluation",
+            [
+                ("images", str(result.num_images)),
+                ("accuracy", f"{m['test/accuracy']:.4f}"),
+                ("macro F1", f"{m['test/macro_f1']:.4f}"),
+                ("quarantined files", str(len(result.quarantined))),
+                ("MLflow run", result.run_id),
+                ("run directory", result.run_dir),
+            ],
+        )
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="visionflow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

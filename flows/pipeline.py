@@ -1,0 +1,141 @@
+"""The main flow: ingest → validate → augmentation preview → train → evaluate, tracked in MLflow."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from components import tracking
+from components.config import PipelineParams, params_to_flat_dict
+from components.errors import StageError, VisionflowError
+from flows.tasks import (
+    evaluate_task,
+    ingest_task,
+    json_dump,
+    preview_task,
+    publish_summary,
+    train_task,
+    validate_task,
+)
+
+# Params whose value legitimately changes between the first attempt and a resume of the same run.
+_NOT_LOGGED = {"train.resume", "train.progress_bar"}
+
+
+class PipelineResult(BaseModel):
+    """What a pipeline run produced and where to look."""
+
+    run_id: str
+    experiment: str
+    run_dir: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    split_counts: dict[str, int]
+    quarantined: list[str]
+    checkpoint: str
+    train_run_id: str
+    evaluate_run_id: str
+
+
+def loggable_params(params: PipelineParams) -> dict:
+    """The flattened params logged to MLflow (those that may change on resume left out)."""
+    return {k: v for k, v in params_to_flat_dict(params).items() if k not in _NOT_LOGGED}
+
+
+def open_pipeline_run(params: PipelineParams, params_file: str | None, resume_run_id: str | None) -> tuple[str, Path]:
+    """Start the parent MLflow run and its run directory (or re-open both for a resume); returns (run id, run dir)."""
+    prefect_tags = {
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_name": str(flow_run.name or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+    }
+    if resume_run_id:
+        run = tracking.get_run(resume_run_id)
+        run_dir = Path(run.data.tags[tracking.RUN_DIR_TAG])
+        tracking.reopen_run(resume_run_id)
+        tracking.set_tags(resume_run_id, {**prefect_tags, "visionflow.resumed": "true"})
+        return resume_run_id, run_dir
+    tags = {
+        **prefect_tags,
+        "visionflow.params_file": params_file or "",
+        "mlflow.source.git.commit": tracking.git_commit() or "",
+    }
+    run_id = tracking.start_run(params.run.experiment, params.run.run_name, tags)
+    run_dir = (Path(params.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    tracking.set_tags(run_id, {tracking.RUN_DIR_TAG: str(run_dir)})
+    tracking.log_params(run_id, loggable_params(params))
+    tracking.log_artifacts(run_id, [run_dir / "params.yaml"])
+    return run_id, run_dir
+
+
+@flow(name="visionflow-pipeline", log_prints=True)
+def pipeline(
+    params: PipelineParams = PipelineParams(),
+    params_file: str | None = None,
+    resume_run_id: str | None = None,
+) -> PipelineResult:
+    """Train, evaluate and track an image classifier from `params`.
+
+    `resume_run_id` re-attaches to an earlier (failed or killed) run: same run directory, same
+    MLflow run, training continued from its last checkpoint. Returns a PipelineResult.
+    """
+    run_id, run_dir = open_pipeline_run(params, params_file, resume_run_id)
+    stage = "ingest"
+    try:
+        snapshot = ingest_task(params.data, params.run.cache_dir)
+        stage = "validate"
+        report = validate_task(snapshot, params.data, str(run_dir), run_id)
+        stage = "augment"
+        preview_task(params, report, str(run_dir), run_id)
+        stage = "train"
+        trained = train_task(params, report, snapshot, str(run_dir), run_id)
+        stage = "evaluate"
+        evaluation, evaluate_run_id = evaluate_task(
+            trained.checkpoint, report.clean_manifest_path, "test", params.evaluate, params.data,
+            str(run_dir / "evaluation"), params.run.experiment, run_id,
+        )
+    except BaseException as err:
+        tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: stage, "visionflow.error": str(err)[:500]})
+        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if isinstance(err, VisionflowError) and not isinstance(err, StageError):
+            raise StageError(stage, str(err)) from err
+        raise
+    metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
+    tracking.log_metrics(run_id, {**metrics, "train/best_val_acc": trained.best_val_acc or 0.0})
+    tracking.log_artifacts(run_id, [evaluation.confusion_png_path, evaluation.metrics_path], "evaluation")
+    split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
+    result = PipelineResult(
+        run_id=run_id,
+        experiment=params.run.experiment,
+        run_dir=str(run_dir),
+        tracking_uri=tracking.tracking_uri(),
+        metrics=metrics,
+        split_counts=split_counts,
+        quarantined=[f"{q.path}: {q.reason}" for q in report.quarantined],
+        checkpoint=trained.checkpoint,
+        train_run_id=trained.train_run_id,
+        evaluate_run_id=evaluate_run_id,
+    )
+    json_dump(result.model_dump(), run_dir / "result.json")
+    publish_summary(
+        "pipeline-summary",
+        "visionflow pipeline run",
+        {
+            "test accuracy": f"{evaluation.metrics['accuracy']:.4f}",
+            "macro F1": f"{evaluation.metrics['macro_f1']:.4f}",
+            "images (train/val/test)": "/".join(str(split_counts.get(s, 0)) for s in ("train", "val", "test")),
+            "quarantined": str(len(report.quarantined)),
+            "MLflow run": run_id,
+            "run directory": str(run_dir),
+        },
+        tracking.ui_hint(),
+    )
+    tracking.end_run(run_id, "FINISHED")
+    return result

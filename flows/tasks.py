@@ -1,0 +1,334 @@
+"""Prefect tasks: each wraps one component function, logs to MLflow and returns a small typed result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+from components import tracking
+from components.config import DataParams, EvaluateParams, PipelineParams, params_to_flat_dict
+from components.data.augment import (
+    build_eval_transform,
+    build_train_transform,
+    preview_grid,
+    save_transforms,
+)
+from components.data.dataset import eval_loader, rows_of_split
+from components.data.images import load_image
+from components.data.ingest import DatasetSnapshot, ingest, read_manifest
+from components.data.validate import ValidationReport, validate
+from components.errors import StageError, TrainingError, VisionflowError
+from components.evaluation.predict import predict
+from components.evaluation.report import EvalReport, write_report
+from components.training.fit import FitResult, FitSpec
+from components.training.module import load_classifier
+
+
+class TrainedModel(BaseModel):
+    """The train stage's result: checkpoints, the model spec and the train run."""
+
+    checkpoint: str
+    last_checkpoint: str | None
+    classes: list[str]
+    best_val_acc: float | None
+    epochs: int
+    train_run_id: str
+
+
+# --- ingest -------------------------------------------------------------------------------------
+
+
+def _source_stamp(path: str) -> str:
+    """A cheap stamp of a data source: names, sizes and mtimes of its files (or the name of a bundled set)."""
+    if ":" in path and not Path(path).exists():
+        return path
+    target = Path(path)
+    if target.is_file() and target.suffix.lower() != ".csv":
+        stat = target.stat()
+        return f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    root = target if target.is_dir() else target.parent
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stat = os.stat(os.path.join(dirpath, name))
+            digest.update(f"{dirpath}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def snapshot_dir(data: DataParams, cache_dir: str) -> Path:
+    """Where the snapshot of this source and these data params is kept (shared by runs on the same data)."""
+    key = hashlib.sha256((data.model_dump_json() + _source_stamp(data.path)).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "snapshots" / key
+
+
+def _ingest_cache_key(context, parameters) -> str:
+    directory = snapshot_dir(parameters["data"], parameters["cache_dir"])
+    # A snapshot whose files were deleted must not be served from the cache.
+    present = (directory / "manifest.csv").is_file()
+    return directory.name if present else f"{directory.name}-{uuid.uuid4().hex}"
+
+
+def _retry_io_errors(task, task_run, state) -> bool:
+    """Retry transient failures (I/O, network), never a data problem the user must fix."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, VisionflowError)
+
+
+@task(
+    name="ingest",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_io_errors,
+    cache_key_fn=_ingest_cache_key,
+    cache_expiration=timedelta(days=30),
+    persist_result=True,
+)
+def ingest_task(data: DataParams, cache_dir: str) -> DatasetSnapshot:
+    """Build the manifest of `data.path` (cached on the source's files and the data params)."""
+    snapshot = ingest(data, snapshot_dir(data, cache_dir), Path(cache_dir))
+    get_run_logger().info(
+        "ingested %d images in %d classes from %s (fingerprint %s)",
+        snapshot.num_images, len(snapshot.classes), data.path, snapshot.fingerprint[:12],
+    )
+    return snapshot
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+
+@task(name="validate", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_io_errors)
+def validate_task(snapshot: DatasetSnapshot, data: DataParams, run_dir: str, run_id: str) -> ValidationReport:
+    """Decode every image once; quarantine bad files; log the report and the data set to MLflow."""
+    logger = get_run_logger()
+    report = validate(snapshot, data, Path(run_dir) / "data")
+    for bad in report.quarantined:
+        logger.warning("quarantined %s: %s", bad.path, bad.reason)
+    tracking.log_artifacts(
+        run_id,
+        [report.report_path, report.quarantine_path, report.clean_manifest_path, snapshot.classes_path],
+        "data",
+    )
+    tracking.log_metrics(
+        run_id,
+        {
+            "data/num_images": report.num_checked,
+            "data/num_valid": report.num_valid,
+            "data/num_quarantined": len(report.quarantined),
+            "data/num_duplicate_groups": len(report.duplicate_groups),
+            "data/num_leaked": len(report.leakage),
+            "data/imbalance_ratio": report.imbalance_ratio,
+        },
+    )
+    clean_rows = read_manifest(report.clean_manifest_path)
+    for split in ("train", "val", "test"):
+        tracking.log_dataset(
+            run_id, rows_of_split(clean_rows, split), snapshot.fingerprint, snapshot.source,
+            name=f"{Path(snapshot.source).name or snapshot.source}-{split}", context=split,
+        )
+    tracking.set_tags(run_id, {"visionflow.data_fingerprint": snapshot.fingerprint})
+    logger.info("validated %d images: %d valid, %d quarantined", report.num_checked, report.num_valid, len(report.quarantined))
+    return report
+
+
+# --- augmentation preview -----------------------------------------------------------------------
+
+
+@task(name="augmentation-preview")
+def preview_task(params: PipelineParams, report: ValidationReport, run_dir: str, run_id: str) -> str:
+    """Save the train/eval transforms (Albumentations to_dict) and log a preview grid; returns the JSON path."""
+    out = Path(run_dir) / "augment"
+    out.mkdir(parents=True, exist_ok=True)
+    transforms_path = out / "transforms.json"
+    save_transforms(build_train_transform(params.augment), build_eval_transform(params.augment), transforms_path)
+    paths = [transforms_path]
+    if params.augment.preview_images:
+        rows = rows_of_split(read_manifest(report.clean_manifest_path), "train")
+        step = max(1, len(rows) // params.augment.preview_images)
+        sample = rows[::step][: params.augment.preview_images // 4 or 1]
+        images = [load_image(r["path"], params.data.channels, params.data.max_pixels) for r in sample]
+        transform = build_train_transform(params.augment, normalize=False)
+        paths.append(preview_grid(images, transform, out / "augmentation_preview.png", seed=params.train.seed))
+    tracking.log_artifacts(run_id, paths, "augment")
+    return str(transforms_path)
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def _relay(process: subprocess.Popen, logger) -> str:
+    """Copy the training process's output to our stdout (progress bars intact) and its
+    `[visionflow]` lines to the task log; returns the last few KB of output."""
+    tail: deque[bytes] = deque(maxlen=64)
+    pending = b""
+    assert process.stdout is not None
+    while chunk := os.read(process.stdout.fileno(), 4096):
+        tail.append(chunk)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace").rsplit("\r", 1)[-1]
+            if text.startswith("[visionflow] "):
+                logger.info(text.removeprefix("[visionflow] "))
+            else:
+                sys.stdout.write(line.decode(errors="replace") + "\n")
+        sys.stdout.flush()
+    return b"".join(tail).decode(errors="replace")[-3000:]
+
+
+def run_training_process(spec: FitSpec, spec_path: Path, logger) -> FitResult:
+    """Launch `python -m components.training.fit SPEC` and wait; returns its FitResult.
+
+    Raises TrainingError with the process's own message (or its output's tail) when it fails.
+    """
+    spec_path.write_text(spec.model_dump_json(indent=2))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=spec.tracking_uri or tracking.tracking_uri())
+    if spec.mlflow_run_id:
+        env["MLFLOW_RUN_ID"] = spec.mlflow_run_id
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "components.training.fit", str(spec_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        tail = _relay(process, logger)
+        code = process.wait()
+    except BaseException:
+        process.terminate()
+        process.wait(timeout=30)
+        raise
+    result_path = Path(spec.result_path)
+    result = FitResult.model_validate_json(result_path.read_text()) if result_path.is_file() else None
+    if result is not None and result.error:
+        raise TrainingError(result.error)
+    if code != 0 or result is None:
+        last = [line for line in tail.splitlines() if line.strip()][-1:] or ["no output"]
+        raise TrainingError(f"training process exited with code {code}: {last[0].strip()}")
+    return result
+
+
+@task(name="train")
+def train_task(
+    params: PipelineParams, report: ValidationReport, snapshot: DatasetSnapshot, run_dir: str, parent_run_id: str
+) -> TrainedModel:
+    """Train in a separate process (DDP-ready) under a nested MLflow run; returns the TrainedModel."""
+    logger = get_run_logger()
+    run_id = tracking.child_run(parent_run_id, "train") if params.train.resume else None
+    if run_id:
+        tracking.reopen_run(run_id)
+    else:
+        run_id = tracking.start_run(
+            params.run.experiment, "train", {tracking.STAGE_TAG: "train"}, parent_run_id=parent_run_id
+        )
+        tracking.log_params(run_id, params_to_flat_dict(params))
+    train_dir = Path(run_dir) / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    spec = FitSpec(
+        params=params,
+        manifest_path=report.clean_manifest_path,
+        classes=snapshot.classes,
+        run_dir=str(train_dir),
+        result_path=str(train_dir / "result.json"),
+        mlflow_run_id=run_id,
+        tracking_uri=tracking.tracking_uri(),
+        progress_bar=params.train.progress_bar and sys.stdout.isatty(),
+    )
+    Path(spec.result_path).unlink(missing_ok=True)
+    try:
+        result = run_training_process(spec, train_dir / "fit_spec.json", logger)
+    except BaseException as err:
+        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    if not result.best_checkpoint:
+        tracking.end_run(run_id, "FAILED")
+        raise TrainingError("training produced no checkpoint (was the validation set empty?)")
+    tracking.log_artifacts(run_id, [result.best_checkpoint], "checkpoints")
+    tracking.log_metrics(run_id, {"best_val_acc": result.best_val_acc or 0.0, "epochs": result.epochs})
+    tracking.end_run(run_id, "FINISHED")
+    logger.info("trained %d epochs, best val/acc %.4f", result.epochs, result.best_val_acc or 0.0)
+    return TrainedModel(
+        checkpoint=result.best_checkpoint,
+        last_checkpoint=result.last_checkpoint,
+        classes=snapshot.classes,
+        best_val_acc=result.best_val_acc,
+        epochs=result.epochs,
+        train_run_id=run_id,
+    )
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+@task(name="evaluate")
+def evaluate_task(
+    checkpoint: str,
+    manifest_path: str,
+    split: str,
+    evaluate: EvaluateParams,
+    data: DataParams,
+    out_dir: str,
+    experiment: str,
+    parent_run_id: str | None,
+) -> tuple[EvalReport, str]:
+    """Evaluate a checkpoint on one split of a manifest under its own MLflow run.
+
+    Returns (EvalReport, the evaluate run id). Metrics are logged as test/<name>.
+    """
+    classifier = load_classifier(checkpoint)
+    rows = rows_of_split(read_manifest(manifest_path), split)
+    unknown = sorted({r["label"] for r in rows} - set(classifier.classes))
+    if unknown:
+        raise StageError("evaluate", f"the data has classes the model does not know: {', '.join(unknown[:10])}")
+    if not rows:
+        raise StageError("evaluate", f"no images in split {split!r}")
+    run_id = tracking.start_run(experiment, "evaluate", {tracking.STAGE_TAG: "evaluate"}, parent_run_id=parent_run_id)
+    try:
+        loader = eval_loader(
+            rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, data.max_pixels
+        )
+        logits, targets = predict(classifier.model, loader)
+        report = write_report(
+            logits, targets, classifier.classes, [r["path"] for r in rows], Path(out_dir), evaluate, classifier.spec.in_channels
+        )
+        tracking.log_params(run_id, {"checkpoint": checkpoint, "split": split, "evaluate.top_k": evaluate.top_k})
+        tracking.log_metrics(run_id, {f"test/{k}": v for k, v in report.metrics.items()})
+        tracking.log_artifacts(
+            run_id,
+            [report.metrics_path, report.per_class_path, report.confusion_csv_path, report.confusion_png_path,
+             report.misclassified_png_path, report.predictions_path],
+            "evaluation",
+        )
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id, "FINISHED")
+    get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])
+    return report, run_id
+
+
+def publish_summary(key: str, title: str, rows: dict[str, str], mlflow_link: str) -> None:
+    """A Prefect markdown artifact with the key figures and the MLflow run it belongs to."""
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+    create_markdown_artifact(
+        key=key,
+        markdown=f"## {title}\n\n| | |\n|---|---|\n{table}\n\nMLflow: {mlflow_link}\n",
+        description=title,
+    )
+
+
+def json_dump(obj, path: Path) -> Path:
+    """Write obj as indented JSON to path; returns path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+    return path

@@ -1,0 +1,56 @@
+"""The `visionflow` command line as a user runs it (real subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.shapes import make_shapes
+
+
+def _visionflow(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=dict(os.environ, COLUMNS="200"),
+    )
+
+
+def test_invalid_parameter_exits_2_naming_the_field():
+    out = _visionflow("run", "--set", "train.max_epochs=0")
+    assert out.returncode == 2
+    assert "train.max_epochs" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_unknown_parameter_exits_2(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("train:\n  epochs: 3\n")
+    out = _visionflow("run", "--params", str(params))
+    assert out.returncode == 2
+    assert "train.epochs: unknown parameter" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_invalid_yaml_exits_2(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("train: [unclosed\n")
+    out = _visionflow("run", "--params", str(params))
+    assert out.returncode == 2 and "invalid YAML" in out.stderr
+
+
+def test_validate_data_prints_the_report(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=8)
+    out = _visionflow("validate-data", str(data), "--set", f"run.cache_dir={tmp_path / 'cache'}")
+    assert out.returncode == 0, out.stderr
+    assert "empty.png" in out.stdout and "empty file" in out.stdout
+    assert "notes.png" in out.stdout and "not an image" in out.stdout
+
+
+def test_validate_data_on_a_missing_folder_is_one_line(tmp_path):
+    out = _visionflow("validate-data", str(tmp_path / "nope"), "--set", f"run.cache_dir={tmp_path / 'cache'}")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "nope" in out.stderr

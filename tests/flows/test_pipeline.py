@@ -1,0 +1,130 @@
+"""The whole pipeline flow on generated shapes: real Prefect, real MLflow, real Lightning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from components import tracking
+from components.config import load_params
+from components.errors import StageError
+from flows.evaluate import evaluate_flow
+from flows.pipeline import pipeline
+from tests.flows.conftest import tiny_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _children(client: MlflowClient, parent) -> dict[str, object]:
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    return {r.data.tags[tracking.STAGE_TAG]: r for r in runs}
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str) -> set[str]:
+    return {Path(a.path).name for a in client.list_artifacts(run_id, path)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shapes_dir, prefect_harness):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    params = load_params(None, tiny_overrides(tmp, shapes_dir, train__max_epochs=4))
+    return params, pipeline(params)
+
+
+def test_pipeline_tracks_everything_in_mlflow(finished_run):
+    params, result = finished_run
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.max_epochs"] == "4"
+    assert parent.data.params["augment.image_size"] == "16"
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.metrics["data/num_quarantined"] == 2
+    assert parent.data.metrics["test/accuracy"] == result.metrics["test/accuracy"]
+    assert {"data/num_images", "test/macro_f1", "test/ece", "test/top3_accuracy"} <= set(parent.data.metrics)
+    assert {"validation.json", "quarantine.csv", "manifest.clean.csv"} <= _artifacts(client, parent.info.run_id, "data")
+    assert {"augmentation_preview.png", "transforms.json"} <= _artifacts(client, parent.info.run_id, "augment")
+    assert "confusion_matrix.png" in _artifacts(client, parent.info.run_id, "evaluation")
+    contexts = {i.tags[0].value for i in parent.inputs.dataset_inputs}
+    assert contexts == {"train", "val", "test"}
+
+    children = _children(client, parent)
+    assert set(children) == {"train", "evaluate"}
+    train = children["train"]
+    assert train.info.status == "FINISHED"
+    history = client.get_metric_history(train.info.run_id, "val/acc")
+    assert len(history) == 4  # one value per epoch, logged once (rank zero only)
+    assert "train/loss" in train.data.metrics
+    assert "best.ckpt" in _artifacts(client, train.info.run_id, "checkpoints")
+    evaluate = children["evaluate"]
+    assert evaluate.info.status == "FINISHED"
+    assert {"metrics.json", "per_class.csv", "confusion_matrix.csv", "predictions.csv"} <= _artifacts(
+        client, evaluate.info.run_id, "evaluation"
+    )
+
+
+def test_pipeline_result_and_run_directory(finished_run):
+    params, result = finished_run
+    run_dir = Path(result.run_dir)
+    assert run_dir.parent == Path(params.run.output_dir).resolve()
+    assert (run_dir / "params.yaml").is_file() and (run_dir / "result.json").is_file()
+    assert sorted(result.quarantined)[0].endswith("empty file")
+    assert sum(result.split_counts.values()) == 3 * 24  # the two bad files are quarantined, nothing else lost
+    # Three clearly different shapes: far above chance (1/3) after 4 epochs.
+    assert result.metrics["test/accuracy"] >= 0.6
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert metrics["summary"]["accuracy"] == result.metrics["test/accuracy"]
+
+
+def test_evaluate_flow_on_another_data_set(finished_run, tmp_path):
+    from tests.shapes import make_shapes
+
+    params, result = finished_run
+    other = make_shapes(tmp_path / "other", per_class=6, bad_files=False, seed=5)
+    evaluation = evaluate_flow(
+        result.checkpoint, params.data.model_copy(update={"path": str(other)}), "all",
+        experiment=params.run.experiment, output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+    )
+    assert evaluation.num_images == 18
+    run = MlflowClient(tracking.tracking_uri()).get_run(evaluation.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/accuracy"] == evaluation.metrics["test/accuracy"]
+
+
+def test_ingest_is_cached_on_the_data(finished_run, tmp_path):
+    from flows.tasks import _ingest_cache_key, snapshot_dir
+
+    params, _ = finished_run
+    key = _ingest_cache_key(None, {"data": params.data, "cache_dir": params.run.cache_dir})
+    assert key == snapshot_dir(params.data, params.run.cache_dir).name  # the snapshot exists: a stable key
+    changed = params.data.model_copy(update={"seed": 1})
+    assert snapshot_dir(changed, params.run.cache_dir) != snapshot_dir(params.data, params.run.cache_dir)
+
+
+def test_nan_loss_fails_the_run_and_names_the_stage(tmp_path, shapes_dir):
+    params = load_params(None, tiny_overrides(tmp_path, shapes_dir, train__lr=1e30, train__warmup_epochs=0))
+    with pytest.raises(StageError, match="stage train failed: loss became"):
+        pipeline(params)
+    client = MlflowClient(tracking.tracking_uri())
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name(params.run.experiment).experiment_id],
+        filter_string="tags.`mlflow.parentRunId` IS NULL",
+    )
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[tracking.FAILED_STAGE_TAG] == "train"
+    assert _children(client, parent)["train"].info.status == "FAILED"
+
+
+def test_bad_data_path_fails_at_ingest(tmp_path):
+    params = load_params(None, tiny_overrides(tmp_path, tmp_path / "does-not-exist"))
+    with pytest.raises(StageError, match="stage ingest failed"):
+        pipeline(params)
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(params.run.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags[tracking.FAILED_STAGE_TAG] == "ingest"

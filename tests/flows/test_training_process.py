@@ -1,0 +1,110 @@
+"""The training entry point as its own process: DDP over 2 CPU processes, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from components import tracking
+from components.config import load_params
+from components.data.ingest import ingest
+from components.data.validate import validate
+from components.training.fit import FitResult, FitSpec
+from components.training.module import load_classifier
+from tests.flows.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
+    params = load_params(
+        None,
+        tiny_overrides(tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2),
+    )
+    snapshot = ingest(params.data, tmp_path / "snapshot", Path(params.run.cache_dir))
+    report = validate(snapshot, params.data, tmp_path / "data")
+    run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
+    spec = FitSpec(
+        params=params, manifest_path=report.clean_manifest_path, classes=snapshot.classes,
+        run_dir=str(tmp_path / "train"), result_path=str(tmp_path / "result.json"),
+        mlflow_run_id=run_id, tracking_uri=tracking.tracking_uri(), progress_bar=False,
+    )
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    out = subprocess.run(
+        [sys.executable, "-m", "components.training.fit", str(tmp_path / "spec.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = FitResult.model_validate_json((tmp_path / "result.json").read_text())
+    assert result.error is None and Path(result.best_checkpoint).is_file()
+    assert load_classifier(result.best_checkpoint).classes == snapshot.classes
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(params.run.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # the other rank created no run
+    assert len(client.get_metric_history(run_id, "val/acc")) == 2  # logged by rank zero only
+    assert "world_size=2" in out.stdout + out.stderr or "distributed_backend=gloo" in out.stdout + out.stderr
+
+
+def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"process ended ({process.returncode}) before {what}: {process.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_marks_runs_killed_and_resume_finishes_the_same_run(tmp_path, shapes_dir):
+    overrides = tiny_overrides(tmp_path, shapes_dir, train__max_epochs=60, train__early_stopping_patience=0)
+    experiment = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.experiment="))
+    args = [a for o in overrides for a in ("--set", o)]
+    env = dict(os.environ, COLUMNS="200")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    runs_dir = tmp_path / "runs"
+    last = lambda: list(runs_dir.glob("*/train/checkpoints/last.ckpt"))  # noqa: E731
+    try:
+        _wait_for(lambda: bool(last()), 240, "the first checkpoint", process)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output[-3000:]
+    client = MlflowClient(tracking.tracking_uri())
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    (parent,) = client.search_runs([experiment_id], filter_string="tags.`mlflow.parentRunId` IS NULL")
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[tracking.FAILED_STAGE_TAG] == "train"
+    train_run_id = tracking.child_run(parent.info.run_id, "train")
+    assert client.get_run(train_run_id).info.status == "KILLED"
+    epochs_before = len(client.get_metric_history(train_run_id, "val/acc"))
+    assert 1 <= epochs_before < 60
+
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "resume", parent.info.run_id],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["visionflow.resumed"] == "true"
+    assert tracking.child_run(parent.info.run_id, "train") == train_run_id  # the same train run, re-attached
+    assert client.get_run(train_run_id).info.status == "FINISHED"
+    # The epochs done before the kill are not repeated (at most the interrupted one is).
+    assert 60 <= len(client.get_metric_history(train_run_id, "val/acc")) <= 61
+    resumed_epochs = [int(n) for n in re.findall(r"epoch (\d+)/60", out.stdout + out.stderr)]
+    assert resumed_epochs and min(resumed_epochs) >= epochs_before

@@ -1,0 +1,62 @@
+"""Parameters: YAML + overrides → PipelineParams, one-line errors naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from components.config import ParamsError, PipelineParams, load_params, params_to_flat_dict
+
+PARAMS_DIR = Path(__file__).resolve().parents[2] / "params"
+
+
+@pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_params_files_are_valid(path):
+    assert isinstance(load_params(path), PipelineParams)
+
+
+def test_overrides_are_parsed_like_yaml():
+    p = load_params(None, ["train.max_epochs=3", "train.lr=1e-3", "model.pretrained=true", "data.channels=1",
+                           "augment.mean=[0.1]", "augment.std=[0.2]"])
+    assert p.train.max_epochs == 3 and p.train.lr == 1e-3 and p.model.pretrained is True
+    assert p.augment.mean == [0.1]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_epochs=0", "invalid parameter train.max_epochs: Input should be greater than or equal to 1"),
+        ("train.epochs=3", "invalid parameter train.epochs: unknown parameter"),
+        ("model.name=vgg", "invalid parameter model.name:"),
+        ("data.val_fraction=0.45 data.test_fraction=0.4", "invalid parameter data: val_fraction + test_fraction must leave"),
+        ("data.channels=1", "augment.mean has 3 values but data.channels is 1"),
+        ("train", "expected KEY=VALUE"),
+    ],
+)
+def test_invalid_values_name_the_field(override, message):
+    with pytest.raises(ParamsError) as info:
+        load_params(None, override.split(" "))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        load_params(bad)
+
+
+def test_flat_dict_uses_dotted_names():
+    flat = params_to_flat_dict(PipelineParams())
+    assert flat["train.max_epochs"] == 30 and flat["data.path"] == "bundled:digits"
+    assert all("." in key for key in flat)
+
+
+def test_every_field_has_a_description():
+    """The Prefect UI renders these as the form's help text."""
+    schema = PipelineParams.model_json_schema()
+    for name, definition in schema["$defs"].items():
+        for field, spec in definition["properties"].items():
+            assert spec.get("description"), f"{name}.{field} has no description"
