@@ -121,7 +121,7 @@ def fit(spec: FitSpec) -> FitResult:
     data = ImageDataModule(
         rows,
         spec.classes,
-        build_train_transform(params.augment),
+        build_train_transform(params.augment, seed=params.train.seed),
         build_eval_transform(params.augment),
         channels=params.data.channels,
         max_pixels=params.data.max_pixels,
