@@ -60,34 +60,104 @@ class AugmentParams(_Section):
     rotate_limit: float = Field(10.0, ge=0, le=180, description="Train: largest rotation in degrees.")
     rotate_p: float = Field(0.5, ge=0, le=1, description="Train: probability of a rotation.")
     color_jitter_p: float = Field(0.0, ge=0, le=1, description="Train: probability of brightness/contrast/saturation/hue jitter.")
+    blur_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a Gaussian blur.")
+    coarse_dropout_p: float = Field(0.0, ge=0, le=1, description="Train: probability of cutting out 1-3 rectangles (coarse dropout).")
     mean: list[float] = Field([0.5, 0.5, 0.5], description="Normalization mean per channel (one value per data.channels).")
     std: list[float] = Field([0.5, 0.5, 0.5], description="Normalization std per channel (one value per data.channels).")
     preview_images: int = Field(16, ge=0, le=64, description="Augmented samples drawn in the preview grid logged to MLflow (0 = none).")
 
 
+TORCHVISION_MODELS = (
+    "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+)
+
+
+class RnnParams(_Section):
+    """The RNN family: the image read as a sequence of rows or patches."""
+
+    cell: Literal["gru", "lstm"] = Field("gru", description="Recurrent cell.")
+    hidden_size: int = Field(128, ge=4, description="Hidden units per direction.")
+    num_layers: int = Field(2, ge=1, le=8, description="Stacked recurrent layers.")
+    bidirectional: bool = Field(True, description="Read the sequence both ways.")
+    pooling: Literal["last", "mean"] = Field("mean", description="Classify the last state or the mean over steps.")
+    sequence: Literal["rows", "patches"] = Field("rows", description="One step per image row, or per square patch.")
+    patch_size: int = Field(4, ge=1, description="Patch side when sequence is patches.")
+
+
+class VitParams(_Section):
+    """The self-attention family: a Vision Transformer for small inputs."""
+
+    patch_size: int = Field(4, ge=1, description="Patch side in pixels; must divide augment.image_size.")
+    depth: int = Field(4, ge=1, le=24, description="Transformer encoder layers.")
+    heads: int = Field(4, ge=1, description="Attention heads; must divide width.")
+    width: int = Field(128, ge=8, description="Token embedding width.")
+    mlp_ratio: float = Field(2.0, gt=0, description="Hidden width of each MLP block relative to width.")
+
+
 class ModelParams(_Section):
     """The network, built by components.models.build_model."""
 
-    name: Literal["cnn", "resnet18", "mobilenet_v3_small"] = Field("cnn", description="Architecture: the small CNN (conv32-pool-conv64-pool-dense128) or a torchvision model.")
+    name: Literal["cnn", "rnn", "vit", *TORCHVISION_MODELS] = Field(  # type: ignore[valid-type]
+        "cnn",
+        description="Architecture: cnn (the small CNN: conv32-pool-conv64-pool-dense128), rnn (GRU/LSTM over rows "
+        "or patches), vit (Vision Transformer), or a torchvision model: " + ", ".join(TORCHVISION_MODELS) + ".",
+    )
     pretrained: bool = Field(False, description="Load torchvision's ImageNet weights (downloads once; fails with a clear error offline).")
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before the classifier.")
+    rnn: RnnParams = Field(default_factory=RnnParams, description="Options of the rnn family.")
+    vit: VitParams = Field(default_factory=VitParams, description="Options of the vit family.")
+
+    @model_validator(mode="after")
+    def _vit_heads_divide_width(self) -> "ModelParams":
+        if self.name == "vit" and self.vit.width % self.vit.heads:
+            raise ValueError(f"vit.heads ({self.vit.heads}) must divide vit.width ({self.vit.width})")
+        return self
 
 
 class TrainParams(_Section):
-    """Optimisation and the training loop."""
+    """Optimisation, regularization and the training loop."""
 
     max_epochs: int = Field(30, ge=1, description="Upper bound on epochs.")
-    batch_size: int = Field(64, ge=1, description="Batch size per device.")
-    optimizer: Literal["sgd", "adam"] = Field("adam", description="sgd (with momentum) or adam.")
+    batch_size: int = Field(64, ge=1, description="Batch size per device (with gd: the chunk size gradients are accumulated over).")
+    optimizer: Literal["gd", "sgd", "momentum", "adam", "adamw"] = Field(
+        "adam",
+        description="gd: full-batch gradient descent (one step per epoch, gradients accumulated over the whole "
+        "training set); sgd: mini-batch SGD without momentum; momentum: SGD with momentum (see nesterov); "
+        "adam: Adam (weight_decay is an L2 term); adamw: Adam with decoupled weight decay.",
+    )
     lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum for sgd.")
-    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay.")
-    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine schedule.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the momentum optimizer.")
+    nesterov: bool = Field(False, description="Nesterov momentum (momentum optimizer).")
+    scheduler: Literal["cosine", "step", "onecycle", "none"] = Field(
+        "cosine", description="Learning-rate schedule after the warm-up: cosine decay, step decay, one-cycle, or constant."
+    )
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs (cosine, step and none; one-cycle has its own warm-up).")
+    step_epochs: int = Field(10, ge=1, description="step schedule: epochs between learning-rate drops.")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: factor of each drop.")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 regularization as weight decay (decoupled for adamw).")
+    l1: float = Field(0.0, ge=0, description="L1 penalty coefficient on weights (not biases or norm parameters), added to the loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
+    mixup_alpha: float = Field(0.2, gt=0, description="Beta(alpha, alpha) of mixup.")
+    mixup_p: float = Field(0.0, ge=0, le=1, description="Probability that a training batch is mixed up (0 = off).")
+    cutmix_alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) of cutmix.")
+    cutmix_p: float = Field(0.0, ge=0, le=1, description="Probability that a training batch gets cutmix (0 = off).")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="Exponential moving average of the weights, evaluated beside the raw weights as val/acc_ema (0 = off).")
+    class_balance: Literal["none", "loss", "sampler"] = Field(
+        "none", description="Class imbalance: none, loss (inverse-frequency class weights) or sampler (weighted random sampler)."
+    )
     early_stopping_patience: int = Field(8, ge=0, description="Epochs without val accuracy improvement before stopping (0 = off).")
     seed: int = Field(7, description="Seed for weights, shuffling and augmentation.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = load in the training process).")
     resume: bool = Field(False, description="Continue from the run's last checkpoint (set by `visionflow resume`).")
     progress_bar: bool = Field(True, description="Show Lightning's progress bar.")
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "TrainParams":
+        if self.optimizer == "gd" and self.class_balance == "sampler":
+            raise ValueError("optimizer gd uses every training image once per step; a weighted sampler does not apply (use class_balance: loss)")
+        if self.mixup_p + self.cutmix_p > 1:
+            raise ValueError("mixup_p + cutmix_p must be at most 1 (one of them per batch)")
+        return self
 
 
 class TrainerParams(_Section):
@@ -135,7 +205,14 @@ class PipelineParams(_Section):
     run: RunParams = Field(default_factory=RunParams, description="Tracking and output folders.")
 
     @model_validator(mode="after")
-    def _normalization_matches_channels(self) -> "PipelineParams":
+    def _consistent(self) -> "PipelineParams":
+        size = self.augment.image_size
+        if self.model.name == "vit" and size % self.model.vit.patch_size:
+            raise ValueError(f"model.vit.patch_size {self.model.vit.patch_size} does not divide augment.image_size {size}")
+        if self.model.name == "rnn" and self.model.rnn.sequence == "patches" and size % self.model.rnn.patch_size:
+            raise ValueError(f"model.rnn.patch_size {self.model.rnn.patch_size} does not divide augment.image_size {size}")
+        if self.model.name == "cnn" and size % 4:
+            raise ValueError(f"augment.image_size must be a multiple of 4 for the cnn (got {size})")
         for name in ("mean", "std"):
             values = getattr(self.augment, name)
             if len(values) != self.data.channels:
@@ -147,11 +224,11 @@ class PipelineParams(_Section):
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "params"
+    field = ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown parameter"
-    return f"invalid parameter {field}: {message}"
+    return f"invalid parameter {field}: {message}" if field else f"invalid parameters: {message}"
 
 
 def _parse_value(text: str) -> Any:

@@ -48,7 +48,7 @@ def build_train_transform(
 
     Steps, each left out when its probability is 0: RandomResizedCrop to image_size (a plain
     Resize when crop_scale_min is 1.0), HorizontalFlip, VerticalFlip, Rotate (constant 0
-    border), ColorJitter. On 1-channel images albumentations' ColorJitter applies only
+    border), ColorJitter, GaussianBlur, CoarseDropout (1-3 holes of 10-25% of each side). On 1-channel images albumentations' ColorJitter applies only
     brightness and contrast (saturation and hue are no-ops on grayscale), so it is safe there.
 
     Returns an A.Compose; its output "image" is a float32 CxHxW tensor when normalize is True,
@@ -76,6 +76,15 @@ def build_train_transform(
         )
     if params.color_jitter_p > 0:
         steps.append(A.ColorJitter(**_JITTER, p=params.color_jitter_p))
+    if params.blur_p > 0:
+        steps.append(A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.1, 1.5), p=params.blur_p))
+    if params.coarse_dropout_p > 0:
+        steps.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 3), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25), fill=0,
+                p=params.coarse_dropout_p,
+            )
+        )
     if normalize:
         steps.extend(_normalize_steps(params))
     return A.Compose(steps, seed=seed)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from components.data.images import load_image
 
@@ -40,6 +41,16 @@ class ManifestDataset(Dataset):
         return self.transform(image=image)["image"], self.targets[i]
 
 
+def _reseed_worker_transform(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (a seeded Compose is copied into every worker)."""
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
 def rows_of_split(rows: list[dict[str, str]], split: str) -> list[dict[str, str]]:
     """The manifest rows of one split ("train", "val", "test"; "all" keeps every row)."""
     return list(rows) if split == "all" else [row for row in rows if row["split"] == split]
@@ -58,8 +69,10 @@ class ImageDataModule(L.LightningDataModule):
         max_pixels: int,
         batch_size: int,
         num_workers: int = 0,
+        balanced_sampler: bool = False,
     ):
         super().__init__()
+        self.balanced_sampler = balanced_sampler
         self.rows = rows
         self.classes = classes
         self.train_transform = train_transform
@@ -72,19 +85,28 @@ class ImageDataModule(L.LightningDataModule):
     def _dataset(self, split: str, transform: Callable) -> ManifestDataset:
         return ManifestDataset(rows_of_split(self.rows, split), self.classes, transform, self.channels, self.max_pixels)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=_reseed_worker_transform,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over the train split with the random train transform."""
-        return self._loader(self._dataset("train", self.train_transform), shuffle=True)
+        """Shuffled loader over the train split with the random train transform (class-balanced
+        sampling with replacement when balanced_sampler is set)."""
+        dataset = self._dataset("train", self.train_transform)
+        sampler = None
+        if self.balanced_sampler:
+            counts = Counter(dataset.targets)
+            weights = [1.0 / counts[t] for t in dataset.targets]
+            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
+        return self._loader(dataset, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Loader over the val split with the deterministic eval transform."""

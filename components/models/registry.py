@@ -1,7 +1,7 @@
 """One factory for every architecture: `build_model(spec)`.
 
-A ModelSpec is everything needed to rebuild the network and feed it: architecture, classes,
-input size, channels and normalization. It is stored in checkpoints and bundles as plain JSON.
+A ModelSpec is everything needed to rebuild the network and feed it: architecture, its options,
+classes, input size, channels and normalization. It is stored in checkpoints and bundles as JSON.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from typing import Callable
 
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from components.config import TORCHVISION_MODELS, RnnParams, VitParams
 from components.errors import VisionflowError
 from components.models.cnn import small_cnn
+from components.models.rnn import SequenceClassifier
+from components.models.vit import SmallViT
 
 
 class ModelSpec(BaseModel):
@@ -30,54 +33,78 @@ class ModelSpec(BaseModel):
     pretrained: bool = False
     mean: list[float] = [0.5, 0.5, 0.5]
     std: list[float] = [0.5, 0.5, 0.5]
-
-
-def _torchvision_weights(name: str, pretrained: bool):
-    if not pretrained:
-        return None
-    return torchvision.models.get_model_weights(name).DEFAULT
+    rnn: RnnParams = Field(default_factory=RnnParams)
+    vit: VitParams = Field(default_factory=VitParams)
 
 
 def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """A copy of `conv` taking `in_channels`; pretrained RGB filters are summed for 1 channel."""
+    """A copy of `conv` taking `in_channels`; pretrained RGB filters are averaged for 1 channel."""
     if conv.in_channels == in_channels:
         return conv
     new = nn.Conv2d(
         in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
     )
     with torch.no_grad():
-        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True).expand_as(new.weight) / in_channels)
+        new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
     return new
 
 
-def _resnet18(spec: ModelSpec) -> nn.Module:
-    model = torchvision.models.resnet18(weights=_torchvision_weights("resnet18", spec.pretrained))
-    model.conv1 = _adapt_first_conv(model.conv1, spec.in_channels)
-    model.fc = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(model.fc.in_features, spec.num_classes))
+def _replace_last_linear(head: nn.Sequential, num_classes: int) -> None:
+    """Swap the last nn.Linear of a torchvision classifier head for one with `num_classes` outputs."""
+    index = max(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
+    head[index] = nn.Linear(head[index].in_features, num_classes)
+
+
+def _torchvision(spec: ModelSpec) -> nn.Module:
+    weights = torchvision.models.get_model_weights(spec.name).DEFAULT if spec.pretrained else None
+    family = spec.name.split("_")[0].rstrip("0123456789")
+    if family == "resnet":
+        model = torchvision.models.get_model(spec.name, weights=weights)
+        model.conv1 = _adapt_first_conv(model.conv1, spec.in_channels)
+        model.fc = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(model.fc.in_features, spec.num_classes))
+    elif family in ("mobilenet", "efficientnet"):
+        model = torchvision.models.get_model(spec.name, weights=weights, dropout=spec.dropout)
+        model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
+        _replace_last_linear(model.classifier, spec.num_classes)
+    else:  # convnext
+        model = torchvision.models.get_model(spec.name, weights=weights)
+        model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
+        model.classifier.insert(len(model.classifier) - 1, nn.Dropout(spec.dropout))
+        _replace_last_linear(model.classifier, spec.num_classes)
     return model
 
 
-def _mobilenet_v3_small(spec: ModelSpec) -> nn.Module:
-    model = torchvision.models.mobilenet_v3_small(
-        weights=_torchvision_weights("mobilenet_v3_small", spec.pretrained), dropout=spec.dropout
-    )
-    model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
-    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, spec.num_classes)
-    return model
+def _no_pretrained(spec: ModelSpec) -> None:
+    if spec.pretrained:
+        raise VisionflowError(
+            f"model.pretrained: {spec.name} has no pretrained weights; use one of {', '.join(TORCHVISION_MODELS)}"
+        )
 
 
 def _cnn(spec: ModelSpec) -> nn.Module:
-    if spec.pretrained:
-        raise VisionflowError("model.pretrained: the small cnn has no pretrained weights; use resnet18 or mobilenet_v3_small")
+    _no_pretrained(spec)
     if spec.image_size % 4:
         raise VisionflowError(f"augment.image_size must be a multiple of 4 for the cnn (got {spec.image_size})")
     return small_cnn(spec.in_channels, spec.num_classes, spec.image_size, spec.dropout)
 
 
+def _rnn(spec: ModelSpec) -> nn.Module:
+    _no_pretrained(spec)
+    return SequenceClassifier(spec.in_channels, spec.num_classes, spec.image_size, dropout=spec.dropout, **spec.rnn.model_dump())
+
+
+def _vit(spec: ModelSpec) -> nn.Module:
+    _no_pretrained(spec)
+    return SmallViT(spec.in_channels, spec.num_classes, spec.image_size, dropout=spec.dropout, **spec.vit.model_dump())
+
+
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "cnn": _cnn,
-    "resnet18": _resnet18,
-    "mobilenet_v3_small": _mobilenet_v3_small,
+    "rnn": _rnn,
+    "vit": _vit,
+    **{name: _torchvision for name in TORCHVISION_MODELS},
 }
 
 

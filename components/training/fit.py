@@ -7,8 +7,9 @@ to the MLflow run named by the spec (or MLFLOW_RUN_ID) and writes a FitResult JS
 
 from __future__ import annotations
 
-import json
+import math
 import os
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class FitResult(BaseModel):
 class EpochSummary(Callback):
     """Prints one `[visionflow]` line per epoch (the train task relays these to the Prefect log)."""
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         shown = " ".join(
@@ -73,10 +74,30 @@ def model_spec_from_params(params: PipelineParams, num_classes: int) -> ModelSpe
         pretrained=params.model.pretrained,
         mean=params.augment.mean,
         std=params.augment.std,
+        rnn=params.model.rnn,
+        vit=params.model.vit,
     )
 
 
-def build_trainer(spec: FitSpec, logger: MLFlowLogger | bool) -> tuple[L.Trainer, ModelCheckpoint]:
+def class_weights(rows: list[dict[str, str]], classes: list[str]) -> list[float]:
+    """Inverse-frequency weights of the train split's classes, normalised to mean 1 (absent classes get 0)."""
+    counts = Counter(row["label"] for row in rows if row["split"] == "train")
+    raw = [1.0 / counts[c] if counts[c] else 0.0 for c in classes]
+    mean = sum(raw) / max(1, sum(1 for w in raw if w))
+    return [w / mean for w in raw]
+
+
+def gd_accumulation(rows: list[dict[str, str]], params: PipelineParams) -> int:
+    """Batches per optimizer step for full-batch gradient descent: every training batch of a device's share."""
+    train = sum(1 for row in rows if row["split"] == "train")
+    devices = params.trainer.devices if isinstance(params.trainer.devices, int) else 1
+    per_device = math.ceil(train / (devices * params.trainer.num_nodes))
+    return max(1, math.ceil(per_device / params.train.batch_size))
+
+
+def build_trainer(
+    spec: FitSpec, logger: MLFlowLogger | bool, accumulate_grad_batches: int = 1
+) -> tuple[L.Trainer, ModelCheckpoint]:
     """A Lightning Trainer configured from the spec's params; returns it and its checkpoint callback."""
     params = spec.params
     checkpoint = ModelCheckpoint(
@@ -99,6 +120,7 @@ def build_trainer(spec: FitSpec, logger: MLFlowLogger | bool) -> tuple[L.Trainer
         precision=params.trainer.precision,
         logger=logger,
         callbacks=callbacks,
+        accumulate_grad_batches=accumulate_grad_batches,
         enable_progress_bar=spec.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -117,6 +139,7 @@ def fit(spec: FitSpec) -> FitResult:
         optim=params.train.model_dump(),
         classes=spec.classes,
         augment=params.augment.model_dump(),
+        class_weights=class_weights(rows, spec.classes) if params.train.class_balance == "loss" else None,
     )
     data = ImageDataModule(
         rows,
@@ -127,6 +150,7 @@ def fit(spec: FitSpec) -> FitResult:
         max_pixels=params.data.max_pixels,
         batch_size=params.train.batch_size,
         num_workers=params.train.num_workers,
+        balanced_sampler=params.train.class_balance == "sampler",
     )
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
     logger: MLFlowLogger | bool = False
@@ -134,7 +158,8 @@ def fit(spec: FitSpec) -> FitResult:
         logger = MLFlowLogger(
             experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id
         )
-    trainer, checkpoint = build_trainer(spec, logger)
+    accumulate = gd_accumulation(rows, params) if params.train.optimizer == "gd" else 1
+    trainer, checkpoint = build_trainer(spec, logger, accumulate)
     monitor = None
     if run_id and trainer.is_global_zero:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

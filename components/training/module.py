@@ -1,4 +1,4 @@
-"""The LightningModule: a classifier network, its loss, metrics and optimizer schedule."""
+"""The LightningModule: a classifier network, its loss and regularizers, metrics and optimizer."""
 
 from __future__ import annotations
 
@@ -8,77 +8,145 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
 from components.config import AugmentParams
 from components.errors import TrainingError
 from components.models import ModelSpec, build_model
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """A LambdaLR factor: linear warm-up over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+def warmup_then(total_steps: int, warmup_steps: int, after) -> callable:
+    """A LambdaLR factor: linear warm-up over `warmup_steps`, then `after(progress in [0, 1])`."""
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return after(min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
     return factor
 
 
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Linear warm-up, then cosine decay to 0 at `total_steps` (a LambdaLR factor)."""
+    return warmup_then(total_steps, warmup_steps, lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of |w| over weight matrices and kernels (parameters with ≥ 2 dims): biases and norm scales excluded."""
+    return sum(p.abs().sum() for p in model.parameters() if p.ndim >= 2)
+
+
 class ClassifierModule(L.LightningModule):
-    """Trains `build_model(spec)` with cross-entropy.
+    """Trains `build_model(spec)` with cross-entropy and the regularizers of `optim`.
 
     `spec`, `optim` and `augment` are plain dicts (ModelSpec, TrainParams and AugmentParams fields)
     so checkpoints load with `torch.load(weights_only=True)` and carry their own eval preprocessing.
-    Logs train/loss, train/acc, val/loss, val/acc per epoch.
+    `class_weights` (one per class) weights the loss when given. Logs per epoch: train/loss,
+    train/ce, train/l1, train/acc, val/loss, val/acc (and val/acc_ema with an EMA of the weights).
     """
 
-    def __init__(self, spec: dict[str, Any], optim: dict[str, Any], classes: list[str], augment: dict[str, Any]):
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        optim: dict[str, Any],
+        classes: list[str],
+        augment: dict[str, Any],
+        class_weights: list[float] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.spec = ModelSpec(**spec)
+        self.optim = optim
         self.model = build_model(self.spec)
-        self.loss = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes=self.spec.num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=self.spec.num_classes, average="micro")
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=optim.get("label_smoothing", 0.0))
+        self.val_loss = nn.CrossEntropyLoss()
+        n = self.spec.num_classes
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.mixup = v2.MixUp(alpha=optim.get("mixup_alpha", 0.2), num_classes=n)
+        self.cutmix = v2.CutMix(alpha=optim.get("cutmix_alpha", 1.0), num_classes=n)
+        self.ema = None
+        if optim.get("ema_decay", 0.0) > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(optim["ema_decay"]), use_buffers=True)
+            self.val_acc_ema = MulticlassAccuracy(num_classes=n, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply mixup or cutmix (each with its probability) to a batch; targets become soft labels
+        (N, C) when mixed, stay class indices otherwise."""
+        draw = torch.rand(()).item()
+        if draw < self.optim.get("mixup_p", 0.0):
+            return self.mixup(x, y)
+        if draw < self.optim.get("mixup_p", 0.0) + self.optim.get("cutmix_p", 0.0):
+            return self.cutmix(x, y)
+        return x, y
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        x, target = self.mix_batch(x, y)
         logits = self(x)
-        loss = self.loss(logits, y)
+        ce = self.loss(logits, target)
+        loss = ce
+        if self.optim.get("l1", 0.0) > 0:
+            l1 = l1_penalty(self.model)
+            loss = ce + self.optim["l1"] * l1
+            self.log("train/l1", l1, on_step=False, on_epoch=True, sync_dist=True)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
                 "lower train.lr or check the data normalization"
             )
-        self.train_acc(logits, y)
+        self.train_acc(logits, target.argmax(dim=1) if target.ndim == 2 else target)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/loss", self.val_loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        if self.ema is not None:
+            self.val_acc_ema(self.ema(x), y)
+            self.log("val/acc_ema", self.val_acc_ema, on_epoch=True)
 
     def configure_optimizers(self):
-        optim = self.hparams.optim
-        if optim["optimizer"] == "sgd":
+        o = self.optim
+        params = self.parameters()
+        if o["optimizer"] in ("gd", "sgd"):
+            optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=0.0, weight_decay=o["weight_decay"])
+        elif o["optimizer"] == "momentum":
             optimizer = torch.optim.SGD(
-                self.parameters(), lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"]
+                params, lr=o["lr"], momentum=o["momentum"], nesterov=o.get("nesterov", False), weight_decay=o["weight_decay"]
             )
+        elif o["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
         else:
-            optimizer = torch.optim.Adam(self.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(total * optim["warmup_epochs"] / max(1, self.trainer.max_epochs))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+            optimizer = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total / max(1, self.trainer.max_epochs)
+        warmup = int(steps_per_epoch * o["warmup_epochs"])
+        schedule = o.get("scheduler", "cosine")
+        if schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=o["lr"], total_steps=total)
+        else:
+            after = {
+                "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+                "step": lambda p: o["step_gamma"] ** int(p * (total - warmup) / (steps_per_epoch * o["step_epochs"])),
+                "none": lambda p: 1.0,
+            }[schedule]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(total, warmup, after))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

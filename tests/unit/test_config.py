@@ -28,7 +28,9 @@ def test_overrides_are_parsed_like_yaml():
         ("train.epochs=3", "invalid parameter train.epochs: unknown parameter"),
         ("model.name=vgg", "invalid parameter model.name:"),
         ("data.val_fraction=0.45 data.test_fraction=0.4", "invalid parameter data: val_fraction + test_fraction must leave"),
-        ("data.channels=1", "augment.mean has 3 values but data.channels is 1"),
+        ("data.channels=1", "invalid parameters: augment.mean has 3 values but data.channels is 1"),
+        ("model.name=vit augment.image_size=30", "invalid parameters: model.vit.patch_size 4 does not divide"),
+        ("model.name=vit model.vit.heads=3", "invalid parameter model: vit.heads (3) must divide vit.width (128)"),
         ("train", "expected KEY=VALUE"),
     ],
 )
