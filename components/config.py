@@ -176,6 +176,21 @@ class TrainerParams(_Section):
         return self
 
 
+class MultitaskParams(_Section):
+    """Several label columns of a CSV manifest learnt together (the primary task is data.label_column)."""
+
+    mode: Literal["off", "shared_weights", "shared_features"] = Field(
+        "off",
+        description="off: one task. shared_weights: one backbone, one head per task (hard sharing). "
+        "shared_features: one backbone per task, exchanging features through learned cross-stitch units "
+        "(soft sharing; cnn only).",
+    )
+    tasks: list[str] = Field(default_factory=list, description="Extra label columns learnt beside the primary label.")
+    loss_weights: dict[str, float] = Field(
+        default_factory=dict, description="Loss weight per task name (the primary task is 'label'); 1.0 when absent."
+    )
+
+
 class EvaluateParams(_Section):
     """The test-set report."""
 
@@ -199,6 +214,7 @@ class PipelineParams(_Section):
     data: DataParams = Field(default_factory=DataParams, description="Data source and split.")
     augment: AugmentParams = Field(default_factory=AugmentParams, description="Augmentation and preprocessing.")
     model: ModelParams = Field(default_factory=ModelParams, description="Network.")
+    multitask: MultitaskParams = Field(default_factory=MultitaskParams, description="Multi-task learning.")
     train: TrainParams = Field(default_factory=TrainParams, description="Training loop.")
     trainer: TrainerParams = Field(default_factory=TrainerParams, description="Devices and strategy.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Test report.")
@@ -211,6 +227,18 @@ class PipelineParams(_Section):
             raise ValueError(f"model.vit.patch_size {self.model.vit.patch_size} does not divide augment.image_size {size}")
         if self.model.name == "rnn" and self.model.rnn.sequence == "patches" and size % self.model.rnn.patch_size:
             raise ValueError(f"model.rnn.patch_size {self.model.rnn.patch_size} does not divide augment.image_size {size}")
+        multitask = self.multitask
+        if multitask.mode != "off" and not multitask.tasks:
+            raise ValueError(f"multitask.mode {multitask.mode} needs at least one extra task in multitask.tasks")
+        if multitask.mode == "off" and multitask.tasks:
+            raise ValueError("multitask.tasks is set but multitask.mode is off")
+        if multitask.mode == "shared_features" and self.model.name != "cnn":
+            raise ValueError("multitask.mode shared_features (cross-stitch) is built for model.name cnn")
+        if multitask.mode != "off" and (self.train.mixup_p or self.train.cutmix_p):
+            raise ValueError("mixup/cutmix mix one label set; they are not available with multitask")
+        unknown = set(multitask.loss_weights) - {"label", *multitask.tasks}
+        if unknown:
+            raise ValueError(f"multitask.loss_weights names unknown tasks: {', '.join(sorted(unknown))}")
         if self.model.name == "cnn" and size % 4:
             raise ValueError(f"augment.image_size must be a multiple of 4 for the cnn (got {size})")
         for name in ("mean", "std"):

@@ -24,15 +24,14 @@ from components.data.augment import (
     preview_grid,
     save_transforms,
 )
-from components.data.dataset import eval_loader, rows_of_split
+from components.data.dataset import rows_of_split
 from components.data.images import load_image
 from components.data.ingest import DatasetSnapshot, ingest, read_manifest
 from components.data.validate import ValidationReport, validate
-from components.errors import StageError, TrainingError, VisionflowError
-from components.evaluation.predict import predict
-from components.evaluation.report import EvalReport, write_report
+from components.errors import TrainingError, VisionflowError
+from components.evaluation.evaluate import evaluate_checkpoint
+from components.evaluation.report import EvalReport
 from components.training.fit import FitResult, FitSpec
-from components.training.module import load_classifier
 
 
 class TrainedModel(BaseModel):
@@ -285,22 +284,10 @@ def evaluate_task(
 
     Returns (EvalReport, the evaluate run id). Metrics are logged as test/<name>.
     """
-    classifier = load_classifier(checkpoint)
     rows = rows_of_split(read_manifest(manifest_path), split)
-    unknown = sorted({r["label"] for r in rows} - set(classifier.classes))
-    if unknown:
-        raise StageError("evaluate", f"the data has classes the model does not know: {', '.join(unknown[:10])}")
-    if not rows:
-        raise StageError("evaluate", f"no images in split {split!r}")
     run_id = tracking.start_run(experiment, "evaluate", {tracking.STAGE_TAG: "evaluate"}, parent_run_id=parent_run_id)
     try:
-        loader = eval_loader(
-            rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, data.max_pixels
-        )
-        logits, targets = predict(classifier.model, loader)
-        report = write_report(
-            logits, targets, classifier.classes, [r["path"] for r in rows], Path(out_dir), evaluate, classifier.spec.in_channels
-        )
+        report = evaluate_checkpoint(checkpoint, rows, Path(out_dir), evaluate, data.max_pixels)
         tracking.log_params(run_id, {"checkpoint": checkpoint, "split": split, "evaluate.top_k": evaluate.top_k})
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in report.metrics.items()})
         tracking.log_artifacts(
@@ -309,8 +296,8 @@ def evaluate_task(
              report.misclassified_png_path, report.predictions_path],
             "evaluation",
         )
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
+    except BaseException as err:
+        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     tracking.end_run(run_id, "FINISHED")
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])

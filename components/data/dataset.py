@@ -15,7 +15,8 @@ from components.data.images import load_image
 class ManifestDataset(Dataset):
     """Images listed in manifest rows (dicts with `path` and `label`), decoded and transformed.
 
-    Returns (image tensor, class index) pairs; a decode error names the file.
+    Returns (image tensor, class index) pairs; with `task_classes` (extra task → its classes) the
+    target is a LongTensor of class indices, primary task first. A decode error names the file.
     """
 
     def __init__(
@@ -25,10 +26,15 @@ class ManifestDataset(Dataset):
         transform: Callable,
         channels: int,
         max_pixels: int,
+        task_classes: dict[str, list[str]] | None = None,
     ):
         index = {name: i for i, name in enumerate(classes)}
         self.paths = [row["path"] for row in rows]
         self.targets = [index[row["label"]] for row in rows]
+        self.extra_targets = None
+        if task_classes:
+            indices = {task: {name: i for i, name in enumerate(names)} for task, names in task_classes.items()}
+            self.extra_targets = [[indices[task][row[task]] for task in task_classes] for row in rows]
         self.transform = transform
         self.channels = channels
         self.max_pixels = max_pixels
@@ -38,7 +44,10 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = load_image(self.paths[i], self.channels, self.max_pixels)
-        return self.transform(image=image)["image"], self.targets[i]
+        target = self.targets[i]
+        if self.extra_targets is not None:
+            target = torch.tensor([target, *self.extra_targets[i]])
+        return self.transform(image=image)["image"], target
 
 
 def _reseed_worker_transform(worker_id: int) -> None:
@@ -70,9 +79,11 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int,
         num_workers: int = 0,
         balanced_sampler: bool = False,
+        task_classes: dict[str, list[str]] | None = None,
     ):
         super().__init__()
         self.balanced_sampler = balanced_sampler
+        self.task_classes = task_classes
         self.rows = rows
         self.classes = classes
         self.train_transform = train_transform
@@ -83,7 +94,9 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def _dataset(self, split: str, transform: Callable) -> ManifestDataset:
-        return ManifestDataset(rows_of_split(self.rows, split), self.classes, transform, self.channels, self.max_pixels)
+        return ManifestDataset(
+            rows_of_split(self.rows, split), self.classes, transform, self.channels, self.max_pixels, self.task_classes
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
@@ -120,6 +133,8 @@ def eval_loader(
     channels: int,
     max_pixels: int,
     batch_size: int = 256,
+    task_classes: dict[str, list[str]] | None = None,
 ) -> DataLoader:
     """An ordered DataLoader over `rows` with `transform` (for evaluation); the order is the rows' order."""
-    return DataLoader(ManifestDataset(rows, classes, transform, channels, max_pixels), batch_size=batch_size)
+    dataset = ManifestDataset(rows, classes, transform, channels, max_pixels, task_classes)
+    return DataLoader(dataset, batch_size=batch_size)

@@ -15,7 +15,8 @@ from torch import nn
 
 from components.config import TORCHVISION_MODELS, RnnParams, VitParams
 from components.errors import VisionflowError
-from components.models.cnn import small_cnn
+from components.models.cnn import small_cnn, small_cnn_stages
+from components.models.multitask import CrossStitchNet, SharedBackbone, detach_head
 from components.models.rnn import SequenceClassifier
 from components.models.vit import SmallViT
 
@@ -35,6 +36,12 @@ class ModelSpec(BaseModel):
     std: list[float] = [0.5, 0.5, 0.5]
     rnn: RnnParams = Field(default_factory=RnnParams)
     vit: VitParams = Field(default_factory=VitParams)
+    multitask_mode: str = "off"
+    extra_tasks: dict[str, int] = Field(default_factory=dict)
+
+    def task_sizes(self) -> list[int]:
+        """Output width of each task, primary first (logits are concatenated in this order)."""
+        return [self.num_classes, *self.extra_tasks.values()]
 
 
 def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -108,15 +115,31 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 
+def _build(spec: ModelSpec) -> nn.Module:
+    sizes = spec.task_sizes()
+    if spec.multitask_mode == "shared_weights":
+        backbone, features = detach_head(MODELS[spec.name](spec))
+        return SharedBackbone(backbone, features, sizes)
+    if spec.multitask_mode == "shared_features":
+        if spec.name != "cnn":
+            raise VisionflowError("multitask.mode shared_features (cross-stitch) is built for model.name cnn")
+        _no_pretrained(spec)
+        return CrossStitchNet(
+            [small_cnn_stages(spec.in_channels, size, spec.image_size, spec.dropout) for size in sizes]
+        )
+    return MODELS[spec.name](spec)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the network described by `spec`; returns an nn.Module producing (N, num_classes) logits.
+    """Build the network described by `spec`; returns an nn.Module producing (N, sum of task sizes)
+    logits: (N, num_classes) for one task, the tasks' logits concatenated (primary first) otherwise.
 
     Raises VisionflowError for an unknown name or when pretrained weights cannot be downloaded.
     """
     if spec.name not in MODELS:
         raise VisionflowError(f"unknown model {spec.name!r}; choose one of {', '.join(MODELS)}")
     try:
-        return MODELS[spec.name](spec)
+        return _build(spec)
     except (OSError, RuntimeError) as err:
         if not spec.pretrained:
             raise

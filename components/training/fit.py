@@ -22,7 +22,7 @@ from components.config import PipelineParams
 from components.data.augment import build_eval_transform, build_train_transform
 from components.data.dataset import ImageDataModule
 from components.data.ingest import read_manifest
-from components.errors import VisionflowError
+from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
 from components.training.module import ClassifierModule
 
@@ -63,8 +63,20 @@ class EpochSummary(Callback):
         print(f"[visionflow] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown}", flush=True)
 
 
-def model_spec_from_params(params: PipelineParams, num_classes: int) -> ModelSpec:
-    """The ModelSpec a pipeline's params describe for `num_classes` classes."""
+def task_classes_of(rows: list[dict[str, str]], params: PipelineParams) -> dict[str, list[str]]:
+    """The classes of each extra multi-task label column (sorted values); raises DataError for a missing column."""
+    found: dict[str, list[str]] = {}
+    for task in params.multitask.tasks:
+        if rows and task not in rows[0]:
+            raise DataError(f"multitask task {task!r} is not a label column of the data (columns: {', '.join(rows[0])})")
+        found[task] = sorted({row[task] for row in rows})
+    return found
+
+
+def model_spec_from_params(
+    params: PipelineParams, num_classes: int, task_classes: dict[str, list[str]] | None = None
+) -> ModelSpec:
+    """The ModelSpec a pipeline's params describe for `num_classes` classes (and extra tasks)."""
     return ModelSpec(
         name=params.model.name,
         num_classes=num_classes,
@@ -76,6 +88,8 @@ def model_spec_from_params(params: PipelineParams, num_classes: int) -> ModelSpe
         std=params.augment.std,
         rnn=params.model.rnn,
         vit=params.model.vit,
+        multitask_mode=params.multitask.mode,
+        extra_tasks={task: len(names) for task, names in (task_classes or {}).items()},
     )
 
 
@@ -134,12 +148,15 @@ def fit(spec: FitSpec) -> FitResult:
     params = spec.params
     L.seed_everything(params.train.seed, workers=True, verbose=False)
     rows = read_manifest(spec.manifest_path)
+    task_classes = task_classes_of(rows, params)
     module = ClassifierModule(
-        spec=model_spec_from_params(params, len(spec.classes)).model_dump(),
+        spec=model_spec_from_params(params, len(spec.classes), task_classes).model_dump(),
         optim=params.train.model_dump(),
         classes=spec.classes,
         augment=params.augment.model_dump(),
         class_weights=class_weights(rows, spec.classes) if params.train.class_balance == "loss" else None,
+        task_classes=task_classes,
+        task_weights=params.multitask.loss_weights,
     )
     data = ImageDataModule(
         rows,
@@ -151,6 +168,7 @@ def fit(spec: FitSpec) -> FitResult:
         batch_size=params.train.batch_size,
         num_workers=params.train.num_workers,
         balanced_sampler=params.train.class_balance == "sampler",
+        task_classes=task_classes,
     )
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
     logger: MLFlowLogger | bool = False

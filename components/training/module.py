@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from components.config import AugmentParams
 from components.errors import TrainingError
 from components.models import ModelSpec, build_model
+from components.models.multitask import split_logits
 
 
 def warmup_then(total_steps: int, warmup_steps: int, after) -> callable:
@@ -45,6 +46,10 @@ class ClassifierModule(L.LightningModule):
     so checkpoints load with `torch.load(weights_only=True)` and carry their own eval preprocessing.
     `class_weights` (one per class) weights the loss when given. Logs per epoch: train/loss,
     train/ce, train/l1, train/acc, val/loss, val/acc (and val/acc_ema with an EMA of the weights).
+
+    Multi-task (spec.extra_tasks): targets are (N, T) class indices, primary first; the loss is the
+    `task_weights`-weighted sum of the tasks' cross-entropies; train/acc, val/acc are the primary
+    task's; each extra task also logs train/<task>/loss and val/<task>/acc.
     """
 
     def __init__(
@@ -54,12 +59,20 @@ class ClassifierModule(L.LightningModule):
         classes: list[str],
         augment: dict[str, Any],
         class_weights: list[float] | None = None,
+        task_classes: dict[str, list[str]] | None = None,
+        task_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.spec = ModelSpec(**spec)
         self.optim = optim
         self.model = build_model(self.spec)
+        self.extra_tasks = list(self.spec.extra_tasks)
+        weights = task_weights or {}
+        self.task_weights = [weights.get("label", 1.0), *(weights.get(t, 1.0) for t in self.extra_tasks)]
+        self.extra_val_acc = nn.ModuleList(
+            MulticlassAccuracy(num_classes=n, average="micro") for n in self.spec.extra_tasks.values()
+        )
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=optim.get("label_smoothing", 0.0))
         self.val_loss = nn.CrossEntropyLoss()
@@ -86,11 +99,27 @@ class ClassifierModule(L.LightningModule):
             return self.cutmix(x, y)
         return x, y
 
+    def _task_losses(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(weighted cross-entropy, primary logits, [(task, logits, targets) of the extra tasks])."""
+        if not self.extra_tasks:
+            return self.loss(logits, target), logits, []
+        parts = split_logits(logits, self.spec.task_sizes())
+        ce = self.task_weights[0] * self.loss(parts[0], target[:, 0])
+        extra = []
+        for i, task in enumerate(self.extra_tasks, start=1):
+            task_ce = self.val_loss(parts[i], target[:, i])
+            self.log(f"train/{task}/loss", task_ce, on_step=False, on_epoch=True, sync_dist=True)
+            ce = ce + self.task_weights[i] * task_ce
+            extra.append((task, parts[i], target[:, i]))
+        return ce, parts[0], extra
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         x, target = self.mix_batch(x, y)
         logits = self(x)
-        ce = self.loss(logits, target)
+        ce, logits, _ = self._task_losses(logits, target)
+        if self.extra_tasks:
+            target = target[:, 0]
         loss = ce
         if self.optim.get("l1", 0.0) > 0:
             l1 = l1_penalty(self.model)
@@ -114,11 +143,18 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
+        if self.extra_tasks:
+            parts = split_logits(logits, self.spec.task_sizes())
+            for i, (task, metric) in enumerate(zip(self.extra_tasks, self.extra_val_acc), start=1):
+                metric(parts[i], y[:, i])
+                self.log(f"val/{task}/acc", metric, on_epoch=True)
+            logits, y = parts[0], y[:, 0]
         self.val_acc(logits, y)
         self.log("val/loss", self.val_loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         if self.ema is not None:
-            self.val_acc_ema(self.ema(x), y)
+            ema_logits = self.ema(x)[:, : self.spec.num_classes]
+            self.val_acc_ema(ema_logits, y)
             self.log("val/acc_ema", self.val_acc_ema, on_epoch=True)
 
     def configure_optimizers(self):
@@ -157,6 +193,7 @@ class Classifier(NamedTuple):
     spec: ModelSpec
     classes: list[str]
     augment: AugmentParams
+    task_classes: dict[str, list[str]]
 
 
 def load_classifier(checkpoint_path: str) -> Classifier:
@@ -169,4 +206,7 @@ def load_classifier(checkpoint_path: str) -> Classifier:
     model = build_model(spec.model_copy(update={"pretrained": False}))
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    return Classifier(model.eval(), spec, list(hparams["classes"]), AugmentParams(**hparams["augment"]))
+    return Classifier(
+        model.eval(), spec, list(hparams["classes"]), AugmentParams(**hparams["augment"]),
+        dict(hparams.get("task_classes") or {}),
+    )

@@ -1,0 +1,50 @@
+"""Evaluate a checkpoint on manifest rows: predictions, metrics (per task too) and report files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.config import EvaluateParams
+from components.data.augment import build_eval_transform
+from components.data.dataset import eval_loader
+from components.errors import DataError
+from components.evaluation.metrics import compute_metrics
+from components.evaluation.predict import predict
+from components.evaluation.report import EvalReport, write_report
+from components.models.multitask import split_logits
+from components.training.module import load_classifier
+
+
+def evaluate_checkpoint(
+    checkpoint: str, rows: list[dict[str, str]], out_dir: Path, params: EvaluateParams, max_pixels: int
+) -> EvalReport:
+    """Run the checkpoint over `rows` (manifest rows) with its own eval transform and write the report.
+
+    The report covers the primary task; a multi-task model adds `<task>/accuracy` and
+    `<task>/macro_f1` of each extra task to the returned metrics. Raises DataError when the rows
+    are empty or carry classes the model does not know.
+    """
+    classifier = load_classifier(checkpoint)
+    if not rows:
+        raise DataError("no images to evaluate")
+    unknown = sorted({r["label"] for r in rows} - set(classifier.classes))
+    if unknown:
+        raise DataError(f"the data has classes the model does not know: {', '.join(unknown[:10])}")
+    loader = eval_loader(
+        rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels,
+        max_pixels, task_classes=classifier.task_classes or None,
+    )
+    logits, targets = predict(classifier.model, loader)
+    extra: dict[str, float] = {}
+    if classifier.task_classes:
+        parts = split_logits(logits, classifier.spec.task_sizes())
+        for i, (task, names) in enumerate(classifier.task_classes.items(), start=1):
+            summary = compute_metrics(parts[i], targets[:, i], names, top_k=1)["summary"]
+            extra[f"{task}/accuracy"] = summary["accuracy"]
+            extra[f"{task}/macro_f1"] = summary["macro_f1"]
+        logits, targets = parts[0], targets[:, 0]
+    report = write_report(
+        logits, targets, classifier.classes, [r["path"] for r in rows], Path(out_dir), params, classifier.spec.in_channels
+    )
+    report.metrics.update(extra)
+    return report
