@@ -27,7 +27,7 @@ from rich.table import Table
 from components.config import load_params
 from components.errors import VisionflowError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="visionflow: tracked, compressed, deployable image classifiers.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="visionflow: tracked, compressed, deployable image classifiers.")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -133,7 +133,7 @@ def validate_task(snapshot: DatasetSnapshot, data: DataParams, run_dir: str, run
     clean_rows = read_manifest(report.clean_manifest_path)
     for split in ("train", "val", "test"):
         tracking.log_dataset(
-            run_id, rows_of_split(clean_rows, split), snapshot.fingerprint, snapshot.source,
+            run_id, rows_of_split(clean_rows, split), snapshot.fingerprint, snapshot.root,
             name=f"{Path(snapshot.source).name or snapshot.source}-{split}", context=split,
         )
     tracking.set_tags(run_id, {"visionflow.data_fingerprint": snapshot.fingerprint})

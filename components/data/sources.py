@@ -1,0 +1,349 @@
+"""Turn `DataParams.path` into a list of labelled image files.
+
+Sources: scikit-learn's bundled digits, an ImageFolder directory (optionally with train/val/test
+top folders), a CSV manifest, a .zip/.tar.gz/.tgz/.tar archive of either, or a torchvision data set.
+Bundled, downloaded and extracted data are materialized once under the cache folder (into a
+temporary folder first, then renamed, so a crash never leaves a half-written set that is reused).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import socket
+import stat
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from components.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+TORCHVISION_DATASETS = ("CIFAR10", "FashionMNIST", "MNIST")
+BUNDLED_DATASETS = ("digits",)
+# Top-level folder names read as splits, and the split they stand for.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# Names a CSV's extra label column may not take (they are columns of the ingest manifest).
+RESERVED_COLUMNS = frozenset({"path", "sha256", "label", "split", "width", "height", "mode"})
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+class SourceItem(BaseModel):
+    """One image file of a data source: absolute path, class label, split when the source fixes it."""
+
+    path: str
+    label: str
+    split: str | None = None
+    extra_labels: dict[str, str] = {}
+
+
+def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> list[SourceItem]:
+    """List the labelled images of a data source.
+
+    Takes `DataParams.path` ("bundled:digits", "torchvision:NAME", a folder, a .csv manifest or an
+    archive), the cache folder for materialized/extracted data and the CSV label column. Returns the
+    items sorted by path. Raises DataError (one line) when the source cannot be used.
+    """
+    cache_dir = Path(cache_dir).expanduser().resolve()  # item paths must be absolute
+    if path.startswith("bundled:"):
+        name = path.split(":", 1)[1]
+        if name != "digits":
+            raise DataError(f"unknown bundled data set {name!r}: supported is bundled:digits")
+        return _from_folder(materialize_digits(cache_dir))
+    if path.startswith("torchvision:"):
+        return _from_folder(materialize_torchvision(path.split(":", 1)[1], cache_dir))
+    target = Path(path).expanduser()
+    if not target.exists():
+        raise DataError(f"data source not found: {path}")
+    target = target.resolve()
+    if target.is_dir():
+        return _from_folder(target)
+    if target.suffix.lower() == ".csv":
+        return _from_csv(target, label_column)
+    if target.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return _from_extracted(extract_archive(target, cache_dir), label_column)
+    raise DataError(
+        f"unsupported data source {path}: expected a folder, a .csv manifest, a .zip/.tar.gz/.tgz/.tar "
+        "archive, bundled:digits or torchvision:MNIST|FashionMNIST|CIFAR10"
+    )
+
+
+# --- folders --------------------------------------------------------------------------------------
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files below `folder` (recursive), hidden files and folders skipped, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for name in filenames:
+            if not _hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _from_folder(root: Path) -> list[SourceItem]:
+    """Items of an ImageFolder: class sub-folders, or train/val/test folders holding class sub-folders."""
+    folders = _visible_dirs(root)
+    split_folders = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
+    items: list[SourceItem] = []
+    if split_folders:
+        others = [d.name for d in folders if d.name.lower() not in SPLIT_FOLDERS]
+        if others:
+            raise DataError(
+                f"folder {root} mixes split folders ({', '.join(d.name for d in split_folders)}) with other "
+                f"folders ({', '.join(others[:5])}): put the class folders inside the split folders"
+            )
+        for split_dir in split_folders:
+            split = SPLIT_FOLDERS[split_dir.name.lower()]
+            for class_dir in _visible_dirs(split_dir):
+                items += [SourceItem(path=str(p), label=class_dir.name, split=split) for p in _images_under(class_dir)]
+    else:
+        for class_dir in folders:
+            items += [SourceItem(path=str(p), label=class_dir.name) for p in _images_under(class_dir)]
+    if not items:
+        raise DataError(
+            f"no images found in {root}: expected class sub-folders of images (e.g. {root}/cat/001.png), "
+            "optionally under train/val/test folders"
+        )
+    return sorted(items, key=lambda item: item.path)
+
+
+# --- CSV manifests --------------------------------------------------------------------------------
+
+
+def _normalize_split(value: str) -> str | None:
+    value = value.strip().lower()
+    return SPLIT_FOLDERS.get(value) if value else None
+
+
+def _from_csv(csv_path: Path, label_column: str) -> list[SourceItem]:
+    """Items of a CSV manifest (`path`, the label column, optional `split`, extra label columns)."""
+    base = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        for needed in ("path", label_column):
+            if needed not in columns:
+                raise DataError(
+                    f"CSV manifest {csv_path} has no {needed!r} column (columns: {', '.join(columns) or 'none'})"
+                )
+        extras = [c for c in columns if c not in ("path", label_column, "split") and c]
+        clashes = [c for c in extras if c in RESERVED_COLUMNS]
+        if clashes:
+            raise DataError(
+                f"CSV manifest {csv_path}: column {clashes[0]!r} is not the label column and clashes with a "
+                "manifest column; rename it"
+            )
+        items = []
+        for number, row in enumerate(reader, start=1):
+            where = f"CSV manifest {csv_path}, row {number} (line {reader.line_num})"
+            raw_path = (row.get("path") or "").strip()
+            label = (row.get(label_column) or "").strip()
+            if not raw_path:
+                raise DataError(f"{where}: empty path")
+            if not label:
+                raise DataError(f"{where}: empty {label_column!r} for {raw_path}")
+            file = Path(raw_path).expanduser()
+            file = file if file.is_absolute() else base / file
+            if not file.is_file():
+                raise DataError(f"{where}: image file not found: {raw_path}")
+            split_value = (row.get("split") or "") if "split" in columns else ""
+            split = _normalize_split(split_value)
+            if split_value.strip() and split is None:
+                raise DataError(f"{where}: unknown split {split_value.strip()!r} (use train, val or test)")
+            items.append(
+                SourceItem(
+                    path=str(file.resolve()),
+                    label=label,
+                    split=split,
+                    extra_labels={c: (row.get(c) or "").strip() for c in extras},
+                )
+            )
+    if not items:
+        raise DataError(f"CSV manifest {csv_path} has no rows")
+    return sorted(items, key=lambda item: item.path)
+
+
+# --- archives -------------------------------------------------------------------------------------
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _materialize(final: Path, build: Callable[[Path], None]) -> Path:
+    """Run build(tmp) into a temporary sibling folder, then rename it to `final`; reuse `final` if present."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race with another process: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _check_zip_member(info: zipfile.ZipInfo, archive: Path) -> None:
+    name = info.filename.replace("\\", "/")
+    parts = name.split("/")
+    is_link = stat.S_ISLNK(info.external_attr >> 16)
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts or is_link:
+        kind = "a link" if is_link else "a path outside the archive folder"
+        raise DataError(f"unsafe archive member {info.filename!r} in {archive} ({kind}); nothing was extracted")
+
+
+def _extract_into(archive: Path, dest: Path) -> None:
+    name = archive.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                members = zf.infolist()
+                for info in members:
+                    _check_zip_member(info, archive)
+                zf.extractall(dest)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(dest, filter="data")
+    except tarfile.FilterError as err:
+        member = getattr(err, "tarinfo", None)
+        label = member.name if member is not None else "?"
+        raise DataError(f"unsafe archive member {label!r} in {archive} ({err}); extraction stopped") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
+        raise DataError(f"cannot read archive {archive}: {err}") from None
+
+
+def extract_archive(archive: Path, cache_dir: Path) -> Path:
+    """Extract an archive once, safely, into cache_dir/extracted/<sha256[:16]>/.
+
+    Takes the archive path and the cache folder; returns the extracted folder. Zip members with
+    absolute paths, `..` or links are refused, tar uses the "data" filter. Raises DataError.
+    """
+    final = Path(cache_dir) / "extracted" / _file_sha256(archive)[:16]
+    return _materialize(final, lambda tmp: _extract_into(archive, tmp))
+
+
+def _from_extracted(folder: Path, label_column: str) -> list[SourceItem]:
+    """Items of an extracted archive: one wrapping folder is descended; a single CSV is a manifest."""
+    entries = [p for p in folder.iterdir() if not _hidden(p.name)]
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in SPLIT_FOLDERS:
+        folder = entries[0]
+        entries = [p for p in folder.iterdir() if not _hidden(p.name)]
+    csvs = [p for p in entries if p.is_file() and p.suffix.lower() == ".csv"]
+    if len(csvs) == 1:
+        return _from_csv(csvs[0], label_column)
+    return _from_folder(folder)
+
+
+# --- bundled and downloaded data sets ------------------------------------------------------------
+
+
+def materialize_digits(cache_dir: Path) -> Path:
+    """Write scikit-learn's digits (1,797 8x8 images) once as PNGs under cache_dir/bundled/digits/<class>/.
+
+    Takes the cache folder; returns the ImageFolder root. Reuses a complete earlier copy.
+    """
+    import numpy as np
+    from PIL import Image
+
+    def build(tmp: Path) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        for index, (image, target) in enumerate(zip(pixels, digits.target)):
+            folder = tmp / str(int(target))
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(image, "L").save(folder / f"{index:04d}.png")
+
+    return _materialize(Path(cache_dir) / "bundled" / "digits", build)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def materialize_torchvision(name: str, cache_dir: Path) -> Path:
+    """Download a torchvision data set (train and test) and write it once as PNGs with split folders.
+
+    Takes "MNIST", "FashionMNIST" or "CIFAR10" (case-insensitive) and the cache folder; returns
+    cache_dir/torchvision/NAME-png (train/<class>/*.png, test/<class>/*.png). Raises DataError with one
+    line when the name is unknown or the download fails (e.g. offline).
+    """
+    canonical = {n.lower(): n for n in TORCHVISION_DATASETS}.get(name.lower())
+    if canonical is None:
+        raise DataError(
+            f"unknown torchvision data set {name!r}: supported are "
+            + ", ".join(f"torchvision:{n}" for n in TORCHVISION_DATASETS)
+        )
+    root = Path(cache_dir) / "torchvision"
+    final = root / f"{canonical}-png"
+    if final.is_dir():
+        return final
+
+    import numpy as np
+    import torchvision.datasets
+    from PIL import Image
+    from urllib.error import URLError
+
+    cls = getattr(torchvision.datasets, canonical)
+    splits = {}
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        for split, train in (("train", True), ("test", False)):
+            splits[split] = cls(root=str(root), train=train, download=True)
+    except (URLError, OSError, RuntimeError) as err:
+        raise DataError(
+            f"could not download torchvision data set {canonical}: {_one_line(err)} "
+            "(offline? put the images in a folder and pass its path)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+    def build(tmp: Path) -> None:
+        for split, dataset in splits.items():
+            data = np.asarray(dataset.data)
+            targets = np.asarray(dataset.targets)
+            if canonical == "MNIST":
+                names = [str(i) for i in range(10)]
+            else:
+                names = [c.replace("/", "_") for c in dataset.classes]
+            for index, (image, target) in enumerate(zip(data, targets)):
+                folder = tmp / split / names[int(target)]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(folder / f"{index:05d}.png")
+
+    return _materialize(final, build)

@@ -1,0 +1,199 @@
+"""Validate: decode every image once, quarantine the bad ones (a list, never a move), report the data set.
+
+Writes manifest.clean.csv (the usable rows), quarantine.csv and validation.json into the output folder,
+then refuses a data set that cannot be trained on (one clear DataError line).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from components.config import DataParams
+from components.data.images import load_image
+from components.data.ingest import SPLITS, DatasetSnapshot, read_manifest, write_manifest
+from components.errors import DataError, ImageDecodeError
+
+
+class QuarantinedFile(BaseModel):
+    """A file left out of training, and why."""
+
+    path: str
+    label: str
+    split: str
+    reason: str
+
+
+class ValidationReport(BaseModel):
+    """The validation result: what was checked, what was quarantined, and the shape of the clean data."""
+
+    num_checked: int
+    num_valid: int
+    quarantined: list[QuarantinedFile]
+    class_counts: dict[str, dict[str, int]]
+    duplicate_groups: list[list[str]]
+    leakage: list[str]
+    size_histogram: dict[str, int]
+    mode_histogram: dict[str, int]
+    imbalance_ratio: float
+    clean_manifest_path: str
+    quarantine_path: str
+    report_path: str
+
+
+def _check(row: dict[str, str], channels: int, max_pixels: int) -> str | None:
+    """None when the row's image decodes, else the quarantine reason."""
+    try:
+        load_image(row["path"], channels, max_pixels)
+    except ImageDecodeError as err:
+        return err.reason
+    except MemoryError:
+        return "out of memory while decoding"
+    return None
+
+
+def _write_quarantine(quarantined: list[QuarantinedFile], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "reason"])
+        writer.writeheader()
+        for bad in quarantined:
+            writer.writerow(bad.model_dump())
+
+
+def _refusal(report: ValidationReport, classes: list[str], params: DataParams, source: str) -> str | None:
+    """The reason this data set cannot be trained on, or None."""
+    if report.num_valid == 0:
+        first = report.quarantined[0] if report.quarantined else None
+        hint = f" (first: {first.path}: {first.reason})" if first else ""
+        return f"no valid images in {source}: all {report.num_checked} files were quarantined{hint}"
+    totals = {c: sum(report.class_counts.get(s, {}).get(c, 0) for s in report.class_counts) for c in classes}
+    with_images = [c for c in classes if totals[c] > 0]
+    if len(with_images) < 2:
+        return f"need at least 2 classes with valid images, found {len(with_images)} ({', '.join(with_images) or 'none'}) in {source}"
+    problems = []
+    for name in classes:
+        per_split = ", ".join(f"{s} {report.class_counts.get(s, {}).get(name, 0)}" for s in SPLITS)
+        if totals[name] < params.min_images_per_class:
+            problems.append(
+                f"class {name!r} has {totals[name]} valid images ({per_split}); "
+                f"at least {params.min_images_per_class} are needed (data.min_images_per_class)"
+            )
+            continue
+        empty = [s for s in SPLITS if report.class_counts.get(s, {}).get(name, 0) == 0]
+        if empty:
+            problems.append(f"class {name!r} has no valid image in the {'/'.join(empty)} split ({per_split})")
+    if problems:
+        more = f"; and {len(problems) - 1} more class(es)" if len(problems) > 1 else ""
+        return f"{problems[0]}{more}"
+    return None
+
+
+def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> ValidationReport:
+    """Decode every image of a snapshot once and report on the data set.
+
+    Takes the ingest snapshot, the data params (channels and max_pixels for decoding,
+    min_images_per_class) and the output folder. Writes manifest.clean.csv, quarantine.csv and
+    validation.json there and returns the ValidationReport. Raises DataError (after writing the
+    files) when no image is valid, fewer than 2 classes remain, or a class is too small or absent
+    from a split.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_manifest(snapshot.manifest_path)
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(lambda row: _check(row, params.channels, params.max_pixels), rows))
+
+    clean = [row for row, reason in zip(rows, reasons) if reason is None]
+    quarantined = [
+        QuarantinedFile(path=row["path"], label=row["label"], split=row["split"], reason=reason)
+        for row, reason in zip(rows, reasons)
+        if reason is not None
+    ]
+    split_names = list(SPLITS) + sorted({row["split"] for row in rows} - set(SPLITS))
+    counts: dict[str, dict[str, int]] = {s: {c: 0 for c in snapshot.classes} for s in split_names}
+    for row in clean:
+        counts[row["split"]][row["label"]] = counts[row["split"]].get(row["label"], 0) + 1
+
+    paths_by_sha: dict[str, list[str]] = defaultdict(list)
+    splits_by_sha: dict[str, set[str]] = defaultdict(set)
+    for row in clean:
+        paths_by_sha[row["sha256"]].append(row["path"])
+        splits_by_sha[row["sha256"]].add(row["split"])
+    duplicate_groups = sorted(sorted(paths) for paths in paths_by_sha.values() if len(paths) > 1)
+    leakage = sorted(sha for sha, splits in splits_by_sha.items() if len(splits) > 1)
+
+    train_counts = [n for n in counts["train"].values()]
+    imbalance = max(train_counts) / min(train_counts) if train_counts and min(train_counts) > 0 else 0.0
+
+    clean_path = out_dir / "manifest.clean.csv"
+    quarantine_path = out_dir / "quarantine.csv"
+    report_path = out_dir / "validation.json"
+    report = ValidationReport(
+        num_checked=len(rows),
+        num_valid=len(clean),
+        quarantined=quarantined,
+        class_counts=counts,
+        duplicate_groups=duplicate_groups,
+        leakage=leakage,
+        size_histogram=dict(Counter(f"{row['width']}x{row['height']}" for row in clean).most_common()),
+        mode_histogram=dict(Counter(row["mode"] for row in clean).most_common()),
+        imbalance_ratio=float(imbalance),
+        clean_manifest_path=str(clean_path.resolve()),
+        quarantine_path=str(quarantine_path.resolve()),
+        report_path=str(report_path.resolve()),
+    )
+    assert report.num_checked == report.num_valid + len(report.quarantined)
+    # Same columns as the full manifest (extra label columns included), even when nothing is clean.
+    write_manifest(clean, clean_path, columns=list(rows[0].keys()) if rows else None)
+    _write_quarantine(quarantined, quarantine_path)
+    report_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    refusal = _refusal(report, snapshot.classes, params, snapshot.source)
+    if refusal:
+        raise DataError(refusal)
+    return report
+
+
+def format_report(report: ValidationReport, max_listed: int = 20) -> str:
+    """A short human-readable summary of a ValidationReport for the CLI.
+
+    Takes the report (and how many quarantined files / duplicate groups to list); returns multi-line
+    text: totals, counts per split and class, quarantined files with reasons, duplicates, leakage,
+    imbalance, sizes and modes.
+    """
+    lines = [
+        f"checked {report.num_checked} images: {report.num_valid} valid, {len(report.quarantined)} quarantined",
+    ]
+    for split, per_class in report.class_counts.items():
+        total = sum(per_class.values())
+        detail = ", ".join(f"{name} {n}" for name, n in per_class.items())
+        lines.append(f"  {split}: {total} ({detail})")
+    if report.quarantined:
+        lines.append(f"quarantined ({len(report.quarantined)}):")
+        for bad in report.quarantined[:max_listed]:
+            lines.append(f"  {bad.path}: {bad.reason}")
+        if len(report.quarantined) > max_listed:
+            lines.append(f"  ... and {len(report.quarantined) - max_listed} more (see {report.quarantine_path})")
+    if report.duplicate_groups:
+        lines.append(f"exact duplicates: {len(report.duplicate_groups)} group(s)")
+        for group in report.duplicate_groups[:max_listed]:
+            lines.append("  " + " = ".join(group))
+        if len(report.duplicate_groups) > max_listed:
+            lines.append(f"  ... and {len(report.duplicate_groups) - max_listed} more")
+    else:
+        lines.append("exact duplicates: none")
+    if report.leakage:
+        lines.append(f"leakage: {len(report.leakage)} image(s) appear in more than one split")
+    else:
+        lines.append("leakage: none (no image in two splits)")
+    lines.append(f"imbalance (largest / smallest train class): {report.imbalance_ratio:.2f}")
+    sizes = ", ".join(f"{size} ×{n}" for size, n in list(report.size_histogram.items())[:5])
+    modes = ", ".join(f"{mode or '?'} ×{n}" for mode, n in report.mode_histogram.items())
+    lines.append(f"sizes: {sizes or 'none'}; modes: {modes or 'none'}")
+    return "\n".join(lines)
