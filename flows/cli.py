@@ -39,6 +39,12 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _is_interrupt(err: BaseException) -> bool:
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(err, (KeyboardInterrupt, TerminationSignal))
+
+
 def _run_guarded(fn):
     """Call fn(); VisionflowError → one line on stderr and exit 2; SIGTERM ends runs as KILLED."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -47,7 +53,9 @@ def _run_guarded(fn):
     except VisionflowError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not _is_interrupt(err):
+            raise
         err_console.print("[bold red]interrupted[/]: the MLflow run is marked KILLED; `visionflow resume RUN_ID` continues it")
         raise typer.Exit(130) from None
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from components import tracking
 from components.config import DataParams, EvaluateParams
 from components.training.module import load_classifier
-from flows.tasks import evaluate_task, ingest_task, publish_summary, validate_task
+from flows.tasks import end_status, evaluate_task, ingest_task, publish_summary, validate_task
 
 
 class EvaluationResult(BaseModel):
@@ -55,7 +55,7 @@ def evaluate_flow(
             checkpoint, report.clean_manifest_path, split, evaluate, data, str(run_dir / "evaluation"), experiment, run_id
         )
     except BaseException as err:
-        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(run_id, end_status(err))
         raise
     metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
     tracking.log_metrics(run_id, metrics)

@@ -14,6 +14,7 @@ from components import tracking
 from components.config import PipelineParams, params_to_flat_dict
 from components.errors import StageError, VisionflowError
 from flows.tasks import (
+    end_status,
     evaluate_task,
     ingest_task,
     json_dump,
@@ -103,7 +104,7 @@ def pipeline(
         )
     except BaseException as err:
         tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: stage, "visionflow.error": str(err)[:500]})
-        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(run_id, end_status(err))
         if isinstance(err, VisionflowError) and not isinstance(err, StageError):
             raise StageError(stage, str(err)) from err
         raise

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel
 
 from components import tracking
@@ -32,6 +33,11 @@ from components.errors import TrainingError, VisionflowError
 from components.evaluation.evaluate import evaluate_checkpoint
 from components.evaluation.report import EvalReport
 from components.training.fit import FitResult, FitSpec
+
+
+def end_status(error: BaseException) -> str:
+    """The MLflow status a run ends with after `error`: KILLED for Ctrl-C / SIGTERM, else FAILED."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
 
 
 class TrainedModel(BaseModel):
@@ -247,7 +253,7 @@ def train_task(
     try:
         result = run_training_process(spec, train_dir / "fit_spec.json", logger)
     except BaseException as err:
-        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(run_id, end_status(err))
         raise
     if not result.best_checkpoint:
         tracking.end_run(run_id, "FAILED")
@@ -297,7 +303,7 @@ def evaluate_task(
             "evaluation",
         )
     except BaseException as err:
-        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(run_id, end_status(err))
         raise
     tracking.end_run(run_id, "FINISHED")
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])

@@ -114,15 +114,13 @@ def build_trainer(
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """A Lightning Trainer configured from the spec's params; returns it and its checkpoint callback."""
     params = spec.params
+    directory = Path(spec.run_dir) / "checkpoints"
     checkpoint = ModelCheckpoint(
-        dirpath=Path(spec.run_dir) / "checkpoints",
-        filename="best",
-        monitor="val/acc",
-        mode="max",
-        save_last=True,
-        enable_version_counter=False,
+        dirpath=directory, filename="best", monitor="val/acc", mode="max", enable_version_counter=False
     )
-    callbacks: list[Callback] = [checkpoint, EpochSummary()]
+    # Lightning's save_last only writes when the best changes; resume needs every epoch.
+    last = ModelCheckpoint(dirpath=directory, filename="last", monitor=None, enable_version_counter=False)
+    callbacks: list[Callback] = [checkpoint, last, EpochSummary()]
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=params.train.early_stopping_patience))
     trainer = L.Trainer(
