@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 TORCHVISION_DATASETS = ("CIFAR10", "FashionMNIST", "MNIST")
-BUNDLED_DATASETS = ("digits",)
+BUNDLED_DATASETS = ("digits", "digits-multitask")
 # Top-level folder names read as splits, and the split they stand for.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Names a CSV's extra label column may not take (they are columns of the ingest manifest).
@@ -57,9 +57,14 @@ def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> l
     cache_dir = Path(cache_dir).expanduser().resolve()  # item paths must be absolute
     if path.startswith("bundled:"):
         name = path.split(":", 1)[1]
-        if name != "digits":
-            raise DataError(f"unknown bundled data set {name!r}: supported is bundled:digits")
-        return _from_folder(materialize_digits(cache_dir))
+        if name not in BUNDLED_DATASETS:
+            raise DataError(
+                f"unknown bundled data set {name!r}: supported are " + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
+            )
+        items = _from_folder(materialize_digits(cache_dir))
+        if name == "digits-multitask":
+            items = [item.model_copy(update={"extra_labels": digit_tasks(item.label)}) for item in items]
+        return items
     if path.startswith("torchvision:"):
         return _from_folder(materialize_torchvision(path.split(":", 1)[1], cache_dir))
     target = Path(path).expanduser()
@@ -266,6 +271,12 @@ def _from_extracted(folder: Path, label_column: str) -> list[SourceItem]:
 
 
 # --- bundled and downloaded data sets ------------------------------------------------------------
+
+
+def digit_tasks(digit: str) -> dict[str, str]:
+    """The derived labels of the multi-task digits demo: parity ("even"/"odd") and ge5 ("yes"/"no")."""
+    value = int(digit)
+    return {"parity": "even" if value % 2 == 0 else "odd", "ge5": "yes" if value >= 5 else "no"}
 
 
 def materialize_digits(cache_dir: Path) -> Path:

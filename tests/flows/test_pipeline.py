@@ -128,3 +128,24 @@ def test_bad_data_path_fails_at_ingest(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(params.run.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags[tracking.FAILED_STAGE_TAG] == "ingest"
+
+
+def test_multitask_from_a_csv_manifest_logs_every_task(tmp_path, shapes_dir):
+    import csv
+
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "family"])
+        for image in sorted(shapes_dir.glob("*/*_*.png")):
+            writer.writerow([image, image.parent.name, "round" if image.parent.name == "circle" else "angular"])
+    params = load_params(None, tiny_overrides(
+        tmp_path, manifest, multitask__mode="shared_weights", multitask__tasks="[family]",
+    ))
+    result = pipeline(params)
+    client = MlflowClient(tracking.tracking_uri())
+    children = _children(client, client.get_run(result.run_id))
+    assert "val/family/acc" in children["train"].data.metrics
+    assert "train/family/loss" in children["train"].data.metrics
+    assert {"test/family/accuracy", "test/family/macro_f1"} <= set(children["evaluate"].data.metrics)
+    assert "test/family/accuracy" in result.metrics

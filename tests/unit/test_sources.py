@@ -221,3 +221,11 @@ def test_relative_cache_dir_gives_absolute_paths(tmp_path, monkeypatch):
         tf.add(source, arcname="data")
     items = resolve_source("data.tar", Path(".cache"))
     assert len(items) == 6 and all(Path(i.path).is_absolute() and Path(i.path).is_file() for i in items)
+
+
+def test_bundled_digits_multitask_derives_parity_and_ge5(tmp_path):
+    items = resolve_source("bundled:digits-multitask", tmp_path / "cache")
+    assert len(items) == 1797
+    by_label = {item.label: item.extra_labels for item in items}
+    assert by_label["4"] == {"parity": "even", "ge5": "no"}
+    assert by_label["7"] == {"parity": "odd", "ge5": "yes"}
