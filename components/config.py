@@ -199,6 +199,62 @@ class EvaluateParams(_Section):
     misclassified_grid: int = Field(25, ge=0, le=100, description="Misclassified test images drawn in the grid (0 = none).")
 
 
+class DistillParams(_Section):
+    """Knowledge distillation of the trained model (the teacher) into a smaller student."""
+
+    enabled: bool = Field(False, description="Train a student with the Hinton loss from the pipeline's trained model.")
+    student: Literal["cnn", "rnn", "vit", *TORCHVISION_MODELS] = Field("cnn", description="Student architecture.")  # type: ignore[valid-type]
+    student_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout of the student.")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the distillation term.")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation term: alpha*T^2*KL + (1-alpha)*CE.")
+    epochs: int = Field(15, ge=1, description="Student training epochs.")
+    baseline: bool = Field(True, description="Also train the same student without the teacher, so the gain is measured.")
+
+
+class PruneParams(_Section):
+    """Pruning of the trained model."""
+
+    enabled: bool = Field(False, description="Structured channel pruning with torch-pruning, then fine-tuning.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed.")
+    importance: Literal["l1", "l2", "random"] = Field("l2", description="Channel importance criterion.")
+    global_pruning: bool = Field(False, description="Rank channels across layers (global) instead of per layer.")
+    finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs after pruning.")
+    unstructured_amount: float = Field(0.0, ge=0, lt=1, description="Also make a global magnitude (unstructured) pruned variant with this sparsity (0 = off); dense kernels do not get faster.")
+
+
+class QuantizeParams(_Section):
+    """int8 post-training quantization of the exported ONNX model (onnxruntime)."""
+
+    static: bool = Field(True, description="Static QDQ int8 with calibration (the fast path on CPUs).")
+    dynamic: bool = Field(False, description="Dynamic int8 (suits Linear-heavy models; often slower for CNNs).")
+    per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
+    calibration_images: int = Field(128, ge=1, description="Training images (eval transform) used for calibration.")
+
+
+class OptimizeParams(_Section):
+    """The compression stage: every variant measured the same way and gated against the fp32 reference."""
+
+    enabled: bool = Field(False, description="Run the compression stage in the pipeline.")
+    distill: DistillParams = Field(default_factory=DistillParams, description="Knowledge distillation.")
+    prune: PruneParams = Field(default_factory=PruneParams, description="Pruning.")
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="int8 quantization.")
+    tolerance: float = Field(0.01, ge=0, le=1, description="Largest accepted accuracy drop against the fp32 reference.")
+    objective: Literal["smallest", "fastest"] = Field("smallest", description="How the best accepted variant is chosen.")
+    threads: int = Field(1, ge=1, description="onnxruntime threads for latency measurements.")
+    latency_repeats: int = Field(20, ge=3, description="Timed runs per latency figure (median reported).")
+
+
+class PackageParams(_Section):
+    """Export, bundle and registry gate."""
+
+    enabled: bool = Field(True, description="Export to ONNX, write the bundle and register the model.")
+    model_name: str = Field("visionflow-classifier", description="MLflow registered model name.")
+    promote_margin: float = Field(0.0, ge=0, le=1, description="A challenger becomes champion only when its test accuracy beats the champion's by more than this.")
+    parity_max_abs_diff: float = Field(1e-3, gt=0, description="Largest |logit difference| between PyTorch and ONNX on test images.")
+    parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Smallest top-1 agreement between PyTorch and ONNX.")
+    torchscript: bool = Field(False, description="Also export TorchScript (model.torchscript.pt, outside the bundle).")
+
+
 class RunParams(_Section):
     """Where the run's files and tracking go."""
 
@@ -218,6 +274,8 @@ class PipelineParams(_Section):
     train: TrainParams = Field(default_factory=TrainParams, description="Training loop.")
     trainer: TrainerParams = Field(default_factory=TrainerParams, description="Devices and strategy.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Test report.")
+    optimize: OptimizeParams = Field(default_factory=OptimizeParams, description="Compression: distill, prune, quantize.")
+    package: PackageParams = Field(default_factory=PackageParams, description="Export, bundle, registry.")
     run: RunParams = Field(default_factory=RunParams, description="Tracking and output folders.")
 
     @model_validator(mode="after")

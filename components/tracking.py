@@ -152,3 +152,79 @@ def ui_hint(uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+# --- model registry -----------------------------------------------------------------------------
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "visionflow.history"
+
+
+def register_onnx(run_id: str, onnx_path: str | Path, name: str, input_example, tags: dict[str, str]) -> str:
+    """Log an ONNX model to `run_id` with mlflow.onnx (signature inferred from `input_example`,
+    requirements given, one self-contained file) and register it under `name`; returns the version."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="model",
+            input_example=input_example,
+            pip_requirements=["onnxruntime", "numpy"],
+            save_as_external_data=False,
+            registered_model_name=name,
+            await_registration_for=60,
+        )
+    version = str(info.registered_model_version)
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, str(value))
+    return version
+
+
+def alias_version(name: str, alias: str):
+    """The ModelVersion behind `name@alias`, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def registry_history(name: str) -> list[dict[str, Any]]:
+    """The promotion/rollback history of a registered model (oldest first)."""
+    import json
+
+    model = client().get_registered_model(name)
+    return json.loads(model.tags.get(HISTORY_TAG, "[]"))
+
+
+def set_alias(name: str, alias: str, version: str, reason: str) -> None:
+    """Point `name@alias` at `version` and append the change to the model's history (and the version's tags)."""
+    import json
+    import time
+
+    c = client()
+    previous = alias_version(name, alias)
+    c.set_registered_model_alias(name, alias, version)
+    history = registry_history(name)
+    history.append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "alias": alias, "version": str(version),
+        "previous": previous.version if previous else None, "reason": reason,
+    })
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-200:]))
+    c.set_model_version_tag(name, str(version), f"visionflow.{alias}_since", history[-1]["time"])
+
+
+def download_run_artifacts(run_id: str, path: str, dest: str | Path) -> Path:
+    """Download the artifact folder `path` of a run into `dest`; returns the local folder."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest),
+                                                tracking_uri=tracking_uri())
+    return Path(local)
