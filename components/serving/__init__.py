@@ -1,0 +1,1 @@
+"""HTTP inference server over a verified model bundle (onnxruntime inside)."""
