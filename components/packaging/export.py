@@ -1,0 +1,177 @@
+"""Export a trained network: ONNX (one self-contained file, dynamic batch) and TorchScript.
+
+The ONNX file takes "image" (N, C, S, S) float32 — already normalised the way the model's eval
+transform does it — and returns "logits" (N, sum of task sizes). torch.onnx's dynamo exporter is
+tried first (external_data=False, so no .onnx.data file beside it); a model it cannot export, or
+whose export does not run at two batch sizes in onnxruntime, is exported by the legacy
+TorchScript-based exporter instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx.external_data_helper import uses_external_data
+from torch import nn
+
+from components.models import ModelSpec
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def _example(model: nn.Module, spec: ModelSpec, batch: int) -> torch.Tensor:
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size, generator=generator)
+    return x.to(device)
+
+
+def check_onnx_file(onnx_path: Path) -> Path:
+    """Refuse an ONNX file whose external-data references point outside its own directory.
+
+    Takes the path of a .onnx file; reads only the graph (not external tensors). Returns the path;
+    raises ValueError naming the tensor and its location when a reference is absolute, climbs out
+    with "..", or resolves (through links) outside the model's directory.
+    """
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    base = onnx_path.resolve().parent
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
+    for tensor in tensors:
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(base):
+            raise ValueError(
+                f"{onnx_path}: external data of tensor {tensor.name!r} points outside the model directory "
+                f"({location!r}); refusing to load it"
+            )
+    return onnx_path
+
+
+def _runs_at_two_batch_sizes(onnx_path: Path, spec: ModelSpec) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = np.zeros((batch, spec.in_channels, spec.image_size, spec.image_size), dtype=np.float32)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        if logits.shape[0] != batch:
+            raise RuntimeError(f"ONNX model returned {logits.shape[0]} rows for a batch of {batch}")
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int) -> None:
+    # Quiet: the dynamo exporter prints its progress to stdout.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+
+
+def _export_legacy(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            opset_version=opset, dynamo=False,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, out_path: Path, opset: int = 18) -> Path:
+    """Export `model` (run in eval mode; its train/eval mode is restored afterwards) to one
+    self-contained ONNX file at `out_path` (parent folders are created).
+
+    Takes the network, its ModelSpec (channels and image size of the input), the output path and
+    the ONNX opset. The graph has input "image" (batch, C, S, S) float32 with a dynamic batch axis
+    and output "logits". The dynamo exporter is tried first; when it fails, or its file does not
+    run in onnxruntime at batch 1 and 3, the legacy exporter is used. Returns `out_path`.
+    Raises ValueError when the written file references external data outside its directory or is
+    not self-contained, RuntimeError when neither exporter succeeds.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    example = _example(model, spec, batch=2)
+    errors = []
+    try:
+        for name, exporter in (("dynamo", _export_dynamo), ("legacy", _export_legacy)):
+            try:
+                exporter(model, example, out_path, opset)
+                _runs_at_two_batch_sizes(out_path, spec)
+                break
+            except Exception as err:  # an exporter's failure is any exception; the next one is tried
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                errors.append(f"{name}: {first_line}")
+        else:
+            raise RuntimeError(f"could not export {spec.name} to ONNX ({'; '.join(errors)})")
+    finally:
+        model.train(was_training)
+    check_onnx_file(out_path)
+    graph = onnx.load(str(out_path), load_external_data=False)
+    if any(uses_external_data(t) for t in graph.graph.initializer):
+        raise ValueError(f"{out_path} is not self-contained (its weights are in external data files)")
+    return out_path
+
+
+def onnx_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor) -> dict[str, float]:
+    """Compare PyTorch (eval mode, CPU, no grad) and onnxruntime (CPU) on the same images.
+
+    Takes the network, the exported .onnx path and an (N, C, S, S) float32 tensor of normalised
+    images. Returns {"max_abs_logit_diff": largest |difference| over all logits,
+    "top1_agreement": share of images (0..1) with the same arg-max, "num_images": N}.
+    The model's train/eval mode and device are restored afterwards.
+    """
+    import onnxruntime as ort
+
+    check_onnx_file(onnx_path)
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    x = images.detach().float().cpu()
+    try:
+        with torch.no_grad():
+            reference = model.eval()(x.to(device)).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+    return {
+        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "top1_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+        "num_images": int(x.shape[0]),
+    }
+
+
+def export_torchscript(model: nn.Module, spec: ModelSpec, out_path: Path) -> Path:
+    """Trace `model` in eval mode (torch.jit.trace on an example batch from `spec`) and save it to
+    `out_path` (parent folders created); the model's mode is restored. Returns `out_path`.
+
+    The traced module takes (N, C, S, S) float32 normalised images and returns logits.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model.eval(), _example(model, spec, batch=2))
+            torch.jit.save(traced, str(out_path))
+    finally:
+        model.train(was_training)
+    return out_path
