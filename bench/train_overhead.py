@@ -23,21 +23,16 @@ from rich.console import Console
 from rich.table import Table
 
 from components.config import load_params
-from components.data.augment import build_eval_transform, build_train_transform
-from components.data.dataset import ImageDataModule
 from components.data.ingest import ingest, read_manifest
 from components.data.validate import validate
 from components.models import build_model
-from components.training.fit import model_spec_from_params
+from components.training.fit import datamodule_from_params, model_spec_from_params
 
 
 def plain_loop(params, manifest: str, classes: list[str]) -> float:
     """Train with a hand-written loop (train + val pass per epoch); returns wall seconds."""
     torch.manual_seed(params.train.seed)
-    data = ImageDataModule(
-        read_manifest(manifest), classes, build_train_transform(params.augment), build_eval_transform(params.augment),
-        params.data.channels, params.data.max_pixels, params.train.batch_size, params.train.num_workers,
-    )
+    data = datamodule_from_params(params, read_manifest(manifest), classes)
     model = build_model(model_spec_from_params(params, len(classes)))
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()

@@ -104,6 +104,7 @@ class ModelParams(_Section):
     )
     pretrained: bool = Field(False, description="Load torchvision's ImageNet weights (downloads once; fails with a clear error offline).")
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before the classifier.")
+    width: float = Field(1.0, gt=0, le=4, description="cnn only: scales its 32/64 channels and 128 dense units.")
     rnn: RnnParams = Field(default_factory=RnnParams, description="Options of the rnn family.")
     vit: VitParams = Field(default_factory=VitParams, description="Options of the vit family.")
 
@@ -205,6 +206,7 @@ class DistillParams(_Section):
     enabled: bool = Field(False, description="Train a student with the Hinton loss from the pipeline's trained model.")
     student: Literal["cnn", "rnn", "vit", *TORCHVISION_MODELS] = Field("cnn", description="Student architecture.")  # type: ignore[valid-type]
     student_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout of the student.")
+    student_width: float = Field(0.25, gt=0, le=4, description="Width multiplier of a cnn student (0.25: a quarter of the channels).")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the distillation term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation term: alpha*T^2*KL + (1-alpha)*CE.")
     epochs: int = Field(15, ge=1, description="Student training epochs.")

@@ -215,7 +215,7 @@ def set_alias(name: str, alias: str, version: str, reason: str) -> None:
     history = registry_history(name)
     history.append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "alias": alias, "version": str(version),
-        "previous": previous.version if previous else None, "reason": reason,
+        "previous": str(previous.version) if previous else None, "reason": reason,
     })
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-200:]))
     c.set_model_version_tag(name, str(version), f"visionflow.{alias}_since", history[-1]["time"])

@@ -86,6 +86,10 @@ def _print_pipeline_result(result) -> None:
                 ("MLflow UI", ui_hint(result.tracking_uri)),
                 ("run directory", result.run_dir),
                 ("best checkpoint", result.checkpoint),
+                *([("bundle", result.bundle), ("registered model", f"{result.model_version}: {result.registry_decision}")]
+                  if result.bundle else []),
+                *([("best compressed variant", f"{result.best_variant or 'none accepted'} ({result.comparison})")]
+                  if result.comparison else []),
             ],
         )
     )
@@ -195,6 +199,103 @@ def evaluate(
             ],
         )
     )
+
+
+@app.command()
+def optimize(
+    from_run: Optional[str] = typer.Option(None, "--from-run", help="MLflow run id of a finished pipeline run."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (with --data)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set for --checkpoint (any source `run` accepts)."),
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Compress a trained model (distill, prune, quantize); every variant measured and gated."""
+
+    def go():
+        from flows.optimize import optimize_from_checkpoint, optimize_from_run
+
+        if bool(from_run) == bool(checkpoint):
+            raise VisionflowError("give exactly one of --from-run RUN_ID or --checkpoint CKPT (with --data)")
+        if from_run:
+            return optimize_from_run(from_run, set_ or [])
+        if not data:
+            raise VisionflowError("--checkpoint needs --data (the data set to fine-tune, calibrate and measure on)")
+        if not checkpoint.is_file():
+            raise VisionflowError(f"checkpoint not found: {checkpoint}")
+        p = load_params(params, ["optimize.enabled=true", *(set_ or []), f"data.path={data}"])
+        return optimize_from_checkpoint(str(checkpoint.resolve()), p)
+
+    result = _run_guarded(go)
+    _print_variants(result)
+
+
+def _print_variants(result) -> None:
+    table = Table(title="visionflow compression", title_justify="left")
+    for column in ("variant", "accuracy", "drop", "size KB", "params", "b1 ms", "b32 ms", "accepted"):
+        table.add_column(column)
+    for v in result.variants:
+        table.add_row(
+            v.name, f"{v.accuracy:.4f}", f"{v.accuracy_drop:+.4f}", f"{v.size_bytes / 1024:.0f}",
+            f"{v.params:,}" if v.params else "-", f"{v.latency_b1_ms:.2f}", f"{v.latency_b32_ms:.2f}",
+            "yes" if v.accepted else "no",
+        )
+    console.print(table)
+    console.print(f"best accepted variant ({result.objective}): {result.best or 'none'}", highlight=False)
+    console.print(f"comparison: {result.comparison_md}\nMLflow run: {result.run_id}", highlight=False)
+
+
+@app.command()
+def serve(
+    source: str = typer.Argument(..., help="A bundle folder, a bundle .tar.gz, or a registry URI like models:/NAME@champion."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, help="Port."),
+    max_body_bytes: int = typer.Option(10_000_000, help="Largest request body."),
+    max_pixels: int = typer.Option(40_000_000, help="Largest image (width x height)."),
+    max_images: int = typer.Option(32, help="Most images in one request."),
+    top_k: int = typer.Option(3, help="Labels returned per image."),
+) -> None:
+    """Serve a model bundle over HTTP: POST /predict, GET /health /ready /metadata /metrics."""
+
+    def go():
+        from components.serving.app import ServeSettings, serve as run_server
+        from flows.package import resolve_bundle
+
+        bundle = resolve_bundle(source)
+        settings = ServeSettings(host=host, port=port, max_body_bytes=max_body_bytes, max_pixels=max_pixels,
+                                 max_images=max_images, top_k=top_k)
+        console.print(f"serving {bundle} on http://{host}:{port} (POST /predict)", highlight=False)
+        run_server(bundle, settings)
+
+    _run_guarded(go)
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="Registered model version to make champion."),
+    name: str = typer.Option("visionflow-classifier", "--name", help="Registered model name (package.model_name)."),
+) -> None:
+    """Make a registered model version the champion (recorded in the registry history)."""
+
+    def go():
+        from flows.package import promote_version
+
+        return promote_version(name, version)
+
+    console.print(_run_guarded(go), highlight=False)
+
+
+@app.command()
+def rollback(
+    name: str = typer.Option("visionflow-classifier", "--name", help="Registered model name (package.model_name)."),
+) -> None:
+    """Give the champion alias back to the version that held it before the last promotion."""
+
+    def go():
+        from flows.package import rollback_champion
+
+        return rollback_champion(name)
+
+    console.print(_run_guarded(go), highlight=False)
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from components import tracking
 from components.config import PipelineParams, params_to_flat_dict
 from components.errors import StageError, VisionflowError
+from flows.optimize import optimize_stage
+from flows.package import package_task
 from flows.tasks import (
     end_status,
     evaluate_task,
@@ -41,6 +43,11 @@ class PipelineResult(BaseModel):
     checkpoint: str
     train_run_id: str
     evaluate_run_id: str
+    bundle: str | None = None
+    model_version: str | None = None
+    registry_decision: str | None = None
+    best_variant: str | None = None
+    comparison: str | None = None
 
 
 def loggable_params(params: PipelineParams) -> dict:
@@ -102,6 +109,20 @@ def pipeline(
             trained.checkpoint, report.clean_manifest_path, "test", params.evaluate, params.data,
             str(run_dir / "evaluation"), params.run.experiment, run_id,
         )
+        split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
+        optimized = None
+        if params.optimize.enabled:
+            stage = "optimize"
+            optimized = optimize_stage(trained.checkpoint, report.clean_manifest_path, params, str(run_dir), run_id)
+        packaged = None
+        if params.package.enabled:
+            stage = "package"
+            packaged = package_task(
+                trained.checkpoint, params, snapshot, report.clean_manifest_path, evaluation, split_counts,
+                str(run_dir), run_id,
+                int8_onnx=optimized.int8_onnx if optimized else None,
+                comparison_md=optimized.comparison_md if optimized else None,
+            )
     except BaseException as err:
         tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: stage, "visionflow.error": str(err)[:500]})
         tracking.end_run(run_id, end_status(err))
@@ -111,7 +132,6 @@ def pipeline(
     metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
     tracking.log_metrics(run_id, {**metrics, "train/best_val_acc": trained.best_val_acc or 0.0})
     tracking.log_artifacts(run_id, [evaluation.confusion_png_path, evaluation.metrics_path], "evaluation")
-    split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
     result = PipelineResult(
         run_id=run_id,
         experiment=params.run.experiment,
@@ -123,6 +143,11 @@ def pipeline(
         checkpoint=trained.checkpoint,
         train_run_id=trained.train_run_id,
         evaluate_run_id=evaluate_run_id,
+        bundle=packaged.archive if packaged else None,
+        model_version=f"{packaged.model_name} v{packaged.version}" if packaged else None,
+        registry_decision=packaged.reason if packaged else None,
+        best_variant=optimized.best if optimized else None,
+        comparison=optimized.comparison_md if optimized else None,
     )
     json_dump(result.model_dump(), run_dir / "result.json")
     publish_summary(
@@ -135,6 +160,9 @@ def pipeline(
             "quarantined": str(len(report.quarantined)),
             "MLflow run": run_id,
             "run directory": str(run_dir),
+            **({"bundle": packaged.archive, "registered model": f"{packaged.model_name} v{packaged.version}",
+                "registry gate": packaged.reason} if packaged else {}),
+            **({"best compressed variant": str(optimized.best)} if optimized else {}),
         },
         tracking.ui_hint(),
     )

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
@@ -138,3 +139,14 @@ def eval_loader(
     """An ordered DataLoader over `rows` with `transform` (for evaluation); the order is the rows' order."""
     dataset = ManifestDataset(rows, classes, transform, channels, max_pixels, task_classes)
     return DataLoader(dataset, batch_size=batch_size)
+
+
+def eval_arrays(
+    rows: list[dict[str, str]], classes: list[str], transform: Callable, channels: int, max_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' images through `transform` as one float32 (N, C, S, S) array, and their class indices (N,)."""
+    images, targets = [], []
+    for x, y in eval_loader(rows, classes, transform, channels, max_pixels):
+        images.append(x.numpy())
+        targets.append(np.asarray(y))
+    return np.concatenate(images).astype(np.float32), np.concatenate(targets)

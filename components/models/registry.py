@@ -31,6 +31,7 @@ class ModelSpec(BaseModel):
     in_channels: int = 3
     image_size: int = 32
     dropout: float = 0.0
+    width: float = 1.0
     pretrained: bool = False
     mean: list[float] = [0.5, 0.5, 0.5]
     std: list[float] = [0.5, 0.5, 0.5]
@@ -94,7 +95,7 @@ def _cnn(spec: ModelSpec) -> nn.Module:
     _no_pretrained(spec)
     if spec.image_size % 4:
         raise VisionflowError(f"augment.image_size must be a multiple of 4 for the cnn (got {spec.image_size})")
-    return small_cnn(spec.in_channels, spec.num_classes, spec.image_size, spec.dropout)
+    return small_cnn(spec.in_channels, spec.num_classes, spec.image_size, spec.dropout, spec.width)
 
 
 def _rnn(spec: ModelSpec) -> nn.Module:
@@ -125,7 +126,7 @@ def _build(spec: ModelSpec) -> nn.Module:
             raise VisionflowError("multitask.mode shared_features (cross-stitch) is built for model.name cnn")
         _no_pretrained(spec)
         return CrossStitchNet(
-            [small_cnn_stages(spec.in_channels, size, spec.image_size, spec.dropout) for size in sizes]
+            [small_cnn_stages(spec.in_channels, size, spec.image_size, spec.dropout, spec.width) for size in sizes]
         )
     return MODELS[spec.name](spec)
 

@@ -83,6 +83,7 @@ def model_spec_from_params(
         in_channels=params.data.channels,
         image_size=params.augment.image_size,
         dropout=params.model.dropout,
+        width=params.model.width,
         pretrained=params.model.pretrained,
         mean=params.augment.mean,
         std=params.augment.std,
@@ -107,6 +108,27 @@ def gd_accumulation(rows: list[dict[str, str]], params: PipelineParams) -> int:
     devices = params.trainer.devices if isinstance(params.trainer.devices, int) else 1
     per_device = math.ceil(train / (devices * params.trainer.num_nodes))
     return max(1, math.ceil(per_device / params.train.batch_size))
+
+
+def datamodule_from_params(
+    params: PipelineParams,
+    rows: list[dict[str, str]],
+    classes: list[str],
+    task_classes: dict[str, list[str]] | None = None,
+) -> ImageDataModule:
+    """The train/val ImageDataModule the params describe (transforms, batch size, workers, sampler)."""
+    return ImageDataModule(
+        rows,
+        classes,
+        build_train_transform(params.augment, seed=params.train.seed),
+        build_eval_transform(params.augment),
+        channels=params.data.channels,
+        max_pixels=params.data.max_pixels,
+        batch_size=params.train.batch_size,
+        num_workers=params.train.num_workers,
+        balanced_sampler=params.train.class_balance == "sampler",
+        task_classes=task_classes,
+    )
 
 
 def build_trainer(
@@ -156,18 +178,7 @@ def fit(spec: FitSpec) -> FitResult:
         task_classes=task_classes,
         task_weights=params.multitask.loss_weights,
     )
-    data = ImageDataModule(
-        rows,
-        spec.classes,
-        build_train_transform(params.augment, seed=params.train.seed),
-        build_eval_transform(params.augment),
-        channels=params.data.channels,
-        max_pixels=params.data.max_pixels,
-        batch_size=params.train.batch_size,
-        num_workers=params.train.num_workers,
-        balanced_sampler=params.train.class_balance == "sampler",
-        task_classes=task_classes,
-    )
+    data = datamodule_from_params(params, rows, spec.classes, task_classes)
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
     logger: MLFlowLogger | bool = False
     if run_id:
@@ -197,6 +208,21 @@ def fit(spec: FitSpec) -> FitResult:
         epochs=trainer.current_epoch,
         final_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
     )
+
+
+def fit_in_process(
+    module: L.LightningModule, params: PipelineParams, rows: list[dict[str, str]], classes: list[str], epochs: int
+) -> L.Trainer:
+    """Train `module` for `epochs` on the manifest rows' train/val splits in this process (one device,
+    no logger, no checkpoints): for short fine-tuning and distillation runs. Returns the Trainer."""
+    L.seed_everything(params.train.seed, workers=True, verbose=False)
+    data = datamodule_from_params(params, rows, classes)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator=params.trainer.accelerator, devices=1, precision=params.trainer.precision,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
 
 
 def _is_rank_zero() -> bool:

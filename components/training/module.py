@@ -50,6 +50,8 @@ class ClassifierModule(L.LightningModule):
     Multi-task (spec.extra_tasks): targets are (N, T) class indices, primary first; the loss is the
     `task_weights`-weighted sum of the tasks' cross-entropies; train/acc, val/acc are the primary
     task's; each extra task also logs train/<task>/loss and val/<task>/acc.
+
+    `network` trains a given network (a pruned copy, say) instead of building one from `spec`.
     """
 
     def __init__(
@@ -61,12 +63,13 @@ class ClassifierModule(L.LightningModule):
         class_weights: list[float] | None = None,
         task_classes: dict[str, list[str]] | None = None,
         task_weights: dict[str, float] | None = None,
+        network: nn.Module | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["network"], logger=False)
         self.spec = ModelSpec(**spec)
         self.optim = optim
-        self.model = build_model(self.spec)
+        self.model = network if network is not None else build_model(self.spec)
         self.extra_tasks = list(self.spec.extra_tasks)
         weights = task_weights or {}
         self.task_weights = [weights.get("label", 1.0), *(weights.get(t, 1.0) for t in self.extra_tasks)]

@@ -38,6 +38,7 @@ def tiny_overrides(tmp_path, data_path, **extra) -> list[str]:
         "train.progress_bar": False,
         "trainer.accelerator": "cpu",
         "run.experiment": f"test-{uuid.uuid4().hex[:8]}",
+        "package.model_name": f"test-model-{uuid.uuid4().hex[:8]}",
         "run.output_dir": str(tmp_path / "runs"),
         "run.cache_dir": str(tmp_path / "cache"),
     }

@@ -1,0 +1,125 @@
+"""Packaging end to end: bundle, registry gate (champion/challenger), promote, rollback, serve over HTTP."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from components import tracking
+from components.config import load_params
+from components.packaging.bundle import verify_bundle
+from flows.package import promote_version, resolve_bundle, rollback_champion
+from flows.pipeline import pipeline
+from tests.flows.conftest import tiny_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, shapes_dir, prefect_harness):
+    """Two pipeline runs registering into one model: the second can only become champion by beating the first."""
+    tmp = tmp_path_factory.mktemp("package")
+    first = load_params(None, tiny_overrides(tmp, shapes_dir, train__max_epochs=4))
+    second = first.model_copy(update={"train": first.train.model_copy(update={"max_epochs": 1, "lr": 1e-5})})
+    return first, pipeline(first), pipeline(second)
+
+
+def test_bundle_is_verified_and_self_contained(two_runs):
+    params, result, _ = two_runs
+    assert result.bundle.endswith(".tar.gz") and Path(result.bundle).is_file()
+    contents = verify_bundle(Path(result.bundle).with_suffix("").with_suffix(""))
+    assert contents["labels"] == ["circle", "square", "triangle"]
+    client = MlflowClient(tracking.tracking_uri())
+    names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "bundle")}
+    assert {"model.onnx", "labels.json", "preprocess.json", "MODEL_CARD.md", "metrics.json", "SHA256SUMS"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".ckpt", ".pkl"))]
+
+
+def test_first_model_is_champion_and_a_worse_one_stays_challenger(two_runs):
+    params, first, second = two_runs
+    name = params.package.model_name
+    champion = tracking.alias_version(name, tracking.CHAMPION)
+    challenger = tracking.alias_version(name, tracking.CHALLENGER)
+    assert str(champion.version) == "1" and str(challenger.version) == "2"
+    assert "no champion yet" in first.registry_decision
+    assert "does not beat" in second.registry_decision
+    run = MlflowClient(tracking.tracking_uri()).get_run(second.run_id)
+    assert run.data.metrics["registry/promoted"] == 0.0
+    assert "registry/champion_accuracy" in run.data.metrics
+
+
+def test_promote_and_rollback_are_recorded(two_runs):
+    params, _, _ = two_runs
+    name = params.package.model_name
+    assert "version 2 is now champion" in promote_version(name, "2")
+    assert str(tracking.alias_version(name, tracking.CHAMPION).version) == "2"
+    assert "rolled back from version 2 to 1" in rollback_champion(name)
+    assert str(tracking.alias_version(name, tracking.CHAMPION).version) == "1"
+    reasons = [h["reason"] for h in tracking.registry_history(name)]
+    assert reasons[-2:] == ["manual promotion", "rollback from version 2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_the_champion_over_http(two_runs, tmp_path, shapes_dir):
+    params, _, _ = two_runs
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", f"models:/{params.package.model_name}@champion", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.5)
+        image = next((shapes_dir / "square").glob("*.png")).read_bytes()
+        response = httpx.post(f"http://127.0.0.1:{port}/predict", content=image,
+                              headers={"content-type": "image/png"}, timeout=30)
+        assert response.status_code == 200, response.text
+        labels = [p["label"] for p in response.json()["predictions"][0]]
+        assert set(labels) <= {"circle", "square", "triangle"}
+        bad = httpx.post(f"http://127.0.0.1:{port}/predict", content=b"not an image",
+                         headers={"content-type": "image/png"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["kind"] == "bad_input"
+        metadata = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json()
+        assert metadata["labels"] == ["circle", "square", "triangle"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_resolve_bundle_refuses_a_tampered_archive(two_runs, tmp_path):
+    import tarfile
+
+    _, result, _ = two_runs
+    tampered = tmp_path / "tampered.tar.gz"
+    with tarfile.open(result.bundle) as src, tarfile.open(tampered, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("labels.json"):
+                data = b'["a", "b", "c"]'
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    from components.errors import VisionflowError
+
+    with pytest.raises(VisionflowError, match="labels.json"):
+        resolve_bundle(str(tampered), cache_dir=str(tmp_path / "cache"))
