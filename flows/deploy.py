@@ -1,0 +1,107 @@
+"""Deployments of the visionflow flows, served by `visionflow deploy` (Prefect's `serve`) or sent to a
+work pool (`visionflow deploy --pool NAME`, Prefect's `deploy`).
+
+Every deployment's parameters are the flow's own typed parameters (PipelineParams and friends), so
+the Prefect UI shows a form with descriptions and defaults. The retrain deployment runs on the cron
+schedule of `retrain.cron` / `retrain.timezone`, never overlaps itself (a run that would collide with
+a running one is cancelled) and skips slots it starts too late for (see flows/retrain.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from components import tracking
+from components.config import PipelineParams, load_params
+from components.errors import VisionflowError
+from flows.evaluate import evaluate_flow
+from flows.optimize import optimize_from_run
+from flows.pipeline import pipeline
+from flows.retrain import retrain
+
+TAGS = ["visionflow"]
+PIPELINE_DEPLOYMENT = "visionflow-pipeline/pipeline"
+
+
+@flow(name="visionflow-optimize-run", log_prints=True)
+def optimize_run(source_run_id: str, overrides: list[str] = []) -> dict:  # noqa: B006 - Prefect needs a JSON default
+    """Compress the model of a finished pipeline run (MLflow run id); `overrides` like optimize.prune.ratio=0.3.
+
+    Returns the comparison's summary (best variant, table path, MLflow run id).
+    """
+    result = optimize_from_run(source_run_id, overrides)
+    return {"best": result.best, "comparison": result.comparison_md, "run_id": result.run_id}
+
+
+def _optional_flows() -> list[tuple[object, str, dict]]:
+    """Stage flows added by other modules when present: (flow, deployment name, extra to_deployment kwargs)."""
+    found = []
+    try:
+        from flows.package import package_flow
+
+        found.append((package_flow, "package", {}))
+    except ImportError:
+        pass
+    return found
+
+
+def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
+    """The deployments `visionflow deploy` serves: pipeline, retrain (cron), evaluate, optimize, package, monitor.
+
+    `params` become the default parameters of the pipeline and retrain deployments and give the schedules.
+    """
+    defaults = {"params": params.model_dump(mode="json")}
+    common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": TAGS}
+    deployments = [
+        pipeline.to_deployment(name="pipeline", parameters=defaults, description="Ingest, validate, train, evaluate, [optimize], package.", **common),
+        retrain.to_deployment(
+            name="retrain",
+            parameters=defaults,
+            schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description="Retrain when the data changed; promote the challenger only when it beats the champion by the margin.",
+            **common,
+        ),
+        evaluate_flow.to_deployment(name="evaluate", description="Evaluate a checkpoint on any data set.", **common),
+        optimize_run.to_deployment(name="optimize", description="Compress a finished run's model: distill, prune, quantize.", **common),
+    ]
+    for stage_flow, name, extra in _optional_flows():
+        deployments.append(stage_flow.to_deployment(name=name, **common, **extra))
+    return deployments
+
+
+def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
+    """Register the deployments and run their flow runs in this process until interrupted (Prefect's serve)."""
+    from prefect import serve
+
+    serve(*deployments, limit=limit, print_starting_message=True)
+
+
+def deploy_to_pool(deployments: list[RunnerDeployment], pool: str) -> list[str]:
+    """Register the deployments on work pool `pool` (its workers run them); returns the deployment ids.
+
+    The pool must exist (`prefect work-pool create NAME --type process`); its workers must have
+    visionflow installed (the flows load by module path, e.g. flows.pipeline.pipeline).
+    """
+    from prefect import deploy
+
+    from flows.prefect_api import work_pool_exists
+
+    if not work_pool_exists(pool):
+        raise VisionflowError(f"no Prefect work pool {pool!r}: create it with `prefect work-pool create {pool} --type process`")
+    ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
+    return [str(i) for i in ids]
+
+
+def deployment_exists(name: str = PIPELINE_DEPLOYMENT) -> bool:
+    """True when the Prefect API in use knows the deployment `flow-name/deployment-name`."""
+    from flows.prefect_api import read_deployment
+
+    return read_deployment(name) is not None

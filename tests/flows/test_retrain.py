@@ -1,0 +1,46 @@
+"""The retrain flow's outcomes on real Prefect and a real MLflow registry: promoted, no new data, kept."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.artifacts import Artifact
+
+from components import tracking
+from components.config import load_params
+from flows.retrain import retrain
+from tests.flows.conftest import tiny_overrides
+from tests.shapes import make_shapes
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def test_retrain_promotes_then_finds_no_new_data_then_keeps_a_worse_challenger(tmp_path, shapes_dir):
+    params = load_params(None, tiny_overrides(tmp_path, shapes_dir, train__max_epochs=4))
+    name = params.package.model_name
+
+    first = retrain(params, return_state=True)
+    result = first.result()
+    assert first.name == "Promoted" and result.outcome == "promoted"
+    assert result.champion_accuracy is None and result.challenger_accuracy > 0.5
+    champion = tracking.alias_version(name, tracking.CHAMPION)
+    assert champion.tags["visionflow.data_fingerprint"] == result.data_fingerprint
+    assert tracking.get_run(result.run_id).data.tags["visionflow.retrain.outcome"] == "promoted"
+
+    again = retrain(params, return_state=True)
+    assert again.name == "NoNewData" and again.result().outcome == "no_new_data"
+    assert str(tracking.alias_version(name, tracking.CHAMPION).version) == str(champion.version)
+    check_run = tracking.get_run(again.result().run_id)
+    assert check_run.data.tags["visionflow.retrain.outcome"] == "no_new_data"
+
+    new_data = make_shapes(tmp_path / "new-shapes", seed=7, bad_files=False)
+    worse = load_params(None, tiny_overrides(tmp_path, new_data, train__max_epochs=1, train__lr=1e-6,
+                                             package__model_name=name, run__experiment=params.run.experiment))
+    kept = retrain(worse, return_state=True)
+    outcome = kept.result()
+    assert kept.name == "KeptChampion" and outcome.outcome == "kept"
+    assert outcome.data_fingerprint != result.data_fingerprint
+    assert outcome.champion_accuracy is not None and outcome.challenger_accuracy is not None
+    assert str(tracking.alias_version(name, tracking.CHAMPION).version) == str(champion.version)
+    assert str(tracking.alias_version(name, tracking.CHALLENGER).version) != str(champion.version)
+    decision = Artifact.get("retrain-decision")
+    assert decision is not None and "kept" in decision.data and f"{outcome.champion_accuracy:.4f}" in decision.data

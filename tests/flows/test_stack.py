@@ -1,0 +1,178 @@
+"""The daily-life stack on real servers: `up`, `deploy` (served and on a process work pool), runs triggered
+through Prefect's REST API that log to the MLflow server, the retrain schedule, and `down`.
+
+Everything talks to the servers over loopback HTTP on free ports with a temp state dir.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.flows.conftest import tiny_overrides
+from components.config import load_params
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(env, COLUMNS="200"))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, shapes_dir):
+    state = tmp_path_factory.mktemp("stack")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(VISIONFLOW_STACK_DIR=str(state), PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_WORKER_QUERY_SECONDS="2")
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    out = _cli("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port), "--timeout", "240", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    params = load_params(None, tiny_overrides(tmp_path_factory.mktemp("work"), shapes_dir, package__enabled=False))
+    params_file = state / "tiny.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    info = {
+        "env": env, "out": out.stdout, "state": state, "params": params, "params_file": str(params_file),
+        "prefect": f"http://127.0.0.1:{prefect_port}", "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        "pids": [p["pid"] for p in yaml.safe_load((state / "stack.json").read_text())["processes"]],
+    }
+    yield info
+    _cli("down", env=env)
+
+
+def _wait_for_run(prefect: str, flow_run_id: str, timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{prefect}/api/flow_runs/{flow_run_id}").json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s: {run['state']}")
+
+
+def _deployment(prefect: str, name: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{prefect}/api/deployments/name/{name}")
+        if response.status_code == 200:
+            return response.json()
+        time.sleep(1)
+    raise AssertionError(f"deployment {name} never registered")
+
+
+def _mlflow_run_of(mlflow: str, experiment: str, flow_run_id: str) -> dict:
+    experiment_id = httpx.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": experiment}).json()["experiment"]["experiment_id"]
+    found = httpx.post(f"{mlflow}/api/2.0/mlflow/runs/search", json={
+        "experiment_ids": [experiment_id], "filter": f"tags.`prefect.flow_run_id` = '{flow_run_id}'"}).json()
+    return found["runs"][0]
+
+
+def test_up_answers_and_a_second_up_finds_it(stack):
+    assert "export PREFECT_API_URL=" in stack["out"] and "export MLFLOW_TRACKING_URI=" in stack["out"]
+    assert httpx.get(f"{stack['prefect']}/api/health").status_code == 200
+    assert httpx.get(f"{stack['mlflow']}/api/2.0/mlflow/experiments/search", params={"max_results": 5}).status_code == 200
+    for url in (stack["prefect"], stack["mlflow"]):
+        page = httpx.get(url + "/", follow_redirects=True)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+    again = _cli("up", env=stack["env"])
+    assert again.returncode == 0 and "already running" in again.stdout
+
+
+def test_a_port_in_use_is_one_clear_error_and_leaves_nothing(stack, tmp_path):
+    port = int(stack["prefect"].rsplit(":", 1)[1])
+    env = dict(stack["env"], VISIONFLOW_STACK_DIR=str(tmp_path / "other"))
+    out = _cli("up", "--prefect-port", str(port), "--mlflow-port", str(_free_port()), env=env)
+    assert out.returncode == 2 and f"port {port}" in out.stderr and "in use" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "other" / "stack.json").exists()
+
+
+def test_bad_cron_is_refused_before_anything_runs(stack):
+    out = _cli("deploy", "--set", "retrain.cron=every monday", env=stack["env"])
+    assert out.returncode == 2 and "retrain.cron" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack):
+    prefect, env = stack["prefect"], stack["env"]
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--params", stack["params_file"],
+                               "--set", "retrain.cron=30 4 * * 2", "--set", "retrain.timezone=Europe/Berlin"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
+        retrain = _deployment(prefect, "visionflow-retrain/retrain")
+        for name in ("visionflow-evaluate/evaluate", "visionflow-optimize-run/optimize"):
+            _deployment(prefect, name)
+        schema = pipeline["parameter_openapi_schema"]
+        assert "params" in schema["properties"] and "PipelineParams" in str(schema)
+        assert "Number of passes over the training set" in str(schema) or "description" in str(schema)
+        cron = retrain["schedules"][0]["schedule"]
+        assert cron["cron"] == "30 4 * * 2" and cron["timezone"] == "Europe/Berlin"
+        assert retrain["concurrency_limit"] == 1 or retrain["global_concurrency_limit"]["limit"] == 1
+        assert retrain["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+
+        flow_run = httpx.post(f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
+        late = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3)).isoformat()
+        late_run = httpx.post(f"{prefect}/api/deployments/{retrain['id']}/create_flow_run", json={
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": late}}}).json()
+        finished = _wait_for_run(prefect, flow_run["id"])
+        assert finished["state"]["type"] == "COMPLETED", finished["state"]
+        run = _mlflow_run_of(stack["mlflow"], stack["params"].run.experiment, flow_run["id"])
+        assert run["info"]["status"] == "FINISHED"
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["prefect.flow_run_url"].startswith(prefect)
+        skipped = _wait_for_run(prefect, late_run["id"])
+        assert skipped["state"]["type"] == "COMPLETED" and skipped["state"]["name"] == "Skipped"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_deployments_on_a_process_work_pool_run_by_a_worker(stack):
+    prefect, env = stack["prefect"], dict(stack["env"], PREFECT_API_URL=stack["prefect"] + "/api",
+                                          MLFLOW_TRACKING_URI=stack["mlflow"])
+    missing = _cli("deploy", "--pool", "nope", env=env)
+    assert missing.returncode == 2 and "no Prefect work pool 'nope'" in missing.stderr
+    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "vf-pool", "--type", "process"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    out = _cli("deploy", "--pool", "vf-pool", "--params", stack["params_file"], env=env)
+    assert out.returncode == 0 and "sent to work pool vf-pool" in out.stdout, out.stdout + out.stderr
+    pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
+    assert pipeline["work_pool_name"] == "vf-pool"
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "vf-pool"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        flow_run = httpx.post(f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
+        finished = _wait_for_run(prefect, flow_run["id"])
+        assert finished["state"]["type"] == "COMPLETED", finished["state"]
+        assert _mlflow_run_of(stack["mlflow"], stack["params"].run.experiment, flow_run["id"])["info"]["status"] == "FINISHED"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
+def test_down_stops_exactly_what_up_started(stack):
+    pids = stack["pids"]
+    assert all(psutil.pid_exists(pid) for pid in pids)
+    out = _cli("down", env=stack["env"])
+    assert out.returncode == 0 and "stopped: prefect, mlflow" in out.stdout
+    time.sleep(1)
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert "no visionflow stack was running" in _cli("down", env=stack["env"]).stdout
