@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run up down deploy test test-fast bench bench-overhead bench-techniques bench-compress clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,25 @@ test: install  ## every test, the slow end-to-end ones included
 test-fast: install  ## all but the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: install  ## overhead of the pipeline against a plain PyTorch loop
+bench: bench-overhead bench-techniques bench-compress  ## all three benchmarks (tables on stdout)
+
+bench-overhead: install  ## train stage and whole pipeline against a plain PyTorch loop
 	$(BIN)/python bench/train_overhead.py
+
+bench-techniques: install  ## every model family and optimizer on digits, one MLflow experiment (TECHNIQUES_ARGS="--epochs 3")
+	$(BIN)/python bench/techniques.py $(TECHNIQUES_ARGS)
+
+bench-compress: install  ## int8, pruning and distillation of the default model against the targets (COMPRESS_ARGS="--from-run ID")
+	$(BIN)/python bench/compress.py $(COMPRESS_ARGS)
+
+up: install  ## local Prefect + MLflow servers on loopback (UIs at :4200 and :5000)
+	$(BIN)/visionflow up
+
+down:  ## stop the servers `make up` started
+	$(BIN)/visionflow down
+
+deploy: install  ## serve the deployments (pipeline, retrain on its schedule, stages) to the stack of `make up`
+	$(BIN)/visionflow deploy --params $(PARAMS)
 
 clean:
 	rm -rf runs .visionflow mlflow.db mlartifacts
