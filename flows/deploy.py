@@ -22,7 +22,9 @@ from components import tracking
 from components.config import PipelineParams, load_params
 from components.errors import VisionflowError
 from flows.evaluate import evaluate_flow
+from flows.monitor import monitor_deployment, retrain_trigger
 from flows.optimize import optimize_from_run
+from flows.package import package_flow
 from flows.pipeline import pipeline
 from flows.retrain import retrain
 
@@ -40,18 +42,6 @@ def optimize_run(source_run_id: str, overrides: list[str] = []) -> dict:  # noqa
     return {"best": result.best, "comparison": result.comparison_md, "run_id": result.run_id}
 
 
-def _optional_flows() -> list[tuple[object, str, dict]]:
-    """Stage flows added by other modules when present: (flow, deployment name, extra to_deployment kwargs)."""
-    found = []
-    try:
-        from flows.package import package_flow
-
-        found.append((package_flow, "package", {}))
-    except ImportError:
-        pass
-    return found
-
-
 def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
     """The deployments `visionflow deploy` serves: pipeline, retrain (cron), evaluate, optimize, package, monitor.
 
@@ -66,14 +56,16 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
             parameters=defaults,
             schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            # Prefect creates (and owns) an automation: a drift event of this model starts a retrain run.
+            triggers=[retrain_trigger(params.package.model_name)],
             description="Retrain when the data changed; promote the challenger only when it beats the champion by the margin.",
             **common,
         ),
         evaluate_flow.to_deployment(name="evaluate", description="Evaluate a checkpoint on any data set.", **common),
         optimize_run.to_deployment(name="optimize", description="Compress a finished run's model: distill, prune, quantize.", **common),
     ]
-    for stage_flow, name, extra in _optional_flows():
-        deployments.append(stage_flow.to_deployment(name=name, **common, **extra))
+    deployments.append(package_flow.to_deployment(name="package", description="Re-package a finished run's model.", **common))
+    deployments.append(monitor_deployment(params))
     return deployments
 
 

@@ -121,11 +121,12 @@ def _server_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
-def _launch(name: str, command: list[str], url: str, health_url: str, state_dir: Path) -> StackProcess:
+def _launch(name: str, command: list[str], url: str, health_url: str, state_dir: Path,
+            env: dict[str, str] | None = None) -> StackProcess:
     log = state_dir / f"{name}.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=_server_env(state_dir), cwd=state_dir, start_new_session=True)
+                                   env={**_server_env(state_dir), **(env or {})}, cwd=state_dir, start_new_session=True)
     return StackProcess(name=name, pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
                         url=url, health_url=health_url, log=str(log))
 
@@ -177,7 +178,8 @@ def start_stack(state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 50
     mlflow_url = f"http://{HOST}:{mlflow_port}"
     processes = [
         _launch("prefect", [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-                prefect_url, f"{prefect_url}/api/health", state_dir),
+                prefect_url, f"{prefect_url}/api/health", state_dir,
+                env={"PREFECT_UI_API_URL": f"{prefect_url}/api"}),  # else the UI calls the default port 4200
         _launch("mlflow", [_executable("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
                            "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
                            "--artifacts-destination", str(state_dir / "mlartifacts"), "--workers", "1"],

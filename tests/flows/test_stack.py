@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import shutil
 import yaml
 
 from tests.flows.conftest import tiny_overrides
@@ -57,10 +58,20 @@ def stack(tmp_path_factory, shapes_dir):
     _cli("down", env=env)
 
 
+def _api(method: str, url: str, **kwargs) -> httpx.Response:
+    """One API call, retried while the server answers 5xx (SQLite "database is locked" under load)."""
+    for _ in range(10):
+        response = httpx.request(method, url, timeout=30, **kwargs)
+        if response.status_code < 500:
+            return response
+        time.sleep(1)
+    return response
+
+
 def _wait_for_run(prefect: str, flow_run_id: str, timeout: float = 420) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = httpx.get(f"{prefect}/api/flow_runs/{flow_run_id}").json()
+        run = _api("GET", f"{prefect}/api/flow_runs/{flow_run_id}").json()
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(2)
@@ -70,7 +81,7 @@ def _wait_for_run(prefect: str, flow_run_id: str, timeout: float = 420) -> dict:
 def _deployment(prefect: str, name: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        response = httpx.get(f"{prefect}/api/deployments/name/{name}")
+        response = _api("GET", f"{prefect}/api/deployments/name/{name}")
         if response.status_code == 200:
             return response.json()
         time.sleep(1)
@@ -83,6 +94,14 @@ def _mlflow_run_of(mlflow: str, experiment: str, flow_run_id: str) -> dict:
     found = httpx.post(f"{mlflow}/api/2.0/mlflow/runs/search", json={
         "experiment_ids": [experiment_id], "filter": f"tags.`prefect.flow_run_id` = '{flow_run_id}'"}).json()
     return found["runs"][0]
+
+
+def _rendered(url: str) -> str:
+    """The DOM of a page after its JavaScript ran, from headless Chromium."""
+    out = subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout
 
 
 def test_up_answers_and_a_second_up_finds_it(stack):
@@ -117,8 +136,14 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
     try:
         pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
         retrain = _deployment(prefect, "visionflow-retrain/retrain")
-        for name in ("visionflow-evaluate/evaluate", "visionflow-optimize-run/optimize"):
+        for name in ("visionflow-evaluate/evaluate", "visionflow-optimize-run/optimize", "visionflow-package/package"):
             _deployment(prefect, name)
+        monitor = _deployment(prefect, "visionflow-monitor/monitor")
+        assert monitor["schedules"][0]["schedule"]["cron"] == stack["params"].monitor.cron
+        automations = _api("POST", f"{prefect}/api/automations/filter", json={}).json()
+        assert any(a["trigger"]["expect"] == ["visionflow.drift.detected"]
+                   and any(action.get("deployment_id") == retrain["id"] for action in a["actions"])
+                   for a in automations), automations
         schema = pipeline["parameter_openapi_schema"]
         assert "params" in schema["properties"] and "PipelineParams" in str(schema)
         assert "Number of passes over the training set" in str(schema) or "description" in str(schema)
@@ -127,10 +152,12 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         assert retrain["concurrency_limit"] == 1 or retrain["global_concurrency_limit"]["limit"] == 1
         assert retrain["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
-        flow_run = httpx.post(f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
+        flow_run = _api("POST", f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
         late = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3)).isoformat()
-        late_run = httpx.post(f"{prefect}/api/deployments/{retrain['id']}/create_flow_run", json={
-            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": late}}}).json()
+        late_run = _api("POST", f"{prefect}/api/deployments/{retrain['id']}/create_flow_run", json={
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": late}}})
+        assert late_run.status_code == 201, late_run.text
+        late_run = late_run.json()
         finished = _wait_for_run(prefect, flow_run["id"])
         assert finished["state"]["type"] == "COMPLETED", finished["state"]
         run = _mlflow_run_of(stack["mlflow"], stack["params"].run.experiment, flow_run["id"])
@@ -139,9 +166,19 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         assert tags["prefect.flow_run_url"].startswith(prefect)
         skipped = _wait_for_run(prefect, late_run["id"])
         assert skipped["state"]["type"] == "COMPLETED" and skipped["state"]["name"] == "Skipped"
+        stack["served_run"] = (finished, run)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
+def test_both_uis_show_the_deployment_and_the_run_in_a_browser(stack):
+    finished, run = stack["served_run"]
+    assert "visionflow-retrain" in _rendered(f"{stack['prefect']}/deployments")
+    assert finished["name"] in _rendered(f"{stack['prefect']}/runs/flow-run/{finished['id']}")
+    page = _rendered(f"{stack['mlflow']}/#/experiments/{run['info']['experiment_id']}/runs/{run['info']['run_id']}")
+    assert run["info"]["run_name"] in page
 
 
 def test_deployments_on_a_process_work_pool_run_by_a_worker(stack):
@@ -159,7 +196,7 @@ def test_deployments_on_a_process_work_pool_run_by_a_worker(stack):
     worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "vf-pool"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        flow_run = httpx.post(f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
+        flow_run = _api("POST", f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
         finished = _wait_for_run(prefect, flow_run["id"])
         assert finished["state"]["type"] == "COMPLETED", finished["state"]
         assert _mlflow_run_of(stack["mlflow"], stack["params"].run.experiment, flow_run["id"])["info"]["status"] == "FINISHED"
