@@ -8,10 +8,10 @@ errors, every field has a default and a description.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.errors import VisionflowError
 
@@ -41,6 +41,12 @@ class DataParams(_Section):
     seed: int = Field(42, description="Seed of the stratified split; the same data and seed give the same split.")
     max_pixels: int = Field(40_000_000, gt=0, description="Images with more pixels than this are quarantined (decompression bombs).")
     min_images_per_class: int = Field(3, ge=3, description="A class with fewer valid images cannot be split into train/val/test and is refused.")
+    cache: bool = Field(
+        True,
+        description="Training decodes each image once into a memory-mapped uint8 cache under run.cache_dir/images "
+        "(resized to the eval transform's resize side, keyed by the images' content), so later epochs and runs skip "
+        "decoding; eval results are unchanged. false: decode every image every epoch.",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "DataParams":
@@ -148,7 +154,21 @@ class TrainParams(_Section):
     )
     early_stopping_patience: int = Field(8, ge=0, description="Epochs without val accuracy improvement before stopping (0 = off).")
     seed: int = Field(7, description="Seed for weights, shuffling and augmentation.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = load in the training process).")
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes per training process (0 = load in the training process; auto = the "
+        "CPU cores this process may use, shared among the devices of the node, less one for the training loop, at most 8). "
+        "The augmentation stream depends on it: set an int for identical results across machines.",
+    )
+    pin_memory: bool | Literal["auto"] = Field("auto", description="Pinned host memory for faster copies to the GPU (auto = on when training on CUDA).")
+    persistent_workers: bool = Field(True, description="Keep DataLoader workers alive between epochs (with num_workers > 0).")
+    prefetch_factor: int = Field(2, ge=1, description="Batches each DataLoader worker loads ahead (with num_workers > 0).")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="Scale train.lr with the effective batch size (batch_size x devices x nodes x accumulation) against "
+        "lr_base_batch_size: linear (Goyal et al.) or sqrt; none keeps train.lr. The rule and the result are logged.",
+    )
+    lr_base_batch_size: int = Field(64, ge=1, description="The batch size train.lr was chosen for (lr_scaling's reference).")
     resume: bool = Field(False, description="Continue from the run's last checkpoint (set by `visionflow resume`).")
     progress_bar: bool = Field(True, description="Show Lightning's progress bar.")
 
@@ -168,12 +188,18 @@ class TrainerParams(_Section):
     devices: int | Literal["auto"] = Field(1, description="Devices per node (an int or 'auto').")
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = Field("auto", description="Lightning strategy; ddp runs one process per device.")
     num_nodes: int = Field(1, ge=1, description="Nodes (multi-node needs torchrun or SLURM to launch).")
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = Field("32-true", description="Numerical precision.")
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = Field("32-true", description="Numerical precision (16-mixed needs a GPU; bf16-mixed works on CPUs and recent GPUs).")
+    accumulate_grad_batches: int = Field(1, ge=1, description="Batches whose gradients are summed before each optimizer step (multiplies the effective batch size).")
+    sync_batchnorm: bool = Field(True, description="Under DDP with more than one GPU process, turn BatchNorm layers into SyncBatchNorm (statistics over the global batch; PyTorch has no CPU SyncBatchNorm, on CPUs rank zero's statistics are broadcast).")
 
     @model_validator(mode="after")
     def _devices_positive(self) -> "TrainerParams":
         if isinstance(self.devices, int) and self.devices < 1:
             raise ValueError("devices must be >= 1 or 'auto'")
+        if self.accelerator == "cpu" and self.strategy == "fsdp":
+            raise ValueError("strategy fsdp needs GPUs; on CPUs use strategy ddp")
+        if self.accelerator == "cpu" and self.precision == "16-mixed":
+            raise ValueError("precision 16-mixed needs a GPU; on CPUs use bf16-mixed or 32-true")
         return self
 
 
@@ -255,6 +281,7 @@ class PackageParams(_Section):
     parity_max_abs_diff: float = Field(1e-3, gt=0, description="Largest |logit difference| between PyTorch and ONNX on test images.")
     parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Smallest top-1 agreement between PyTorch and ONNX.")
     torchscript: bool = Field(False, description="Also export TorchScript (model.torchscript.pt, outside the bundle).")
+    executorch: bool = Field(False, description="Also export an ExecuTorch program (model.pte, XNNPACK, one image per call) into the bundle, parity-checked like ONNX; needs pip install 'visionflow[executorch]'.")
 
 
 class RunParams(_Section):
@@ -264,6 +291,62 @@ class RunParams(_Section):
     run_name: str | None = Field(None, description="MLflow run name (default: generated).")
     output_dir: str = Field("runs", description="Run directories are created under this folder.")
     cache_dir: str = Field(".visionflow", description="Materialised bundled data sets, extracted archives, downloads.")
+
+
+def _check_cron(value: str) -> str:
+    from croniter import croniter
+
+    if not croniter.is_valid(value):
+        raise ValueError(f"{value!r} is not a valid cron string (e.g. '0 3 * * 1' = Mondays 03:00)")
+    return value
+
+
+def _check_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+    return value
+
+
+CronString = Annotated[str, AfterValidator(_check_cron)]
+TimeZone = Annotated[str, AfterValidator(_check_timezone)]
+
+
+class RetrainParams(_Section):
+    """Scheduled retraining: the `retrain` deployment served by `visionflow deploy`."""
+
+    cron: CronString = Field("0 3 * * 1", description="When the retrain deployment runs (cron: minute hour day-of-month month day-of-week).")
+    timezone: TimeZone = Field("UTC", description="IANA time zone of the cron schedule, e.g. Europe/Berlin.")
+    max_lateness_minutes: int = Field(
+        60, ge=1,
+        description="A scheduled retrain starting later than this after its slot (e.g. after downtime) is skipped, so missed slots never run as a catch-up flood.",
+    )
+
+
+
+
+class MonitorParams(_Section):
+    """Drift monitoring of a served model: `visionflow monitor` and the scheduled monitor deployment."""
+
+    log_dir: str = Field("prediction-log", description="Prediction log folder the scheduled monitor reads (written by `visionflow serve --prediction-log DIR`).")
+    bundle: str | None = Field(None, description="Bundle whose reference profile is the baseline: a folder, a .tar.gz or models:/NAME@ALIAS (None = models:/<package.model_name>@champion).")
+    feedback: str | None = Field(None, description="CSV of id,label: true labels of logged predictions (ids from /predict), for live accuracy.")
+    window_records: int = Field(1000, ge=1, description="The latest this many predictions of the model are compared with the reference.")
+    window_hours: float | None = Field(None, gt=0, description="Only predictions of the last this many hours are compared (None = no time limit).")
+    min_records: int = Field(100, ge=1, description="With fewer predictions in the window no drift test is run (the report says so).")
+    psi_threshold: float = Field(0.2, gt=0, description="Predicted-class distribution drifts when its population stability index exceeds this (0.1 moderate, 0.25 large).")
+    ks_pvalue: float = Field(0.01, gt=0, lt=1, description="An image or prediction statistic drifts when its KS-test p-value is below this, Bonferroni-divided by the statistics tested ...")
+    ks_min_statistic: float = Field(0.1, ge=0, le=1, description="... and its KS distance is at least this (large windows make tiny differences significant).")
+    confidence_drop: float = Field(0.05, ge=0, le=1, description="Drift when the mean top-1 probability falls by more than this against the reference.")
+    accuracy_drop: float = Field(0.05, ge=0, le=1, description="Drift when live accuracy (from feedback) falls by more than this below the reference accuracy.")
+    min_feedback: int = Field(30, ge=1, description="Labelled predictions needed before live accuracy can signal drift.")
+    cron: CronString = Field("0 * * * *", description="When the monitor deployment runs (cron: minute hour day-of-month month day-of-week).")
+    timezone: TimeZone = Field("UTC", description="IANA time zone of the monitor's cron schedule.")
+
+
 
 
 class PipelineParams(_Section):
@@ -279,6 +362,8 @@ class PipelineParams(_Section):
     optimize: OptimizeParams = Field(default_factory=OptimizeParams, description="Compression: distill, prune, quantize.")
     package: PackageParams = Field(default_factory=PackageParams, description="Export, bundle, registry.")
     run: RunParams = Field(default_factory=RunParams, description="Tracking and output folders.")
+    retrain: RetrainParams = Field(default_factory=RetrainParams, description="Scheduled retraining (visionflow deploy).")
+    monitor: MonitorParams = Field(default_factory=MonitorParams, description="Drift monitoring of the served model (visionflow monitor).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineParams":
@@ -299,6 +384,8 @@ class PipelineParams(_Section):
         unknown = set(multitask.loss_weights) - {"label", *multitask.tasks}
         if unknown:
             raise ValueError(f"multitask.loss_weights names unknown tasks: {', '.join(sorted(unknown))}")
+        if self.train.optimizer == "gd" and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError("optimizer gd already accumulates over the whole training set; leave trainer.accumulate_grad_batches at 1")
         if self.model.name == "cnn" and size % 4:
             raise ValueError(f"augment.image_size must be a multiple of 4 for the cnn (got {size})")
         for name in ("mean", "std"):
@@ -320,8 +407,12 @@ def _format_error(err: ValidationError) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would ("3" -> 3, "true" -> True, "[1,2]" -> list)."""
-    return yaml.safe_load(text) if text != "" else ""
+    """Parse an override value the way YAML would ("3" -> 3, "true" -> True, "[1,2]" -> list); text YAML
+    cannot parse (e.g. a cron string "*/15 * * * *", which YAML reads as an alias) stays a string."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

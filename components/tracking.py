@@ -154,6 +154,59 @@ def ui_hint(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def run_link(run_id: str, uri: str | None = None) -> str:
+    """A link to one run: its MLflow UI URL on a tracking server, else the run id and the command that opens the UI."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            experiment_id = client().get_run(run_id).info.experiment_id
+        except Exception:
+            return f"{uri.rstrip('/')} (run {run_id})"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} (open with: mlflow ui --backend-store-uri {uri})"
+
+
+def recent_runs(experiment: str | None = None, last: int = 10, tag: tuple[str, str] | None = None,
+                top_level_only: bool = True) -> list[dict[str, Any]]:
+    """The newest runs (of one experiment, or of all), newest first, as plain dicts:
+    run_id, run_name, experiment, status, start_time (ms), duration_s, params, metrics, tags.
+
+    `tag` keeps runs with that tag value; `top_level_only` leaves out nested stage runs.
+    Raises VisionflowError for an unknown experiment name.
+    """
+    from components.errors import VisionflowError
+
+    c = client()
+    if experiment:
+        found = c.get_experiment_by_name(experiment)
+        if found is None:
+            known = ", ".join(sorted(e.name for e in c.search_experiments())) or "none"
+            raise VisionflowError(f"no MLflow experiment {experiment!r} in {tracking_uri()} (known: {known})")
+        experiments = {found.experiment_id: found.name}
+    else:
+        experiments = {e.experiment_id: e.name for e in c.search_experiments()}
+    if not experiments:
+        return []
+    filter_string = f"tags.`{tag[0]}` = '{tag[1]}'" if tag else ""
+    runs = c.search_runs(list(experiments), filter_string, order_by=["attributes.start_time DESC"],
+                         max_results=min(5000, max(last * 20, 100)))
+    out = []
+    for run in runs:
+        if top_level_only and PARENT_TAG in run.data.tags:
+            continue
+        info = run.info
+        end = info.end_time or None
+        out.append({
+            "run_id": info.run_id, "run_name": info.run_name, "experiment": experiments.get(info.experiment_id, ""),
+            "status": info.status, "start_time": info.start_time,
+            "duration_s": (end - info.start_time) / 1000 if end and info.start_time else None,
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
+        })
+        if len(out) >= last:
+            break
+    return out
+
+
 # --- model registry -----------------------------------------------------------------------------
 
 CHAMPION = "champion"

@@ -1,4 +1,5 @@
-"""The `visionflow` command line: run, resume, validate-data, evaluate.
+"""The `visionflow` command line: run, resume, validate-data, evaluate, optimize, serve, promote, rollback,
+up, down, deploy, retrain, compare, runs, sweep, fit-spec.
 
 Expected failures (bad params, bad data, a failed stage) print one line and exit 2.
 """
@@ -253,17 +254,33 @@ def serve(
     max_pixels: int = typer.Option(40_000_000, help="Largest image (width x height)."),
     max_images: int = typer.Option(32, help="Most images in one request."),
     top_k: int = typer.Option(3, help="Labels returned per image."),
+    prediction_log: Optional[Path] = typer.Option(None, "--prediction-log", help="Log every prediction's statistics (and failed requests) here for `visionflow monitor`."),
+    prediction_log_max_bytes: int = typer.Option(10_000_000, help="Largest prediction log file before it rotates."),
+    prediction_log_files: int = typer.Option(5, help="Most prediction log files kept (the oldest is deleted)."),
+    store_images: bool = typer.Option(False, "--store-images", help="Also store each predicted image in the prediction log (off by default)."),
 ) -> None:
     """Serve a model bundle over HTTP: POST /predict, GET /health /ready /metadata /metrics."""
 
     def go():
+        from pydantic import ValidationError
+
         from components.serving.app import ServeSettings, serve as run_server
         from flows.package import resolve_bundle
 
+        try:
+            settings = ServeSettings(
+                host=host, port=port, max_body_bytes=max_body_bytes, max_pixels=max_pixels, max_images=max_images,
+                top_k=top_k, prediction_log_dir=str(prediction_log) if prediction_log else None,
+                prediction_log_max_bytes=prediction_log_max_bytes, prediction_log_files=prediction_log_files,
+                store_images=store_images,
+            )
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise VisionflowError(f"invalid option {first['loc'][0]}: {first['msg']}") from None
         bundle = resolve_bundle(source)
-        settings = ServeSettings(host=host, port=port, max_body_bytes=max_body_bytes, max_pixels=max_pixels,
-                                 max_images=max_images, top_k=top_k)
         console.print(f"serving {bundle} on http://{host}:{port} (POST /predict)", highlight=False)
+        if prediction_log:
+            console.print(f"prediction log: {prediction_log} (at most {prediction_log_files} x {prediction_log_max_bytes} bytes)", highlight=False)
         run_server(bundle, settings)
 
     _run_guarded(go)
@@ -296,6 +313,299 @@ def rollback(
         return rollback_champion(name)
 
     console.print(_run_guarded(go), highlight=False)
+
+
+# --- the local stack, deployments, retraining, comparison ------------------------------------------
+
+STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Stack state folder (default: $VISIONFLOW_STACK_DIR or .visionflow/stack).")
+
+
+@app.callback()
+def _use_local_stack(ctx: typer.Context) -> None:
+    """Point commands at the stack `visionflow up` started, unless PREFECT_API_URL / MLFLOW_TRACKING_URI are set."""
+    if ctx.invoked_subcommand in ("up", "down"):
+        return
+    from flows.local_stack import running_stack
+
+    stack = running_stack()
+    if stack is None:
+        return
+    for key, value in stack.env().items():
+        os.environ.setdefault(key, value)
+
+
+@app.command()
+def up(
+    state_dir: Optional[Path] = STATE_DIR_OPTION,
+    prefect_port: int = typer.Option(4200, help="Port of the Prefect server (UI and API)."),
+    mlflow_port: int = typer.Option(5000, help="Port of the MLflow server."),
+    timeout: float = typer.Option(120, help="Seconds to wait for both servers to answer."),
+) -> None:
+    """Start a local Prefect server and MLflow server (SQLite, loopback only) and print how to reach them."""
+    from flows.local_stack import default_state_dir, start_stack
+
+    def go():
+        return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout)
+
+    state, started = _run_guarded(go)
+    console.print(
+        _summary_table(
+            "visionflow stack " + ("started" if started else "already running"),
+            [("Prefect UI", state.prefect_url), ("MLflow UI", state.mlflow_url), ("state", state.state_dir),
+             ("stop", "visionflow down")],
+        )
+    )
+    console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
+    for key, value in state.env().items():
+        console.print(f"  export {key}={value}", highlight=False)
+
+
+@app.command()
+def down(state_dir: Optional[Path] = STATE_DIR_OPTION) -> None:
+    """Stop the servers `visionflow up` started (exactly those processes)."""
+    from flows.local_stack import default_state_dir, stop_stack
+
+    stopped = _run_guarded(lambda: stop_stack(state_dir or default_state_dir()))
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "no visionflow stack was running", highlight=False)
+
+
+@app.command()
+def deploy(
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+    pool: Optional[str] = typer.Option(None, "--pool", help="Send the deployments to this Prefect work pool instead of serving them here."),
+    limit: Optional[int] = typer.Option(None, help="Most flow runs this process runs at once (serve only)."),
+) -> None:
+    """Serve the deployments (pipeline, retrain on its cron schedule, evaluate, optimize, package, monitor) for the Prefect UI."""
+
+    def go():
+        from flows.deploy import build_deployments, deploy_to_pool, serve_deployments
+        from flows.prefect_api import server_configured
+
+        p = load_params(params, set_ or [])
+        if not server_configured():
+            raise VisionflowError("deploy needs a Prefect server: run `visionflow up` first (or set PREFECT_API_URL)")
+        deployments = build_deployments(p)
+        if pool:
+            ids = deploy_to_pool(deployments, pool)
+            console.print(f"{len(ids)} deployments sent to work pool {pool}; start a worker with "
+                          f"`prefect worker start --pool {pool}`", highlight=False)
+            return
+        console.print(f"retrain schedule: {p.retrain.cron} ({p.retrain.timezone}); Ctrl-C stops serving", highlight=False)
+        serve_deployments(deployments, limit)
+
+    _run_guarded(go)
+
+
+@app.command("retrain")
+def retrain_command(
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+    force: bool = typer.Option(False, help="Train a challenger even when the data did not change."),
+) -> None:
+    """Retrain now: no new data → stop; else train a challenger and promote it only if it beats the champion."""
+
+    def go():
+        from flows.retrain import retrain
+
+        p = load_params(params, set_ or [])
+        return retrain(p, force=force)
+
+    result = _run_guarded(go)
+    console.print(
+        _summary_table(
+            f"visionflow retrain: {result.outcome.replace('_', ' ')}",
+            [("decision", result.reason), ("model version", result.model_version or "-"),
+             ("challenger accuracy", "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}"),
+             ("champion accuracy", "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
+             ("MLflow run", result.run_id or "-")],
+        )
+    )
+
+
+def _print_comparison(runs: list[dict], metric: Optional[str], title: str, plot: Optional[Path]) -> None:
+    from components.comparison import comparison_plot, metric_columns, varying_params
+
+    if not runs:
+        console.print("no runs found", highlight=False)
+        return
+    params = varying_params(runs)
+    metrics = metric_columns(runs, metric)
+    table = Table(title=title, title_justify="left")
+    for column in ("run", "status", "duration", *params, *metrics):
+        table.add_column(column)
+    for r in runs:
+        duration = f"{r['duration_s']:.0f} s" if r["duration_s"] is not None else "-"
+        table.add_row(
+            f"{r['run_name'] or ''} {r['run_id'][:8]}", r["status"], duration,
+            *[str(r["params"].get(p, "-")) for p in params],
+            *[f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metrics],
+        )
+    console.print(table)
+    if metrics and plot is not None:
+        console.print(f"comparison plot: {comparison_plot(runs, metrics[0], plot)}", highlight=False)
+
+
+@app.command()
+def compare(
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment (default: all)."),
+    last: int = typer.Option(10, "--last", "-n", min=1, help="How many of the newest runs."),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="Metric to compare first and plot (default test/accuracy)."),
+    sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
+    plot: Path = typer.Option(Path("runs/comparison.png"), "--plot", help="Where to write the comparison plot."),
+) -> None:
+    """Compare runs: the params that differ, metrics, duration and status, and a comparison plot."""
+    from components import tracking
+    from flows.sweep import SWEEP_TAG
+
+    runs = _run_guarded(lambda: tracking.recent_runs(experiment, last, tag=(SWEEP_TAG, sweep_id) if sweep_id else None))
+    _print_comparison(runs, metric, f"runs of {experiment or 'all experiments'} (newest first)", plot)
+
+
+@app.command()
+def runs(
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment (default: all)."),
+    last: int = typer.Option(10, "--last", "-n", min=1, help="How many of the newest runs."),
+) -> None:
+    """List recent runs with their status and their Prefect and MLflow links."""
+    from components import tracking
+
+    found = _run_guarded(lambda: tracking.recent_runs(experiment, last))
+    table = Table(title="recent runs (newest first)", title_justify="left")
+    for column in ("run", "experiment", "status", "test/accuracy", "Prefect flow run", "MLflow"):
+        table.add_column(column, overflow="fold")
+    for r in found:
+        accuracy = r["metrics"].get("test/accuracy")
+        table.add_row(
+            f"{r['run_name'] or ''} {r['run_id'][:8]}", r["experiment"], r["status"],
+            "-" if accuracy is None else f"{accuracy:.4f}",
+            r["tags"].get("prefect.flow_run_url") or r["tags"].get("prefect.flow_run_id") or "-",
+            tracking.run_link(r["run_id"]),
+        )
+    console.print(table)
+
+
+@app.command()
+def sweep(
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+    grid: list[str] = typer.Option(..., "--grid", "-g", help="KEY=V1,V2 (repeatable); one pipeline per combination."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment for all runs (default: run.experiment)."),
+    mode: str = typer.Option("auto", help="local (one after another here), deployment (flow runs of the served/pooled "
+                                          "pipeline deployment) or auto (deployment when a server has it)."),
+    timeout: float = typer.Option(24 * 3600, help="Seconds to wait for deployment runs."),
+) -> None:
+    """Run one pipeline per combination of the grid in one MLflow experiment, then print the comparison."""
+
+    def go():
+        from flows.deploy import PIPELINE_DEPLOYMENT, deployment_exists
+        from flows.prefect_api import server_configured
+        from flows.sweep import plan_sweep, submit_sweep, sweep as sweep_flow
+
+        if mode not in ("auto", "local", "deployment"):
+            raise VisionflowError(f"invalid --mode {mode!r}: choose auto, local or deployment")
+        try:
+            plan = plan_sweep(str(params) if params else None, set_ or [], grid, experiment)
+        except ValueError as err:
+            raise VisionflowError(str(err)) from None
+        console.print(f"sweep {plan.sweep_id}: {len(plan.params)} combinations in experiment {plan.experiment}", highlight=False)
+        remote = mode == "deployment" or (mode == "auto" and server_configured() and deployment_exists(PIPELINE_DEPLOYMENT))
+        if mode == "deployment" and not (server_configured() and deployment_exists(PIPELINE_DEPLOYMENT)):
+            raise VisionflowError(f"no {PIPELINE_DEPLOYMENT} deployment: run `visionflow up` and `visionflow deploy` first")
+        return submit_sweep(plan, PIPELINE_DEPLOYMENT, timeout) if remote else sweep_flow(plan)
+
+    outcome = _run_guarded(go)
+    from components import tracking
+    from flows.sweep import SWEEP_TAG
+
+    for key, state in outcome.states.items():
+        console.print(f"  {state:>10}  {key}", highlight=False)
+    found = tracking.recent_runs(outcome.experiment, len(outcome.states), tag=(SWEEP_TAG, outcome.sweep_id))
+    _print_comparison(found, None, f"sweep {outcome.sweep_id} ({outcome.experiment})",
+                      Path("runs") / f"sweep-{outcome.sweep_id}.png")
+
+
+@app.command()
+def monitor(
+    log: Optional[Path] = typer.Option(None, "--log", "-l", help="Prediction log folder (serve --prediction-log); default monitor.log_dir."),
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Reference bundle: folder, .tar.gz or models:/NAME@ALIAS; default the champion."),
+    feedback: Optional[Path] = typer.Option(None, "--feedback", "-f", help="CSV of id,label for the logged predictions (live accuracy)."),
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Compare a window of the prediction log with the bundle's reference profile (drift report; Prefect event on drift)."""
+
+    def go():
+        p = load_params(params, set_ or [])
+        from flows.monitor import monitor_flow
+
+        return monitor_flow(str(log) if log else None, bundle, str(feedback) if feedback else None, p)
+
+    result = _run_guarded(go)
+    rows = [
+        ("verdict", f"DRIFT: {', '.join(result.triggered)}" if result.drift_detected else "no drift detected"),
+        ("predictions compared", str(result.window_predictions)),
+        ("computed", ", ".join(result.computed) or "nothing"),
+        ("not computed", "; ".join(sorted(set(result.not_computed.values()))) or "-"),
+        ("live accuracy", "-" if result.live_accuracy is None else f"{result.live_accuracy:.4f}"),
+        ("report", f"{result.report_markdown} ({result.report_html})"),
+        ("MLflow run", result.run_id),
+    ]
+    if result.event_id:
+        rows.append(("Prefect event", f"visionflow.drift.detected ({result.event_id})"))
+    console.print(_summary_table("visionflow monitor", rows))
+    for note in result.notes:
+        console.print(f"  note: {note}", highlight=False)
+
+
+@app.command()
+def package(
+    from_run: str = typer.Option(..., "--from-run", help="MLflow run id of a finished pipeline run."),
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Package a finished run's model again: ONNX export + parity, bundle, register, champion/challenger gate."""
+
+    def go():
+        from flows.package import package_flow
+
+        return package_flow(from_run, set_ or [])
+
+    result = _run_guarded(go)
+    console.print(
+        _summary_table(
+            "visionflow package",
+            [
+                ("bundle", result.archive),
+                ("registered model", f"{result.model_name} v{result.version}"),
+                ("challenger accuracy (test split)", f"{result.challenger_accuracy:.4f}"),
+                ("champion accuracy (same split)",
+                 "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
+                ("registry gate", result.reason),
+                ("MLflow run", f"{result.run_id} (child of {from_run})"),
+            ],
+        )
+    )
+
+
+@app.command("fit-spec")
+def fit_spec(
+    out: Path = typer.Argument(..., help="Folder for the data snapshot, the spec and the training outputs (shared by all nodes)."),
+    params: Optional[Path] = PARAMS_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Prepare a training run for torchrun or SLURM: ingest, validate, open the MLflow train run, write
+    OUT/fit_spec.json, and print the launch lines for trainer.num_nodes × trainer.devices processes."""
+
+    def go():
+        from components.training.launch import launch_commands, prepare_fit_spec
+
+        p = load_params(params, set_ or [])
+        spec_path = prepare_fit_spec(p, out)
+        console.print(f"spec: {spec_path}", highlight=False)
+        for name, line in launch_commands(spec_path, p).items():
+            console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
+
+    _run_guarded(go)
 
 
 def main() -> None:

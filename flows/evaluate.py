@@ -63,7 +63,7 @@ def evaluate_flow(
         "evaluation-summary",
         f"evaluation of {Path(checkpoint).name} on {data.path}",
         {"accuracy": f"{evaluation.metrics['accuracy']:.4f}", "macro F1": f"{evaluation.metrics['macro_f1']:.4f}"},
-        tracking.ui_hint(),
+        tracking.run_link(run_id),
     )
     tracking.end_run(run_id, "FINISHED")
     return EvaluationResult(

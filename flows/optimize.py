@@ -22,7 +22,7 @@ from components.data.ingest import read_manifest
 from components.errors import StageError, VisionflowError
 from components.optimization.distill import DistillationModule, check_teacher_classes
 from components.optimization.measure import VariantResult, best_variant, gate, measure_onnx, write_comparison
-from components.optimization.prune import prune_structured, prune_unstructured, save_pruned
+from components.optimization.prune import count_macs_params, prune_structured, prune_unstructured, save_pruned
 from components.optimization.quantize import quantize_dynamic, quantize_static
 from components.packaging.export import export_onnx
 from components.training.fit import fit_in_process, model_spec_from_params
@@ -83,6 +83,17 @@ def _count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _count_macs(model, images) -> int | None:
+    """MACs of one forward pass on the first test image, or None where torch-pruning cannot count them."""
+    import torch
+
+    try:
+        return count_macs_params(model, torch.from_numpy(images[:1]))[0]
+    except Exception as err:  # a MACs figure is informative only; never fail a variant for it
+        get_run_logger().warning("could not count MACs of %s: %s", type(model).__name__, err)
+        return None
+
+
 @task(name="optimize-reference")
 def reference_task(checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, parent_run_id: str) -> VariantResult:
     """Export the trained model to fp32 ONNX and measure it: the reference every variant is gated against."""
@@ -90,7 +101,7 @@ def reference_task(checkpoint: str, manifest: str, params: PipelineParams, out_d
     with _variant_run(parent_run_id, params.run.experiment, REFERENCE, {"method": "onnx fp32"}) as run_id:
         onnx_path = export_onnx(classifier.model, classifier.spec, Path(out_dir) / "fp32" / "model.onnx")
         return _measured(REFERENCE, "onnx fp32", onnx_path, images, targets, classifier.classes, params, run_id,
-                         params=_count_params(classifier.model))
+                         params=_count_params(classifier.model), macs=_count_macs(classifier.model, images))
 
 
 @task(name="optimize-quantize")
@@ -182,7 +193,7 @@ def distill_task(checkpoint: str, manifest: str, params: PipelineParams, out_dir
                                directory / "model.onnx")
         return _measured(name, f"{d.student} student {'distilled (T=%g, alpha=%g)' % (d.temperature, d.alpha) if with_teacher else 'trained without teacher'}",
                          onnx_path, images, targets, classifier.classes, params, run_id,
-                         params=_count_params(module.model))
+                         params=_count_params(module.model), macs=_count_macs(module.model, images))
 
 
 @task(name="optimize-compare")
@@ -200,7 +211,8 @@ def compare_task(variants: list[VariantResult], params: PipelineParams, out_dir:
                                              f"optimize/{v.name}/size_bytes": v.size_bytes})
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(key="compression-comparison", markdown=Path(files[1]).read_text(),
+    create_markdown_artifact(key="compression-comparison",
+                             markdown=f"{Path(files[1]).read_text()}\n\nMLflow: {tracking.run_link(parent_run_id)}\n",
                              description="Compression variants against the fp32 reference")
     get_run_logger().info("best accepted variant (%s): %s", o.objective, best.name if best else "none")
     return gated, (best.name if best else None), tuple(str(f) for f in files)

@@ -1,26 +1,32 @@
-"""Packaging stage: export with parity check, bundle, register, champion/challenger gate; and the
-registry commands (promote, rollback) and bundle resolution for `visionflow serve`."""
+"""Packaging stage: export with parity check, bundle, register, champion/challenger gate — in the
+pipeline or alone on a finished run (`visionflow package --from-run`); and the registry commands
+(promote, rollback) and bundle resolution for `visionflow serve`."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
+import time
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from pydantic import BaseModel
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
 
 from components import tracking
-from components.config import PipelineParams
+from components.config import PipelineParams, load_params
 from components.data.dataset import rows_of_split
-from components.data.ingest import DatasetSnapshot, read_manifest
-from components.errors import VisionflowError
-from components.evaluation.report import EvalReport
+from components.data.ingest import read_manifest
+from components.errors import StageError, VisionflowError
+from components.evaluation.report import EvalReport, read_report
 from components.packaging.bundle import unpack_bundle, verify_bundle
 from components.packaging.gate import decide_promotion
 from components.packaging.package import bundle_accuracy, package_checkpoint
-from flows.tasks import publish_summary
+from flows.tasks import end_status, publish_summary
 
 BUNDLE_ARTIFACTS = "bundle"
+DATA_FINGERPRINT_TAG = "visionflow.data_fingerprint"
 
 
 class PackageResult(BaseModel):
@@ -34,6 +40,7 @@ class PackageResult(BaseModel):
     reason: str
     challenger_accuracy: float
     champion_accuracy: float | None
+    run_id: str | None = Field(None, description="The MLflow run the bundle and the registered version belong to.")
 
 
 def _champion_bundle(name: str, cache_dir: str) -> tuple[object, Path] | None:
@@ -51,7 +58,8 @@ def _champion_bundle(name: str, cache_dir: str) -> tuple[object, Path] | None:
 def package_task(
     checkpoint: str,
     params: PipelineParams,
-    snapshot: DatasetSnapshot,
+    data_source: str,
+    fingerprint: str,
     clean_manifest: str,
     evaluation: EvalReport,
     split_counts: dict[str, int],
@@ -60,16 +68,26 @@ def package_task(
     int8_onnx: str | None = None,
     comparison_md: str | None = None,
 ) -> PackageResult:
-    """Export, check parity, bundle and register the model; gate it against the champion on the same test split."""
+    """Export, check parity, bundle and register the model; gate it against the champion on the same test split.
+
+    Takes the checkpoint, the params, the data source and fingerprint (for the model card and the
+    version's tags), the validated manifest (its test split scores challenger and champion), the
+    evaluation, the split sizes, the folder to write `package/` into, the MLflow run to log into and,
+    optionally, an accepted int8 ONNX file and the compression table. Returns a PackageResult.
+    """
     logger = get_run_logger()
     test_rows = rows_of_split(read_manifest(clean_manifest), "test")
     packaged = package_checkpoint(
-        checkpoint, test_rows, Path(run_dir) / "package", params.package, evaluation, snapshot.source,
-        snapshot.fingerprint, split_counts, params.data.max_pixels, int8_onnx=int8_onnx, comparison_md=comparison_md,
+        checkpoint, test_rows, Path(run_dir) / "package", params.package, evaluation, data_source,
+        fingerprint, split_counts, params.data.max_pixels, int8_onnx=int8_onnx, comparison_md=comparison_md,
     )
     logger.info("ONNX parity: max |logit diff| %.2e, top-1 agreement %.4f",
                 packaged.parity["max_abs_logit_diff"], packaged.parity["top1_agreement"])
     tracking.log_metrics(run_id, {f"package/parity_{k}": v for k, v in packaged.parity.items()})
+    if packaged.executorch_parity:
+        logger.info("ExecuTorch parity: max |logit diff| %.2e, top-1 agreement %.4f",
+                    packaged.executorch_parity["max_abs_logit_diff"], packaged.executorch_parity["top1_agreement"])
+        tracking.log_metrics(run_id, {f"package/executorch_parity_{k}": v for k, v in packaged.executorch_parity.items()})
     tracking.log_artifacts(run_id, sorted(Path(packaged.bundle_dir).iterdir()), BUNDLE_ARTIFACTS)
     tracking.log_artifacts(run_id, [packaged.archive])
 
@@ -77,7 +95,7 @@ def package_task(
     challenger_accuracy = bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
     version = tracking.register_onnx(
         run_id, packaged.onnx_path, name, packaged.input_example,
-        {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", "visionflow.data_fingerprint": snapshot.fingerprint},
+        {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", DATA_FINGERPRINT_TAG: fingerprint},
     )
     champion = _champion_bundle(name, params.run.cache_dir)
     champion_accuracy = None
@@ -100,13 +118,111 @@ def package_task(
          "champion accuracy (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
          "margin": f"{params.package.promote_margin}", "decision": decision.reason,
          "bundle": packaged.archive},
-        tracking.ui_hint(),
+        tracking.run_link(run_id),
     )
     return PackageResult(
         bundle_dir=packaged.bundle_dir, archive=packaged.archive, model_name=name, version=version,
         promoted=decision.promote, reason=decision.reason, challenger_accuracy=challenger_accuracy,
-        champion_accuracy=champion_accuracy,
+        champion_accuracy=champion_accuracy, run_id=run_id,
     )
+
+
+class _RunToPackage(BaseModel):
+    """What packaging needs from a finished pipeline run, read back from its run directory and tags."""
+
+    checkpoint: str
+    params: PipelineParams
+    data_source: str
+    fingerprint: str
+    clean_manifest: str
+    evaluation: EvalReport
+    split_counts: dict[str, int]
+    run_dir: str
+    experiment: str
+    int8_onnx: str | None
+    comparison_md: str | None
+
+
+def _accepted_int8(comparison_md: str | None) -> str | None:
+    """The int8-static ONNX file of a pipeline's compression table, when it was accepted and still exists."""
+    if not comparison_md:
+        return None
+    table = Path(comparison_md).with_name("comparison.csv")
+    if not table.is_file():
+        return None
+    with table.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["name"] == "int8-static" and row["accepted"] == "True" and Path(row["artifact"]).is_file():
+                return row["artifact"]
+    return None
+
+
+def _run_to_package(run_id: str, overrides: list[str]) -> _RunToPackage:
+    """Read a finished pipeline run's params (with `overrides`, package.enabled forced on), checkpoint,
+    split sizes, validated manifest, evaluation and accepted int8 variant; raises VisionflowError."""
+    try:
+        run = tracking.get_run(run_id)
+    except Exception:
+        raise VisionflowError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
+    run_dir = Path(run.data.tags.get(tracking.RUN_DIR_TAG, ""))
+    result_file = run_dir / "result.json"
+    if not result_file.is_file():
+        raise VisionflowError(f"run {run_id} has no finished pipeline result in {run_dir} to package")
+    finished = json.loads(result_file.read_text())
+    params = load_params(run_dir / "params.yaml", ["package.enabled=true", *overrides])
+    manifest = run_dir / "data" / "manifest.clean.csv"
+    checkpoint = Path(finished["checkpoint"])
+    for needed in (manifest, checkpoint):
+        if not needed.is_file():
+            raise VisionflowError(f"run {run_id}: {needed} is missing, cannot package")
+    try:
+        evaluation = read_report(run_dir / "evaluation")
+    except FileNotFoundError as err:
+        raise VisionflowError(f"run {run_id}: {err}") from None
+    experiment = tracking.client().get_experiment(run.info.experiment_id).name
+    return _RunToPackage(
+        checkpoint=str(checkpoint), params=params, data_source=params.data.path,
+        fingerprint=run.data.tags.get(DATA_FINGERPRINT_TAG, ""), clean_manifest=str(manifest), evaluation=evaluation,
+        split_counts=finished["split_counts"], run_dir=str(run_dir / f"package-{time.strftime('%Y%m%d-%H%M%S')}"),
+        experiment=experiment, int8_onnx=_accepted_int8(finished.get("comparison")),
+        comparison_md=finished.get("comparison"),
+    )
+
+
+@flow(name="visionflow-package", log_prints=True)
+def package_flow(source_run_id: str, overrides: list[str] | None = None) -> PackageResult:
+    """Package the model of a finished pipeline run again: ONNX export + parity, bundle, register, gate.
+
+    Takes the pipeline's MLflow run id and overrides like "package.promote_margin=0.01" applied on top
+    of the run's params.yaml. Reads the run directory named by the run's tags (params, checkpoint and
+    split sizes from result.json, the validated manifest, the evaluation files, an accepted int8
+    variant), writes into `<run dir>/package-<time>/` and logs into a new child run of the pipeline run
+    (stage tag "package"): the bundle artifacts, parity and gate metrics and the registered version's
+    source. The child ends FINISHED, or FAILED/KILLED when packaging raises. Returns a PackageResult;
+    raises VisionflowError when the run cannot be packaged.
+    """
+    source = _run_to_package(source_run_id, list(overrides or []))
+    params = source.params
+    run_id = tracking.start_run(source.experiment, f"package-{Path(source.run_dir).name.removeprefix('package-')}", {
+        tracking.STAGE_TAG: "package", tracking.RUN_DIR_TAG: source.run_dir,
+        "prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or ""),
+    }, parent_run_id=source_run_id)
+    tracking.log_params(run_id, {"checkpoint": source.checkpoint,
+                                 **{f"package.{k}": v for k, v in params.package.model_dump().items()}})
+    try:
+        result = package_task(
+            source.checkpoint, params, source.data_source, source.fingerprint, source.clean_manifest,
+            source.evaluation, source.split_counts, source.run_dir, run_id,
+            int8_onnx=source.int8_onnx, comparison_md=source.comparison_md,
+        )
+    except BaseException as err:
+        tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: "package", "visionflow.error": str(err)[:500]})
+        tracking.end_run(run_id, end_status(err))
+        if isinstance(err, VisionflowError) and not isinstance(err, StageError):
+            raise StageError("package", str(err)) from err
+        raise
+    tracking.end_run(run_id, "FINISHED")
+    return result
 
 
 def resolve_bundle(source: str, cache_dir: str = ".visionflow") -> Path:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from components import tracking
 from components.config import PipelineParams, params_to_flat_dict
 from components.errors import StageError, VisionflowError
+from components.monitoring.resources import StageClock
 from flows.optimize import optimize_stage
 from flows.package import package_task
 from flows.tasks import (
@@ -46,6 +47,9 @@ class PipelineResult(BaseModel):
     bundle: str | None = None
     model_version: str | None = None
     registry_decision: str | None = None
+    promoted: bool | None = None
+    challenger_accuracy: float | None = None
+    champion_accuracy: float | None = None
     best_variant: str | None = None
     comparison: str | None = None
 
@@ -55,7 +59,18 @@ def loggable_params(params: PipelineParams) -> dict:
     return {k: v for k, v in params_to_flat_dict(params).items() if k not in _NOT_LOGGED}
 
 
-def open_pipeline_run(params: PipelineParams, params_file: str | None, resume_run_id: str | None) -> tuple[str, Path]:
+def stage_clock(run_id: str) -> StageClock:
+    """A StageClock that logs stage/<name>/seconds and stage/<name>/peak_rss_mb (flow process and its
+    children, e.g. the training process) to the pipeline's MLflow run as each stage ends."""
+
+    def log(name: str, seconds: float, peak_mb: float) -> None:
+        tracking.log_metrics(run_id, {f"stage/{name}/seconds": seconds, f"stage/{name}/peak_rss_mb": peak_mb})
+
+    return StageClock(log)
+
+
+def open_pipeline_run(params: PipelineParams, params_file: str | None, resume_run_id: str | None,
+                      extra_tags: dict[str, str] | None = None) -> tuple[str, Path]:
     """Start the parent MLflow run and its run directory (or re-open both for a resume); returns (run id, run dir)."""
     prefect_tags = {
         "prefect.flow_run_id": str(flow_run.id or ""),
@@ -70,6 +85,7 @@ def open_pipeline_run(params: PipelineParams, params_file: str | None, resume_ru
         return resume_run_id, run_dir
     tags = {
         **prefect_tags,
+        **(extra_tags or {}),
         "visionflow.params_file": params_file or "",
         "mlflow.source.git.commit": tracking.git_commit() or "",
     }
@@ -88,23 +104,26 @@ def pipeline(
     params: PipelineParams = PipelineParams(),
     params_file: str | None = None,
     resume_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> PipelineResult:
     """Train, evaluate and track an image classifier from `params`.
 
     `resume_run_id` re-attaches to an earlier (failed or killed) run: same run directory, same
-    MLflow run, training continued from its last checkpoint. Returns a PipelineResult.
+    MLflow run, training continued from its last checkpoint. `tags` are added to the MLflow run
+    (a sweep marks its runs this way). Returns a PipelineResult.
     """
-    run_id, run_dir = open_pipeline_run(params, params_file, resume_run_id)
-    stage = "ingest"
+    run_id, run_dir = open_pipeline_run(params, params_file, resume_run_id, tags)
+    clock = stage_clock(run_id)
+    stage = clock.start("ingest")
     try:
         snapshot = ingest_task(params.data, params.run.cache_dir)
-        stage = "validate"
+        stage = clock.start("validate")
         report = validate_task(snapshot, params.data, str(run_dir), run_id)
-        stage = "augment"
+        stage = clock.start("augment")
         preview_task(params, report, str(run_dir), run_id)
-        stage = "train"
+        stage = clock.start("train")
         trained = train_task(params, report, snapshot, str(run_dir), run_id)
-        stage = "evaluate"
+        stage = clock.start("evaluate")
         evaluation, evaluate_run_id = evaluate_task(
             trained.checkpoint, report.clean_manifest_path, "test", params.evaluate, params.data,
             str(run_dir / "evaluation"), params.run.experiment, run_id,
@@ -112,23 +131,26 @@ def pipeline(
         split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
         optimized = None
         if params.optimize.enabled:
-            stage = "optimize"
+            stage = clock.start("optimize")
             optimized = optimize_stage(trained.checkpoint, report.clean_manifest_path, params, str(run_dir), run_id)
         packaged = None
         if params.package.enabled:
-            stage = "package"
+            stage = clock.start("package")
             packaged = package_task(
-                trained.checkpoint, params, snapshot, report.clean_manifest_path, evaluation, split_counts,
+                trained.checkpoint, params, snapshot.source, snapshot.fingerprint, report.clean_manifest_path,
+                evaluation, split_counts,
                 str(run_dir), run_id,
                 int8_onnx=optimized.int8_onnx if optimized else None,
                 comparison_md=optimized.comparison_md if optimized else None,
             )
     except BaseException as err:
+        clock.stop()
         tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: stage, "visionflow.error": str(err)[:500]})
         tracking.end_run(run_id, end_status(err))
         if isinstance(err, VisionflowError) and not isinstance(err, StageError):
             raise StageError(stage, str(err)) from err
         raise
+    clock.stop()
     metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
     tracking.log_metrics(run_id, {**metrics, "train/best_val_acc": trained.best_val_acc or 0.0})
     tracking.log_artifacts(run_id, [evaluation.confusion_png_path, evaluation.metrics_path], "evaluation")
@@ -146,6 +168,9 @@ def pipeline(
         bundle=packaged.archive if packaged else None,
         model_version=f"{packaged.model_name} v{packaged.version}" if packaged else None,
         registry_decision=packaged.reason if packaged else None,
+        promoted=packaged.promoted if packaged else None,
+        challenger_accuracy=packaged.challenger_accuracy if packaged else None,
+        champion_accuracy=packaged.champion_accuracy if packaged else None,
         best_variant=optimized.best if optimized else None,
         comparison=optimized.comparison_md if optimized else None,
     )
@@ -164,7 +189,7 @@ def pipeline(
                 "registry gate": packaged.reason} if packaged else {}),
             **({"best compressed variant": str(optimized.best)} if optimized else {}),
         },
-        tracking.ui_hint(),
+        tracking.run_link(run_id),
     )
     tracking.end_run(run_id, "FINISHED")
     return result

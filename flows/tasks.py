@@ -74,7 +74,7 @@ def _source_stamp(path: str) -> str:
 
 def snapshot_dir(data: DataParams, cache_dir: str) -> Path:
     """Where the snapshot of this source and these data params is kept (shared by runs on the same data)."""
-    key = hashlib.sha256((data.model_dump_json() + _source_stamp(data.path)).encode()).hexdigest()[:20]
+    key = hashlib.sha256((data.model_dump_json(exclude={"cache"}) + _source_stamp(data.path)).encode()).hexdigest()[:20]
     return Path(cache_dir) / "snapshots" / key
 
 

@@ -1,10 +1,13 @@
-"""Export a trained network: ONNX (one self-contained file, dynamic batch) and TorchScript.
+"""Export a trained network: ONNX (one self-contained file, dynamic batch), TorchScript and
+ExecuTorch (.pte, XNNPACK-delegated, for on-device runtimes).
 
 The ONNX file takes "image" (N, C, S, S) float32 — already normalised the way the model's eval
 transform does it — and returns "logits" (N, sum of task sizes). torch.onnx's dynamo exporter is
 tried first (external_data=False, so no .onnx.data file beside it); a model it cannot export, or
 whose export does not run at two batch sizes in onnxruntime, is exported by the legacy
-TorchScript-based exporter instead.
+TorchScript-based exporter instead. The .pte program takes one image of the same input and returns
+its logits; it needs the optional `executorch` package (pip install 'visionflow[executorch]'), imported only when
+a .pte is asked for.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import torch
 from onnx.external_data_helper import uses_external_data
 from torch import nn
 
+from components.errors import VisionflowError
 from components.models import ModelSpec
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+# The ExecuTorch release this code is tested with (torch 2.14.1); it declares no torch pin of its own.
+EXECUTORCH_TESTED = "1.5.1"
 
 
 def _example(model: nn.Module, spec: ModelSpec, batch: int) -> torch.Tensor:
@@ -175,3 +181,84 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, out_path: Path) -> Pat
     finally:
         model.train(was_training)
     return out_path
+
+
+def _executorch_unavailable(reason: str) -> VisionflowError:
+    return VisionflowError(
+        f"ExecuTorch export not available: {reason}; install executorch=={EXECUTORCH_TESTED} matching torch "
+        f"{torch.__version__} (pip install 'visionflow[executorch]') and rerun, or set package.executorch=false"
+    )
+
+
+def export_executorch(model: nn.Module, spec: ModelSpec, out_path: Path) -> Path:
+    """Export `model` (eval mode; its mode is restored) to an ExecuTorch program at `out_path`.
+
+    Takes the network, its ModelSpec and the .pte path (parent folders created). The program takes
+    one image, (1, C, S, S) float32 normalised like the ONNX input, and returns (1, outputs) logits:
+    batch 1 is what on-device callers run, and dynamic batch sizes proved unreliable here (XNNPACK
+    programs traced at one batch refused others). The graph is captured with torch.export, lowered to
+    the XNNPACK CPU delegate where it can be, serialised and run once. Returns `out_path`. Raises
+    VisionflowError "ExecuTorch export not available: ..." when the executorch package cannot be
+    imported, RuntimeError naming the first line of the failure when the model cannot be exported or
+    its program does not run.
+    """
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as err:
+        raise _executorch_unavailable(f"cannot import executorch ({err})") from None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(model.eval(), (_example(model, spec, batch=1).cpu(),))
+            program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+    except Exception as err:  # torch.export / lowering raise many types; the caller needs one clear line
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"could not export {spec.name} to ExecuTorch: {first_line}") from err
+    finally:
+        model.train(was_training)
+    out_path.write_bytes(program.buffer)
+    try:
+        _run_pte(out_path, torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
+    except Exception as err:  # the runtime raises RuntimeError with a numeric code; its log names the kernel
+        raise RuntimeError(f"the ExecuTorch program of {spec.name} does not run ({err})") from None
+    return out_path
+
+
+def _run_pte(pte_path: Path, images: torch.Tensor) -> np.ndarray:
+    """Logits of a batch-1 .pte program for (N, C, S, S) images, one image per call."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(Path(pte_path)).load_method("forward")
+    return np.concatenate([method.execute([image[None].contiguous()])[0].numpy() for image in images])
+
+
+def executorch_parity(model: nn.Module, pte_path: Path, images: torch.Tensor) -> dict[str, float]:
+    """Compare PyTorch (eval, CPU, no grad) and the ExecuTorch runtime on the same images.
+
+    Takes the network, the .pte path and an (N, C, S, S) float32 tensor of normalised images (run one
+    at a time through the program). Returns {"max_abs_logit_diff", "top1_agreement", "num_images"}
+    like onnx_parity. Raises VisionflowError when executorch is not installed.
+    """
+    try:
+        import executorch.runtime  # noqa: F401
+    except ImportError as err:
+        raise _executorch_unavailable(f"cannot import executorch.runtime ({err})") from None
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    x = images.detach().float().cpu()
+    try:
+        with torch.no_grad():
+            reference = model.eval()(x.to(device)).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    logits = _run_pte(pte_path, x)
+    return {
+        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "top1_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+        "num_images": int(x.shape[0]),
+    }

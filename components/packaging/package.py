@@ -15,10 +15,17 @@ from components.data.images import load_image
 from components.errors import VisionflowError
 from components.evaluation.report import EvalReport
 from components.packaging.bundle import model_card, pack_bundle, verify_bundle, write_bundle
-from components.packaging.export import export_onnx, export_torchscript, onnx_parity
+from components.packaging.export import (
+    executorch_parity,
+    export_executorch,
+    export_onnx,
+    export_torchscript,
+    onnx_parity,
+)
 from components.training.module import load_classifier
 
 PARITY_IMAGES = 64
+PROFILE_MAX_IMAGES = 5000
 
 
 class PackagingError(VisionflowError):
@@ -34,7 +41,17 @@ class PackagedModel(BaseModel):
     archive: str
     onnx_path: str
     parity: dict[str, float]
+    executorch_parity: dict[str, float] | None = None
     input_example: np.ndarray
+
+
+def _check_parity(kind: str, parity: dict[str, float], params: PackageParams) -> None:
+    if parity["max_abs_logit_diff"] > params.parity_max_abs_diff or parity["top1_agreement"] < params.parity_min_agreement:
+        raise PackagingError(
+            f"{kind} export does not match PyTorch: max |logit diff| {parity['max_abs_logit_diff']:.2e} "
+            f"(limit {params.parity_max_abs_diff}), top-1 agreement {parity['top1_agreement']:.4f} "
+            f"(limit {params.parity_min_agreement})"
+        )
 
 
 def package_checkpoint(
@@ -50,8 +67,9 @@ def package_checkpoint(
     int8_onnx: str | None = None,
     comparison_md: str | None = None,
 ) -> PackagedModel:
-    """Export `checkpoint` to ONNX, check parity on up to 64 test images (raising PackagingError past
-    the thresholds in `params`), write and verify the bundle and its .tar.gz under `out_dir`.
+    """Export `checkpoint` to ONNX (and, with params.executorch, to an ExecuTorch model.pte put in the
+    bundle), check parity on up to 64 test images (raising PackagingError past the thresholds in
+    `params`), write and verify the bundle and its .tar.gz under `out_dir`.
 
     Returns a PackagedModel.
     """
@@ -63,16 +81,20 @@ def package_checkpoint(
     )
     onnx_path = export_onnx(classifier.model, classifier.spec, out_dir / "export" / "model.onnx")
     parity = onnx_parity(classifier.model, onnx_path, torch.from_numpy(images))
-    if parity["max_abs_logit_diff"] > params.parity_max_abs_diff or parity["top1_agreement"] < params.parity_min_agreement:
-        raise PackagingError(
-            f"ONNX export does not match PyTorch: max |logit diff| {parity['max_abs_logit_diff']:.2e} "
-            f"(limit {params.parity_max_abs_diff}), top-1 agreement {parity['top1_agreement']:.4f} "
-            f"(limit {params.parity_min_agreement})"
-        )
+    _check_parity("ONNX", parity, params)
+    pte_parity = None
+    extra = {"confusion_matrix.png": Path(evaluation.confusion_png_path)}
+    if params.executorch:
+        try:
+            pte_path = export_executorch(classifier.model, classifier.spec, out_dir / "export" / "model.pte")
+        except RuntimeError as err:
+            raise PackagingError(f"{err} (set package.executorch=false to package without it)") from err
+        pte_parity = executorch_parity(classifier.model, pte_path, torch.from_numpy(images))
+        _check_parity("ExecuTorch", pte_parity, params)
+        extra["model.pte"] = pte_path
     if params.torchscript:
         export_torchscript(classifier.model, classifier.spec, out_dir / "export" / "model.torchscript.pt")
-    metrics = {**evaluation.metrics, "onnx_parity": parity}
-    extra = {"confusion_matrix.png": Path(evaluation.confusion_png_path)}
+    metrics = {**evaluation.metrics, "onnx_parity": parity, **({"executorch_parity": pte_parity} if pte_parity else {})}
     if int8_onnx:
         extra["model.int8.onnx"] = Path(int8_onnx)
     card = model_card(
@@ -90,12 +112,28 @@ def package_checkpoint(
         out_dir / "bundle", onnx_path, classifier.classes,
         eval_preprocess_spec(classifier.augment, classifier.spec.in_channels), metrics, card, extra,
     )
+    _add_reference_profile(bundle, test_rows, max_pixels)
     archive = pack_bundle(bundle)
     verify_bundle(bundle)
     return PackagedModel(
-        bundle_dir=str(bundle), archive=str(archive), onnx_path=str(onnx_path), parity=parity,
+        bundle_dir=str(bundle), archive=str(archive), onnx_path=str(onnx_path), parity=parity, executorch_parity=pte_parity,
         input_example=images[:1],
     )
+
+
+def _add_reference_profile(bundle: Path, rows: list[dict[str, str]], max_pixels: int) -> None:
+    """Write reference_profile.json (predictions and image statistics on up to PROFILE_MAX_IMAGES test
+    images, evenly spaced, through the bundle's own onnxruntime predictor) into the bundle."""
+    from components.monitoring.profile import build_reference_profile, write_reference_profile
+    from components.serving.predictor import Predictor
+
+    if not rows:
+        return
+    rows = rows[:: max(1, -(-len(rows) // PROFILE_MAX_IMAGES))]
+    predictor = Predictor(bundle, max_pixels=max_pixels)
+    channels = int(predictor.preprocess["channels"])
+    images = (load_image(r["path"], channels, max_pixels) for r in rows)
+    write_reference_profile(bundle, build_reference_profile(predictor, images, [r["label"] for r in rows]))
 
 
 def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: int) -> float:

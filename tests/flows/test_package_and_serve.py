@@ -17,6 +17,7 @@ from components import tracking
 from components.config import load_params
 from components.packaging.bundle import verify_bundle
 from flows.package import promote_version, resolve_bundle, rollback_champion
+from components.monitoring.profile import read_reference_profile
 from flows.pipeline import pipeline
 from tests.flows.conftest import tiny_overrides
 
@@ -39,7 +40,11 @@ def test_bundle_is_verified_and_self_contained(two_runs):
     assert contents["labels"] == ["circle", "square", "triangle"]
     client = MlflowClient(tracking.tracking_uri())
     names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "bundle")}
-    assert {"model.onnx", "labels.json", "preprocess.json", "MODEL_CARD.md", "metrics.json", "SHA256SUMS"} <= names
+    assert {"model.onnx", "labels.json", "preprocess.json", "MODEL_CARD.md", "metrics.json", "SHA256SUMS",
+            "reference_profile.json"} <= names
+    profile = read_reference_profile(Path(result.bundle).with_suffix("").with_suffix(""))
+    assert profile.model_sha256 == contents["files"]["model.onnx"] and profile.labels == contents["labels"]
+    assert profile.num_images == result.split_counts["test"] and profile.accuracy == pytest.approx(result.challenger_accuracy)
     assert not [n for n in names if n.endswith((".pt", ".pth", ".ckpt", ".pkl"))]
 
 
@@ -123,3 +128,55 @@ def test_resolve_bundle_refuses_a_tampered_archive(two_runs, tmp_path):
 
     with pytest.raises(VisionflowError, match="labels.json"):
         resolve_bundle(str(tampered), cache_dir=str(tmp_path / "cache"))
+
+
+def test_package_command_repackages_a_finished_run_under_a_child_run(two_runs):
+    """`visionflow package --from-run`: its own flow, a child run, a new version gated against the champion."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params, first, second = two_runs
+    name = params.package.model_name
+    promote_version(name, "2")  # the weaker model is champion: the repackaged first model must be gated against it
+    versions_before = {v.version for v in MlflowClient(tracking.tracking_uri()).search_model_versions(f"name='{name}'")}
+
+    out = CliRunner().invoke(app, ["package", "--from-run", first.run_id,
+                                   "--set", "package.torchscript=true", "--set", "package.executorch=true"])
+    assert out.exit_code == 0, out.output
+    client = MlflowClient(tracking.tracking_uri())
+    child = client.get_run(tracking.child_run(first.run_id, "package"))
+    assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == first.run_id
+    assert client.get_run(first.run_id).info.status == "FINISHED"  # the pipeline run itself is left as it was
+    assert child.data.params["package.torchscript"] == "True"  # the --set override reached the stage
+    version = child.data.tags["visionflow.model_version"]
+    assert version not in versions_before and f"{name} v{version}" in out.output
+    assert client.get_model_version(name, version).run_id == child.info.run_id
+    champion_accuracy = client.get_run(second.run_id).data.metrics["registry/challenger_accuracy"]
+    assert child.data.metrics["registry/champion_accuracy"] == pytest.approx(champion_accuracy)
+    promoted = child.data.metrics["registry/challenger_accuracy"] > champion_accuracy
+    assert child.data.metrics["registry/promoted"] == float(promoted)
+    assert str(tracking.alias_version(name, tracking.CHAMPION).version) == (version if promoted else "2")
+    assert str(tracking.alias_version(name, tracking.CHALLENGER).version) == version
+
+    run_dir = Path(child.data.tags[tracking.RUN_DIR_TAG])
+    assert run_dir.parent == Path(first.run_dir) and run_dir.name.startswith("package-")
+    assert (run_dir / "package" / "export" / "model.torchscript.pt").is_file()
+    assert "model.pte" in {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "bundle")}
+    assert child.data.metrics["package/executorch_parity_top1_agreement"] == 1.0
+    assert verify_bundle(Path(first.bundle).with_suffix("").with_suffix(""))  # the pipeline's own bundle untouched
+    assert verify_bundle(resolve_bundle(f"models:/{name}/{version}", cache_dir=str(run_dir / "cache")))["labels"] == [
+        "circle", "square", "triangle"]
+
+
+def test_package_command_refuses_unknown_runs_and_bad_overrides(two_runs):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, first, _ = two_runs
+    missing = CliRunner().invoke(app, ["package", "--from-run", "0123456789abcdef"])
+    assert missing.exit_code == 2 and "no MLflow run 0123456789abcdef" in missing.output
+    bad = CliRunner().invoke(app, ["package", "--from-run", first.run_id, "--set", "package.promote_margin=2"])
+    assert bad.exit_code == 2 and "package.promote_margin" in bad.output
+    assert "Traceback" not in missing.output + bad.output

@@ -52,6 +52,10 @@ def test_pipeline_tracks_everything_in_mlflow(finished_run):
     assert "confusion_matrix.png" in _artifacts(client, parent.info.run_id, "evaluation")
     contexts = {i.tags[0].value for i in parent.inputs.dataset_inputs}
     assert contexts == {"train", "val", "test"}
+    for stage in ("ingest", "validate", "augment", "train", "evaluate", "package"):  # wall time and peak memory per stage
+        assert parent.data.metrics[f"stage/{stage}/seconds"] > 0 and parent.data.metrics[f"stage/{stage}/peak_rss_mb"] > 50
+    # the training process is a child of the flow process: its memory counts in the train stage's peak
+    assert parent.data.metrics["stage/train/peak_rss_mb"] > parent.data.metrics["stage/ingest/peak_rss_mb"]
 
     children = _children(client, parent)
     assert set(children) == {"train", "evaluate"}
@@ -60,6 +64,7 @@ def test_pipeline_tracks_everything_in_mlflow(finished_run):
     history = client.get_metric_history(train.info.run_id, "val/acc")
     assert len(history) == 4  # one value per epoch, logged once (rank zero only)
     assert "train/loss" in train.data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(train.data.metrics)
     assert "best.ckpt" in _artifacts(client, train.info.run_id, "checkpoints")
     evaluate = children["evaluate"]
     assert evaluate.info.status == "FINISHED"
@@ -79,6 +84,16 @@ def test_pipeline_result_and_run_directory(finished_run):
     assert result.metrics["test/accuracy"] >= 0.6
     metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
     assert metrics["summary"]["accuracy"] == result.metrics["test/accuracy"]
+
+
+def test_training_decoded_through_the_image_cache_and_logged_its_batch(finished_run):
+    params, result = finished_run
+    caches = sorted(p.name for p in (Path(params.run.cache_dir) / "images").iterdir())
+    assert len(caches) == 4 and all(name.endswith(("-16x16x3.u8", "-16x16x3.json")) for name in caches)  # train, val
+    client = MlflowClient(tracking.tracking_uri())
+    train = _children(client, client.get_run(result.run_id))["train"]
+    assert train.data.params["trainer.effective_batch_size"] == str(params.train.batch_size)
+    assert train.data.metrics["perf/train_images_per_sec"] > 0
 
 
 def test_evaluate_flow_on_another_data_set(finished_run, tmp_path):

@@ -97,3 +97,32 @@ def test_torchscript_export_matches(tmp_path):
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_executorch_export_runs_with_parity(tmp_path):
+    from components.packaging.export import executorch_parity, export_executorch
+
+    spec = FAMILIES["cnn"]
+    torch.manual_seed(0)
+    model = build_model(spec).train()
+    path = export_executorch(model, spec, tmp_path / "et" / "model.pte")
+    assert model.training  # mode restored
+    assert path.read_bytes()[4:8] == b"ET12"  # the ExecuTorch flatbuffer identifier
+    parity = executorch_parity(model, path, torch.randn(5, 3, spec.image_size, spec.image_size))
+    assert parity["max_abs_logit_diff"] < 1e-4 and parity["top1_agreement"] == 1.0 and parity["num_images"] == 5
+
+
+def test_executorch_export_without_the_package_says_how_to_fix_it(tmp_path, monkeypatch):
+    import sys
+
+    from components.errors import VisionflowError
+    from components.packaging.export import export_executorch
+
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)  # import of executorch.exir raises ImportError
+    spec = FAMILIES["cnn"]
+    with pytest.raises(VisionflowError) as info:
+        export_executorch(build_model(spec), spec, tmp_path / "model.pte")
+    message = str(info.value)
+    assert message.startswith("ExecuTorch export not available: cannot import executorch")
+    assert f"install executorch==1.5.1 matching torch {torch.__version__}" in message and "and rerun" in message
+    assert not (tmp_path / "model.pte").exists()

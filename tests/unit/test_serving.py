@@ -273,6 +273,54 @@ def test_concurrent_requests_are_batched(client):
     assert batches < 20 and singles < batches, "no batch held more than one image"
 
 
+def test_500_concurrent_requests_from_8_clients_complete_with_no_error(bundle):
+    """8 keep-alive clients, 500 requests over real HTTP: every answer is a 200 and belongs to its own image."""
+    clients, total = 8, 500
+    # max_batch = number of clients: a full batch runs at once instead of waiting out the batch timeout
+    settings = SETTINGS.model_copy(update={"max_batch": clients, "batch_timeout_ms": 20})
+    pngs = [_png(_image(200 + i, (20 + i, 24))) for i in range(16)]
+    predictor = Predictor(bundle)
+    expected = [predictor.predict([predictor.decode(png)], top_k=3)[0] for png in pngs]
+    with _LiveServer(create_app(bundle, settings)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        answers, before, after = _load(client, pngs, clients, total)
+    assert len(answers) == total
+    failures = [(n, status, body) for n, status, body in answers if status != 200]
+    assert not failures, failures[:3]
+    for n, _, body in answers:
+        predictions = body["predictions"][0]
+        want = expected[n % len(pngs)]
+        assert [p["label"] for p in predictions] == [p["label"] for p in want], n
+        assert [p["probability"] for p in predictions] == pytest.approx([p["probability"] for p in want], abs=1e-5)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("visionflow_requests_total", endpoint="/predict", status="200") == total
+    assert delta("visionflow_batch_size_sum") == total
+    assert delta("visionflow_batch_size_count") < total  # batched, not one call per request
+    assert not any(k[0] == "visionflow_errors_total" and after[k] != before.get(k, 0.0) for k in after)
+
+
+def _load(client: httpx.Client, pngs: list[bytes], clients: int, total: int):
+    """Send `total` requests from `clients` threads (request n carries pngs[n % len]); returns (answers, metrics before, after)."""
+    before = _metrics(client)
+    barrier = threading.Barrier(clients, timeout=10)
+
+    def worker(index: int) -> list[tuple[int, int, dict | str]]:
+        answers = []
+        with httpx.Client(base_url=client.base_url, timeout=30) as own:
+            barrier.wait()
+            for n in range(index, total, clients):
+                response = own.post("/predict", content=pngs[n % len(pngs)], headers={"Content-Type": "image/png"})
+                answers.append((n, response.status_code, response.json() if response.status_code == 200 else response.text))
+        return answers
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        answers = [a for batch in pool.map(worker, range(clients)) for a in batch]
+    return answers, before, _metrics(client)
+
+
 def test_tampered_bundle_is_not_served(bundle, tmp_path):
     import shutil
 
