@@ -265,7 +265,7 @@ def serve(
         from pydantic import ValidationError
 
         from components.serving.app import ServeSettings, serve as run_server
-        from flows.package import resolve_bundle
+        from components.packaging.resolve import resolve_bundle
 
         try:
             settings = ServeSettings(

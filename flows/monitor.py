@@ -131,7 +131,7 @@ def monitor_flow(
     Emits `visionflow.drift.detected` for resource visionflow.model.<package.model_name> exactly when a
     check drifted. Returns the MonitorResult. Raises VisionflowError when the bundle cannot be found.
     """
-    from flows.package import resolve_bundle
+    from components.packaging.resolve import resolve_bundle
 
     log_dir = log_dir or params.monitor.log_dir
     feedback = feedback or params.monitor.feedback

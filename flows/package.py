@@ -5,7 +5,6 @@ pipeline or alone on a finished run (`visionflow package --from-run`); and the r
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,12 +19,11 @@ from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
 from components.errors import StageError, VisionflowError
 from components.evaluation.report import EvalReport, read_report
-from components.packaging.bundle import unpack_bundle, verify_bundle
 from components.packaging.gate import decide_promotion
 from components.packaging.package import bundle_accuracy, package_checkpoint
+from components.packaging.resolve import BUNDLE_ARTIFACTS
 from flows.tasks import end_status, publish_summary
 
-BUNDLE_ARTIFACTS = "bundle"
 DATA_FINGERPRINT_TAG = "visionflow.data_fingerprint"
 
 
@@ -223,39 +221,6 @@ def package_flow(source_run_id: str, overrides: list[str] | None = None) -> Pack
         raise
     tracking.end_run(run_id, "FINISHED")
     return result
-
-
-def resolve_bundle(source: str, cache_dir: str = ".visionflow") -> Path:
-    """A verified local bundle folder for a folder, a .tar.gz, or `models:/NAME@ALIAS` / `models:/NAME/VERSION`."""
-    if source.startswith("models:/"):
-        ref = source.removeprefix("models:/")
-        c = tracking.client()
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = tracking.alias_version(name, alias)
-            if version is None:
-                raise VisionflowError(f"no model version {source} in {tracking.tracking_uri()}")
-        else:
-            name, _, number = ref.partition("/")
-            try:
-                version = c.get_model_version(name, number)
-            except Exception:
-                raise VisionflowError(f"no model version {source} in {tracking.tracking_uri()}") from None
-        dest = Path(cache_dir) / "registry" / name / str(version.version)
-        if not (dest / BUNDLE_ARTIFACTS).is_dir():
-            tracking.download_run_artifacts(version.run_id, BUNDLE_ARTIFACTS, dest)
-        bundle = dest / BUNDLE_ARTIFACTS
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise VisionflowError(f"bundle not found: {source}")
-        if path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            bundle = unpack_bundle(path, Path(cache_dir) / "bundles" / digest)
-        else:
-            bundle = path
-    verify_bundle(bundle)
-    return bundle.resolve()
 
 
 def promote_version(name: str, version: str) -> str:

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from components import tracking
 from components.config import load_params
 from components.packaging.bundle import verify_bundle
-from flows.package import promote_version, resolve_bundle, rollback_champion
+from components.packaging.resolve import resolve_bundle
+from flows.package import promote_version, rollback_champion
 from components.monitoring.profile import read_reference_profile
 from flows.pipeline import pipeline
 from tests.flows.conftest import tiny_overrides

@@ -173,3 +173,13 @@ def test_slim_image_carries_everything_the_server_imports(server_modules):
         assert dists & installed, f"the server imports {module} ({dists or 'no distribution'}), not in docker/requirements-serve.txt"
     for requirement in filter(None, requirements):
         assert Requirement(requirement).name.lower() not in HEAVY
+
+
+def test_visionflow_serve_of_a_local_bundle_loads_no_torch_prefect_or_mlflow():
+    code = ("import sys, flows.cli\n"
+            "from components.serving.app import serve\n"
+            "from components.packaging.resolve import resolve_bundle\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'prefect', 'mlflow', 'albumentations'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
