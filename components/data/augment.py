@@ -96,6 +96,18 @@ def _eval_sizes(params: AugmentParams) -> tuple[int, int]:
     return round(s * params.eval_resize_ratio), s
 
 
+def eval_resize_side(params: AugmentParams) -> int:
+    """The square side the eval transform resizes to first (round(image_size * eval_resize_ratio)).
+
+    The decoded-image cache stores images at this side, so the eval transform's Resize is a no-op on them."""
+    return _eval_sizes(params)[0]
+
+
+def build_resize(side: int) -> A.Resize:
+    """The square Resize (bilinear, albumentations' default) the eval transform and the image cache share."""
+    return A.Resize(height=side, width=side, interpolation=_INTERPOLATION)
+
+
 def build_eval_transform(params: AugmentParams, normalize: bool = True) -> A.Compose:
     """Build the deterministic eval transform.
 
@@ -107,7 +119,7 @@ def build_eval_transform(params: AugmentParams, normalize: bool = True) -> A.Com
     otherwise an HxWxC uint8 array.
     """
     resize, crop = _eval_sizes(params)
-    steps: list[A.BasicTransform] = [A.Resize(height=resize, width=resize, interpolation=_INTERPOLATION)]
+    steps: list[A.BasicTransform] = [build_resize(resize)]
     if resize != crop:
         steps.append(A.CenterCrop(height=crop, width=crop))
     if normalize:

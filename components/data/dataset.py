@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Callable
 
@@ -10,14 +11,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
+from components.data.image_cache import ImageCache, ensure_image_cache
 from components.data.images import load_image
 
 
 class ManifestDataset(Dataset):
     """Images listed in manifest rows (dicts with `path` and `label`), decoded and transformed.
 
-    Returns (image tensor, class index) pairs; with `task_classes` (extra task → its classes) the
+    Returns (image tensor, class index) pairs (a transform without normalization gives an HxWxC uint8
+    tensor); with `task_classes` (extra task → its classes) the
     target is a LongTensor of class indices, primary task first. A decode error names the file.
+    With `cache` (built from the same rows) images come from the memory-mapped cache instead of
+    the files; each process maps it on first use.
     """
 
     def __init__(
@@ -28,6 +33,7 @@ class ManifestDataset(Dataset):
         channels: int,
         max_pixels: int,
         task_classes: dict[str, list[str]] | None = None,
+        cache: ImageCache | None = None,
     ):
         index = {name: i for i, name in enumerate(classes)}
         self.paths = [row["path"] for row in rows]
@@ -39,16 +45,34 @@ class ManifestDataset(Dataset):
         self.transform = transform
         self.channels = channels
         self.max_pixels = max_pixels
+        if cache is not None and cache.shape[0] != len(self.paths):
+            raise ValueError(f"the image cache holds {cache.shape[0]} images, the rows {len(self.paths)}")
+        self.cache = cache
+        self._images: np.memmap | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_images"] = None  # a spawned worker maps the file itself instead of receiving a pickled copy
+        return state
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _image(self, i: int) -> np.ndarray:
+        if self.cache is None:
+            return load_image(self.paths[i], self.channels, self.max_pixels)
+        if self._images is None:
+            self._images = self.cache.open()
+        return np.array(self._images[i])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.paths[i], self.channels, self.max_pixels)
+        image = self.transform(image=self._image(i))["image"]
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(image))
         target = self.targets[i]
         if self.extra_targets is not None:
             target = torch.tensor([target, *self.extra_targets[i]])
-        return self.transform(image=image)["image"], target
+        return image, target
 
 
 def _reseed_worker_transform(worker_id: int) -> None:
@@ -67,7 +91,12 @@ def rows_of_split(rows: list[dict[str, str]], split: str) -> list[dict[str, str]
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train/val loaders over a validated manifest with the train and eval transforms."""
+    """Train/val loaders over a validated manifest with the train and eval transforms.
+
+    With `normalize` = (mean, std) the transforms stop at uint8 (augmentation per sample, on uint8): batches
+    travel as (N, H, W, C) uint8, a quarter of the float32 bytes, and are normalised as a whole on the training
+    device after the transfer (`normalize_batch`), with the same float32 arithmetic as albumentations' Normalize.
+    """
 
     def __init__(
         self,
@@ -81,8 +110,15 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         balanced_sampler: bool = False,
         task_classes: dict[str, list[str]] | None = None,
+        cache_dir: str | None = None,
+        cache_side: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        normalize: tuple[list[float], list[float]] | None = None,
     ):
         super().__init__()
+        self.normalize = normalize
         self.balanced_sampler = balanced_sampler
         self.task_classes = task_classes
         self.rows = rows
@@ -93,22 +129,60 @@ class ImageDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.cache_side = cache_side
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+
+    def _cache(self, rows: list[dict[str, str]]) -> ImageCache | None:
+        if self.cache_dir is None or not rows:
+            return None
+        return ensure_image_cache(
+            rows, self.cache_dir, self.cache_side, self.channels, self.max_pixels, self.num_workers,
+            log=lambda line: print(line, flush=True),
+        )
+
+    def normalize_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H, W, C) uint8 images → (N, C, H, W) float32 (x - mean·255) · 1/(std·255), computed in float32
+        exactly as albumentations' Normalize does; batches of float images (or without `normalize`) pass as they are."""
+        x, y = batch
+        if self.normalize is None or x.dtype != torch.uint8:
+            return x, y
+        mean, std = (np.asarray(v, dtype=np.float32) for v in self.normalize)
+        shift = torch.from_numpy(mean * np.float32(255.0)).to(x.device).view(1, -1, 1, 1)
+        scale = torch.from_numpy(np.reciprocal(std * np.float32(255.0))).to(x.device).view(1, -1, 1, 1)
+        images = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32, device=x.device)
+        return images.copy_(x.permute(0, 3, 1, 2)).sub_(shift).mul_(scale), y
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning hook: normalise the uint8 batch on the training device."""
+        return self.normalize_batch(batch)
+
+    def prepare_data(self) -> None:
+        """Build the image caches of the train and val splits (Lightning calls this on one process per node
+        while the others wait; the loaders then find the caches ready)."""
+        for split in ("train", "val"):
+            self._cache(rows_of_split(self.rows, split))
 
     def _dataset(self, split: str, transform: Callable) -> ManifestDataset:
+        rows = rows_of_split(self.rows, split)
         return ManifestDataset(
-            rows_of_split(self.rows, split), self.classes, transform, self.channels, self.max_pixels, self.task_classes
+            rows, self.classes, transform, self.channels, self.max_pixels, self.task_classes, self._cache(rows)
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
             worker_init_fn=_reseed_worker_transform,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -150,3 +224,13 @@ def eval_arrays(
         images.append(x.numpy())
         targets.append(np.asarray(y))
     return np.concatenate(images).astype(np.float32), np.concatenate(targets)
+
+
+def resolve_num_workers(value: int | str, local_processes: int = 1) -> int:
+    """DataLoader workers for one training process: `value` when it is an int; for "auto", the CPU cores this
+    process may use, shared among the `local_processes` training processes of the node, less one for the
+    training loop itself, between 0 and 8."""
+    if isinstance(value, int):
+        return value
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, local_processes) - 1))

@@ -7,23 +7,27 @@ to the MLflow run named by the spec (or MLFLOW_RUN_ID) and writes a FitResult JS
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from collections import Counter
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from pydantic import BaseModel
 
 from components.config import PipelineParams
-from components.data.augment import build_eval_transform, build_train_transform
-from components.data.dataset import ImageDataModule
+from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
+from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
 from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
+from components.training.devices import DevicePlan, effective_batch_size, plan_devices, resolve_accelerator, scaled_lr
 from components.training.module import ClassifierModule
 
 
@@ -38,6 +42,7 @@ class FitSpec(BaseModel):
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     progress_bar: bool = True
+    rank_results: bool = False  # every rank > 0 also writes its FitResult to <result_path>.rank<N> (tests, debugging)
 
 
 class FitResult(BaseModel):
@@ -49,6 +54,11 @@ class FitResult(BaseModel):
     epochs: int = 0
     final_metrics: dict[str, float] = {}
     error: str | None = None
+    global_rank: int = 0
+    world_size: int = 1
+    effective_batch_size: int | None = None
+    lr: float | None = None
+    weights_sha256: str | None = None  # of this rank's final state_dict
 
 
 class EpochSummary(Callback):
@@ -61,6 +71,29 @@ class EpochSummary(Callback):
             f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if "/" in k
         )
         print(f"[visionflow] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown}", flush=True)
+
+
+class EpochThroughput(Callback):
+    """Logs per epoch perf/train_images_per_sec (all processes together, from the first training batch's start
+    to the last one's end, validation excluded) and, on CUDA, perf/gpu_peak_mem_mb (this process's peak)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start, self.end, self.images = time.perf_counter(), None, 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.images += len(batch[1])
+        self.end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.end is None or self.end <= self.start:
+            return
+        rate = self.images * trainer.world_size / (self.end - self.start)
+        pl_module.log("perf/train_images_per_sec", rate, on_epoch=True, rank_zero_only=True)
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            pl_module.log("perf/gpu_peak_mem_mb", peak, on_epoch=True, rank_zero_only=True)
 
 
 def task_classes_of(rows: list[dict[str, str]], params: PipelineParams) -> dict[str, list[str]]:
@@ -102,11 +135,14 @@ def class_weights(rows: list[dict[str, str]], classes: list[str]) -> list[float]
     return [w / mean for w in raw]
 
 
-def gd_accumulation(rows: list[dict[str, str]], params: PipelineParams) -> int:
-    """Batches per optimizer step for full-batch gradient descent: every training batch of a device's share."""
+def gd_accumulation(rows: list[dict[str, str]], params: PipelineParams, world_size: int | None = None) -> int:
+    """Batches per optimizer step for full-batch gradient descent: every training batch of a device's share
+    (`world_size`: processes over all nodes; by default the params' devices × num_nodes, "auto" counting 1)."""
     train = sum(1 for row in rows if row["split"] == "train")
-    devices = params.trainer.devices if isinstance(params.trainer.devices, int) else 1
-    per_device = math.ceil(train / (devices * params.trainer.num_nodes))
+    if world_size is None:
+        devices = params.trainer.devices if isinstance(params.trainer.devices, int) else 1
+        world_size = devices * params.trainer.num_nodes
+    per_device = math.ceil(train / world_size)
     return max(1, math.ceil(per_device / params.train.batch_size))
 
 
@@ -115,43 +151,65 @@ def datamodule_from_params(
     rows: list[dict[str, str]],
     classes: list[str],
     task_classes: dict[str, list[str]] | None = None,
+    plan: DevicePlan | None = None,
 ) -> ImageDataModule:
-    """The train/val ImageDataModule the params describe (transforms, batch size, workers, sampler)."""
+    """The train/val ImageDataModule the params describe (transforms, batch size, loader options, sampler, image
+    cache). `plan` (the checked devices) sizes the automatic worker count and pinned memory; without it one
+    process on the params' accelerator is assumed. Training on a GPU, batches stay uint8 until the device
+    normalises them (a quarter of the bytes to copy); on CPUs each worker normalises its images (cv2's lookup
+    table beats batched tensor arithmetic there). Both give the same floats."""
+    accelerator = plan.accelerator if plan else resolve_accelerator(params.trainer.accelerator)
+    on_device = accelerator != "cpu"
+    train = params.train
     return ImageDataModule(
         rows,
         classes,
-        build_train_transform(params.augment, seed=params.train.seed),
-        build_eval_transform(params.augment),
+        build_train_transform(params.augment, normalize=not on_device, seed=params.train.seed),
+        build_eval_transform(params.augment, normalize=not on_device),
         channels=params.data.channels,
         max_pixels=params.data.max_pixels,
         batch_size=params.train.batch_size,
-        num_workers=params.train.num_workers,
-        balanced_sampler=params.train.class_balance == "sampler",
+        num_workers=resolve_num_workers(train.num_workers, plan.devices if plan else 1),
+        balanced_sampler=train.class_balance == "sampler",
         task_classes=task_classes,
+        cache_dir=str(Path(params.run.cache_dir)) if params.data.cache else None,
+        cache_side=eval_resize_side(params.augment),
+        pin_memory=accelerator == "cuda" if train.pin_memory == "auto" else train.pin_memory,
+        persistent_workers=train.persistent_workers,
+        prefetch_factor=train.prefetch_factor,
+        normalize=(params.augment.mean, params.augment.std) if on_device else None,
     )
 
 
 def build_trainer(
-    spec: FitSpec, logger: MLFlowLogger | bool, accumulate_grad_batches: int = 1
+    spec: FitSpec, logger: MLFlowLogger | bool, accumulate_grad_batches: int = 1, plan: DevicePlan | None = None
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    """A Lightning Trainer configured from the spec's params; returns it and its checkpoint callback."""
+    """A Lightning Trainer configured from the spec's params (devices from `plan` when given; SyncBatchNorm when
+    more than one CUDA process trains under DDP: PyTorch's SyncBatchNorm has no CPU kernel, and on CPUs DDP
+    broadcasts rank zero's BatchNorm buffers instead); returns it and its checkpoint callback."""
     params = spec.params
+    devices = plan.devices if plan else params.trainer.devices
+    sync_batchnorm = (
+        params.trainer.sync_batchnorm and plan is not None and plan.world_size > 1 and plan.accelerator == "cuda"
+        and params.trainer.strategy != "fsdp"
+    )
     directory = Path(spec.run_dir) / "checkpoints"
     checkpoint = ModelCheckpoint(
         dirpath=directory, filename="best", monitor="val/acc", mode="max", enable_version_counter=False
     )
     # Lightning's save_last only writes when the best changes; resume needs every epoch.
     last = ModelCheckpoint(dirpath=directory, filename="last", monitor=None, enable_version_counter=False)
-    callbacks: list[Callback] = [checkpoint, last, EpochSummary()]
+    callbacks: list[Callback] = [checkpoint, last, EpochThroughput(), EpochSummary()]
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=params.train.early_stopping_patience))
     trainer = L.Trainer(
         max_epochs=params.train.max_epochs,
         accelerator=params.trainer.accelerator,
-        devices=params.trainer.devices,
+        devices=devices,
         strategy=params.trainer.strategy,
         num_nodes=params.trainer.num_nodes,
         precision=params.trainer.precision,
+        sync_batchnorm=sync_batchnorm,
         logger=logger,
         callbacks=callbacks,
         accumulate_grad_batches=accumulate_grad_batches,
@@ -166,27 +224,51 @@ def build_trainer(
 def fit(spec: FitSpec) -> FitResult:
     """Train the model the spec describes; returns the FitResult (also written to spec.result_path by rank 0)."""
     params = spec.params
+    plan = plan_devices(params.trainer)
     L.seed_everything(params.train.seed, workers=True, verbose=False)
     rows = read_manifest(spec.manifest_path)
     task_classes = task_classes_of(rows, params)
+    if params.train.optimizer == "gd":
+        accumulate = gd_accumulation(rows, params, plan.world_size)
+    else:
+        accumulate = params.trainer.accumulate_grad_batches
+    effective_batch = effective_batch_size(params, plan, accumulate)
+    lr = scaled_lr(params, effective_batch)
     module = ClassifierModule(
         spec=model_spec_from_params(params, len(spec.classes), task_classes).model_dump(),
-        optim=params.train.model_dump(),
+        optim={**params.train.model_dump(), "lr": lr},
         classes=spec.classes,
         augment=params.augment.model_dump(),
         class_weights=class_weights(rows, spec.classes) if params.train.class_balance == "loss" else None,
         task_classes=task_classes,
         task_weights=params.multitask.loss_weights,
     )
-    data = datamodule_from_params(params, rows, spec.classes, task_classes)
+    data = datamodule_from_params(params, rows, spec.classes, task_classes, plan)
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
     logger: MLFlowLogger | bool = False
     if run_id:
         logger = MLFlowLogger(
             experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id
         )
-    accumulate = gd_accumulation(rows, params) if params.train.optimizer == "gd" else 1
-    trainer, checkpoint = build_trainer(spec, logger, accumulate)
+    trainer, checkpoint = build_trainer(spec, logger, accumulate, plan)
+    scale = {
+        "trainer.world_size": plan.world_size,
+        "trainer.effective_batch_size": effective_batch,
+        "train.lr_effective": lr,
+        "train.lr_rule": _lr_rule(params, effective_batch),
+    }
+    if trainer.is_global_zero:
+        print(
+            f"[visionflow] {plan.world_size} process(es) on {plan.accelerator} ({plan.launcher or 'no launcher'}), "
+            f"effective batch {effective_batch} = {params.train.batch_size} × {plan.world_size} × {accumulate} "
+            f"accumulated; lr {lr:g} ({scale['train.lr_rule']})",
+            flush=True,
+        )
+        if logger:
+            try:
+                logger.log_hyperparams(scale)
+            except Exception as err:  # MLflow params are immutable: a resume on other devices keeps the first values
+                print(f"[visionflow] note: batch/lr params of the first attempt kept in MLflow ({type(err).__name__})", flush=True)
     monitor = None
     if run_id and trainer.is_global_zero:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -207,15 +289,42 @@ def fit(spec: FitSpec) -> FitResult:
         best_val_acc=float(best_score) if best_score is not None else None,
         epochs=trainer.current_epoch,
         final_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+        global_rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        effective_batch_size=effective_batch,
+        lr=lr,
+        weights_sha256=state_dict_sha256(module),
     )
+
+
+def _lr_rule(params: PipelineParams, effective_batch: int) -> str:
+    train = params.train
+    if train.lr_scaling == "none":
+        return f"no scaling: lr {train.lr:g}"
+    factor = "×" if train.lr_scaling == "linear" else "× sqrt"
+    return f"{train.lr_scaling}: {train.lr:g} {factor}({effective_batch}/{train.lr_base_batch_size})"
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state_dict (names, dtypes, shapes and bytes of every tensor, in key order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if isinstance(tensor, torch.Tensor):
+            value = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\n".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fit_in_process(
     module: L.LightningModule, params: PipelineParams, rows: list[dict[str, str]], classes: list[str], epochs: int
 ) -> L.Trainer:
     """Train `module` for `epochs` on the manifest rows' train/val splits in this process (one device,
-    no logger, no checkpoints): for short fine-tuning and distillation runs. Returns the Trainer."""
+    no logger, no checkpoints): for short fine-tuning and distillation runs. Returns the Trainer.
+    train.num_workers "auto" means 0 here: this runs inside the flow's process, which should not fork workers."""
     L.seed_everything(params.train.seed, workers=True, verbose=False)
+    if params.train.num_workers == "auto":
+        params = params.model_copy(update={"train": params.train.model_copy(update={"num_workers": 0})})
     data = datamodule_from_params(params, rows, classes)
     trainer = L.Trainer(
         max_epochs=epochs, accelerator=params.trainer.accelerator, devices=1, precision=params.trainer.precision,
@@ -223,6 +332,10 @@ def fit_in_process(
     )
     trainer.fit(module, datamodule=data)
     return trainer
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def _is_rank_zero() -> bool:
@@ -244,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     except VisionflowError as err:
         result, code = FitResult(error=str(err)), 3
         print(f"[visionflow] error: {err}", file=sys.stderr, flush=True)
-    if _is_rank_zero():
+    rank = result.global_rank if result.error is None else _global_rank()
+    if rank == 0 and _is_rank_zero():
         Path(spec.result_path).write_text(result.model_dump_json(indent=2))
+    elif spec.rank_results:
+        Path(f"{spec.result_path}.rank{rank}").write_text(result.model_dump_json(indent=2))
     return code
 
 

@@ -18,6 +18,7 @@ from components.config import load_params
 from components.data.ingest import ingest
 from components.data.validate import validate
 from components.training.fit import FitResult, FitSpec
+from components.training.launch import prepare_fit_spec
 from components.training.module import load_classifier
 from tests.flows.conftest import tiny_overrides
 
@@ -108,3 +109,33 @@ def test_sigterm_marks_runs_killed_and_resume_finishes_the_same_run(tmp_path, sh
     assert 60 <= len(client.get_metric_history(train_run_id, "val/acc")) <= 61
     resumed_epochs = [int(n) for n in re.findall(r"epoch (\d+)/60", out.stdout + out.stderr)]
     assert resumed_epochs and min(resumed_epochs) >= epochs_before
+
+
+def test_torchrun_two_cpu_processes_one_run_identical_weights(tmp_path, shapes_dir):
+    """The entry point under torchrun (2 gloo processes): one MLflow run, the same final weights on both ranks
+    (mobilenet_v3_small has BatchNorm: on CPUs DDP keeps its running statistics in step by broadcasting rank zero's)."""
+    params = load_params(None, tiny_overrides(
+        tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2,
+        model__name="mobilenet_v3_small", train__num_workers=0,
+    ))
+    spec_path = prepare_fit_spec(params, tmp_path / "job")  # what `visionflow fit-spec` writes
+    spec = FitSpec.model_validate_json(spec_path.read_text())
+    spec_path.write_text(spec.model_copy(update={"rank_results": True}).model_dump_json())
+    run_id = spec.mlflow_run_id
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+         "-m", "components.training.fit", str(spec_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rank0 = FitResult.model_validate_json(Path(spec.result_path).read_text())
+    rank1 = FitResult.model_validate_json(Path(f"{spec.result_path}.rank1").read_text())
+    assert (rank0.global_rank, rank1.global_rank, rank0.world_size) == (0, 1, 2)
+    assert rank0.effective_batch_size == 2 * params.train.batch_size
+    assert rank0.weights_sha256 and rank0.weights_sha256 == rank1.weights_sha256
+    assert "torchrun" in out.stdout + out.stderr  # the launcher was detected, Lightning did not re-launch
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(params.run.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert len(client.get_metric_history(run_id, "val/acc")) == 2
+    assert client.get_run(run_id).data.params["trainer.effective_batch_size"] == str(2 * params.train.batch_size)

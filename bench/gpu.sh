@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: training throughput (default job and resnet18 224×224, on 1 GPU and on all GPUs
+# under DDP), GPU utilisation and peak memory, then the train loader's images/s against torchvision.
+#
+#   bash bench/gpu.sh                 # on a GPU machine with this repository (creates .venv with `make install` if needed)
+#   bash bench/gpu.sh --cpu-smoke     # a tiny run of the same steps on CPU, to check the script anywhere
+#
+# Extra arguments go to bench/train_devices.py (--epochs, --images, --batch-size, --precision).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true NO_ALBUMENTATIONS_UPDATE=1
+
+PYTHON="${VISIONFLOW_PYTHON:-.venv/bin/python}"
+if [ ! -x "$PYTHON" ]; then
+    echo "[gpu.sh] no virtual environment yet: make install" >&2
+    make install
+    PYTHON=.venv/bin/python
+fi
+
+LOADER_IMAGES=5000
+for arg in "$@"; do
+    if [ "$arg" = "--cpu-smoke" ]; then LOADER_IMAGES=300; fi
+done
+
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+fi
+"$PYTHON" -c 'import torch; print(f"[gpu.sh] torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)")'
+
+"$PYTHON" bench/train_devices.py "$@"
+"$PYTHON" bench/dataloader.py --images "$LOADER_IMAGES"

@@ -1,0 +1,178 @@
+"""Decoded images kept once in a memory-mapped uint8 array, so epochs and runs after the first skip decoding.
+
+Each image is decoded by the safe loader (`load_image`) and resized to the square side the eval transform
+resizes to first (`eval_resize_side`), with the very same Resize. On the cached image the eval Resize is then
+a no-op, so evaluation sees exactly the pixels of the uncached path; the random train crop is taken from the
+cached image (as FFCV and DALI pipelines crop from a pre-resized copy).
+
+Files: `<cache_dir>/images/<key>-<side>x<side>x<channels>.u8` (N×side×side×C uint8, C order) and a JSON
+header beside it (`.json`: version, key, shape, dtype). The key is a sha256 of the images' content hashes in
+order (from the manifest), the side, the channels and the cache version, so other data can never reuse the
+file; a header that does not match (another version, a truncated or foreign file) means the cache is rebuilt.
+Both files are written under temporary names and renamed into place: readers never see half a cache, and
+concurrent builders (DDP ranks, parallel runs) are safe because the contents are deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset
+
+from components.data.augment import build_resize
+from components.data.images import load_image
+from components.errors import DataError, ImageDecodeError
+
+CACHE_VERSION = 1
+_DTYPE = "uint8"
+
+
+class ImageCache(BaseModel):
+    """A built cache: the data file and the (N, side, side, channels) shape of its uint8 array."""
+
+    path: str
+    shape: tuple[int, int, int, int]
+
+    def open(self) -> np.memmap:
+        """Map the array read-only; returns an (N, side, side, channels) uint8 np.memmap."""
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+
+
+def content_key(rows: list[dict[str, str]], side: int, channels: int) -> str:
+    """sha256 over the rows' content hashes (their paths where a row has none) in order, the side, the channels
+    and the cache version. Takes manifest rows; returns the hex digest."""
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, side, channels]).encode())
+    for row in rows:
+        digest.update((row.get("sha256") or row["path"]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def cache_files(cache_dir: str | os.PathLike, key: str, side: int, channels: int) -> tuple[Path, Path]:
+    """(data file, header file) of the cache with this key, side and channels under cache_dir/images."""
+    stem = Path(cache_dir) / "images" / f"{key[:24]}-{side}x{side}x{channels}"
+    return stem.with_suffix(".u8"), stem.with_suffix(".json")
+
+
+def _stale_reason(data_path: Path, header_path: Path, key: str, shape: tuple[int, ...]) -> str | None:
+    """Why the cache files on disk cannot be used for (key, shape); None when they can, "missing" when absent."""
+    if not data_path.is_file() or not header_path.is_file():
+        return "missing"
+    try:
+        header = json.loads(header_path.read_text())
+    except (OSError, ValueError):
+        return "unreadable header"
+    if not isinstance(header, dict):
+        return "unreadable header"
+    if header.get("version") != CACHE_VERSION:
+        return f"cache version {header.get('version')} (current {CACHE_VERSION})"
+    if header.get("key") != key:
+        return "built from different images"
+    if tuple(header.get("shape", ())) != shape or header.get("dtype") != _DTYPE:
+        return f"shape {header.get('shape')} {header.get('dtype')} instead of {list(shape)} {_DTYPE}"
+    if data_path.stat().st_size != int(np.prod(shape)):
+        return f"data file has {data_path.stat().st_size} bytes instead of {int(np.prod(shape))}"
+    return None
+
+
+class _DecodeResize(Dataset):
+    """(index, resized uint8 image, "") per path; (index, empty array, reason) for a file that cannot be decoded."""
+
+    def __init__(self, paths: list[str], side: int, channels: int, max_pixels: int):
+        self.paths, self.channels, self.max_pixels = paths, channels, max_pixels
+        self.resize = build_resize(side)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, str]:
+        try:
+            image = load_image(self.paths[i], self.channels, self.max_pixels)
+        except ImageDecodeError as err:
+            return i, np.zeros(0, np.uint8), err.reason
+        return i, self.resize(image=image)["image"], ""
+
+
+def _not_writable(directory: Path, err: OSError) -> DataError:
+    return DataError(
+        f"image cache directory {directory} is not writable ({err.strerror or err}): set run.cache_dir to a "
+        "writable folder, or data.cache=false to decode images every epoch"
+    )
+
+
+def _write(
+    paths: list[str], side: int, channels: int, max_pixels: int, data_path: Path, header_path: Path, key: str,
+    workers: int,
+) -> None:
+    """Decode every path into a temporary array file, then rename it and its header into place."""
+    shape = (len(paths), side, side, channels)
+    directory = data_path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _not_writable(directory, err) from None
+    need = int(np.prod(shape))
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise DataError(
+            f"the image cache needs {need / 2**30:.2f} GiB in {directory} but only {free / 2**30:.2f} GiB are free: "
+            "set run.cache_dir to a larger disk, or data.cache=false"
+        )
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_data = directory / f".{data_path.name}.{token}.tmp"
+    tmp_header = directory / f".{header_path.name}.{token}.tmp"
+    try:
+        try:
+            array = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=shape) if need else None
+        except OSError as err:
+            raise _not_writable(directory, err) from None
+        if need:
+            loader = DataLoader(_DecodeResize(paths, side, channels, max_pixels), batch_size=None, num_workers=workers)
+            for i, image, reason in loader:
+                if reason:
+                    raise ImageDecodeError(paths[int(i)], reason)
+                array[int(i)] = image.numpy()
+            array.flush()
+            del array
+        else:
+            tmp_data.write_bytes(b"")
+        tmp_header.write_text(json.dumps({"version": CACHE_VERSION, "key": key, "shape": list(shape), "dtype": _DTYPE}))
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_header, header_path)
+    finally:
+        tmp_data.unlink(missing_ok=True)
+        tmp_header.unlink(missing_ok=True)
+
+
+def ensure_image_cache(
+    rows: list[dict[str, str]],
+    cache_dir: str | os.PathLike,
+    side: int,
+    channels: int,
+    max_pixels: int,
+    workers: int = 0,
+    log: Callable[[str], None] = print,
+) -> ImageCache:
+    """The cache of these rows' images at side×side×channels: reused when a valid one exists, else built.
+
+    Takes manifest rows (`path`, `sha256`), the cache folder, the square side, the channels (1 or 3), the
+    decoder's pixel limit, the DataLoader workers used to decode, and a function that receives one line when a
+    cache is built or rebuilt. Returns the ImageCache. Raises DataError when the folder is not writable or the
+    disk is too small, ImageDecodeError (naming the file) when an image cannot be decoded.
+    """
+    key = content_key(rows, side, channels)
+    data_path, header_path = cache_files(cache_dir, key, side, channels)
+    shape = (len(rows), side, side, channels)
+    reason = _stale_reason(data_path, header_path, key, shape)
+    if reason is not None:
+        verb = "building" if reason == "missing" else f"rebuilding stale ({reason})"
+        log(f"[visionflow] {verb} image cache {data_path} ({len(rows)} images at {side}x{side}x{channels})")
+        _write([row["path"] for row in rows], side, channels, max_pixels, data_path, header_path, key, workers)
+    return ImageCache(path=str(data_path), shape=shape)
