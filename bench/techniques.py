@@ -1,7 +1,7 @@
 """Train every model family and every optimizer on the bundled digits at fixed epochs; print a table.
 
 All runs land in one MLflow experiment (`visionflow-techniques`) so they can be compared in the
-MLflow UI. Each row is a full pipeline run (ingest → validate → train → evaluate).
+MLflow UI. Each row is a full pipeline run (ingest → validate → train → evaluate; packaging off).
 
     python bench/techniques.py [--epochs 10] [--only cnn,vit]
 """
@@ -13,7 +13,9 @@ import os
 import time
 
 for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
+                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1",
+                   # Prefect's 20 s default for its temporary server is too short on a loaded machine.
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(key, value)
 
 from rich.console import Console
@@ -50,9 +52,11 @@ def main() -> None:
     for name, (path, overrides) in RUNS.items():
         if args.only and not any(part in name for part in args.only.split(",")):
             continue
-        epochs = args.epochs * 10 if "gd" in name else args.epochs
+        full_batch = load_params(path, overrides).train.optimizer == "gd"
+        epochs = args.epochs * 10 if full_batch else args.epochs
         params = load_params(path, [*overrides, f"train.max_epochs={epochs}", "train.early_stopping_patience=0",
-                                    "train.progress_bar=false", "run.experiment=visionflow-techniques",
+                                    "train.progress_bar=false", "package.enabled=false",
+                                    "run.experiment=visionflow-techniques",
                                     f"run.run_name={name}"])
         start = time.perf_counter()
         result = pipeline(params)
@@ -62,6 +66,8 @@ def main() -> None:
         n_params = sum(p.numel() for p in build_model(spec).parameters())
         table.add_row(name, f"{result.metrics['test/accuracy']:.4f}", f"{result.metrics['test/macro_f1']:.4f}",
                       f"{wall:.0f}", f"{n_params:,}")
+        print(f"[techniques] {name}: test accuracy {result.metrics['test/accuracy']:.4f}, "
+              f"macro F1 {result.metrics['test/macro_f1']:.4f}, {wall:.0f} s, {n_params:,} parameters", flush=True)
     Console().print(table)
 
 
