@@ -215,10 +215,20 @@ def build_trainer(
         accumulate_grad_batches=accumulate_grad_batches,
         enable_progress_bar=spec.progress_bar,
         enable_model_summary=False,
-        log_every_n_steps=1,
+        log_every_n_steps=params.trainer.log_every_n_steps,
         default_root_dir=spec.run_dir,
     )
     return trainer, checkpoint
+
+
+def finish_system_metrics(monitor) -> None:
+    """Stop MLflow's system-metrics monitor and publish the samples it took since its last publication
+    (MLflow drops them, so a training shorter than one sampling interval would log none)."""
+    monitor.finish()
+    pending = monitor.aggregate_metrics()
+    if pending:
+        monitor.publish_metrics(pending)
+        monitor.mlflow_logger.flush()
 
 
 def fit(spec: FitSpec) -> FitResult:
@@ -247,8 +257,9 @@ def fit(spec: FitSpec) -> FitResult:
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
     logger: MLFlowLogger | bool = False
     if run_id:
+        # Asynchronous: a metric write (an SQLite transaction or an HTTP call) must not stall the step.
         logger = MLFlowLogger(
-            experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id
+            experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id, synchronous=False
         )
     trainer, checkpoint = build_trainer(spec, logger, accumulate, plan)
     scale = {
@@ -281,7 +292,11 @@ def fit(spec: FitSpec) -> FitResult:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     finally:
         if monitor is not None:
-            monitor.finish()
+            finish_system_metrics(monitor)
+        if logger:
+            import mlflow
+
+            mlflow.flush_async_logging()
     best_score = checkpoint.best_model_score
     return FitResult(
         best_checkpoint=checkpoint.best_model_path or None,
