@@ -45,7 +45,8 @@ class DataParams(_Section):
         True,
         description="Training decodes each image once into a memory-mapped uint8 cache under run.cache_dir/images "
         "(resized to the eval transform's resize side, keyed by the images' content), so later epochs and runs skip "
-        "decoding; eval results are unchanged. false: decode every image every epoch.",
+        "decoding; eval results are unchanged. Skipped (with a log line) when some images are smaller than that side, "
+        "since an upsampled copy would change the training crops. false: decode every image every epoch.",
     )
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from components.optimization.quantize import quantize_dynamic, quantize_static
 from components.packaging.export import export_onnx
 from components.training.fit import fit_in_process, model_spec_from_params
 from components.training.module import ClassifierModule, load_classifier
-from flows.tasks import end_status, publish_summary
+from flows.tasks import end_status, finished_pipeline_run, publish_summary
 
 REFERENCE = "fp32"
 
@@ -268,18 +268,9 @@ def optimize_flow(checkpoint: str, manifest: str, params: PipelineParams, run_di
 
 def optimize_from_run(run_id: str, overrides: list[str]) -> OptimizeResult:
     """Compress the model of a finished pipeline run (its params, checkpoint and validated manifest)."""
-    import json
-
-    try:
-        run = tracking.get_run(run_id)
-    except Exception:
-        raise VisionflowError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
-    run_dir = Path(run.data.tags.get(tracking.RUN_DIR_TAG, ""))
-    result_file = run_dir / "result.json"
-    if not result_file.is_file():
-        raise VisionflowError(f"run {run_id} has no finished pipeline result in {run_dir} to optimize")
+    run_dir, finished = finished_pipeline_run(run_id, "optimize")
     params = load_params(run_dir / "params.yaml", ["optimize.enabled=true", *overrides])
-    checkpoint = json.loads(result_file.read_text())["checkpoint"]
+    checkpoint = finished["checkpoint"]
     out = run_dir / f"optimize-{time.strftime('%Y%m%d-%H%M%S')}"
     return optimize_flow(checkpoint, str(run_dir / "data" / "manifest.clean.csv"), params, str(out), source_run_id=run_id)
 

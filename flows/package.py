@@ -5,7 +5,6 @@ pipeline or alone on a finished run (`visionflow package --from-run`); and the r
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from components.evaluation.report import EvalReport, read_report
 from components.packaging.gate import decide_promotion
 from components.packaging.package import bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
-from flows.tasks import end_status, publish_summary
+from flows.tasks import end_status, finished_pipeline_run, publish_summary
 
 DATA_FINGERPRINT_TAG = "visionflow.data_fingerprint"
 
@@ -158,15 +157,7 @@ def _accepted_int8(comparison_md: str | None) -> str | None:
 def _run_to_package(run_id: str, overrides: list[str]) -> _RunToPackage:
     """Read a finished pipeline run's params (with `overrides`, package.enabled forced on), checkpoint,
     split sizes, validated manifest, evaluation and accepted int8 variant; raises VisionflowError."""
-    try:
-        run = tracking.get_run(run_id)
-    except Exception:
-        raise VisionflowError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
-    run_dir = Path(run.data.tags.get(tracking.RUN_DIR_TAG, ""))
-    result_file = run_dir / "result.json"
-    if not result_file.is_file():
-        raise VisionflowError(f"run {run_id} has no finished pipeline result in {run_dir} to package")
-    finished = json.loads(result_file.read_text())
+    run_dir, finished = finished_pipeline_run(run_id, "package")
     params = load_params(run_dir / "params.yaml", ["package.enabled=true", *overrides])
     manifest = run_dir / "data" / "manifest.clean.csv"
     checkpoint = Path(finished["checkpoint"])

@@ -310,6 +310,20 @@ def evaluate_task(
     return report, run_id
 
 
+def finished_pipeline_run(run_id: str, purpose: str) -> tuple[Path, dict]:
+    """The run directory and result.json contents of a finished pipeline run, for a stage run on it later
+    (`purpose` names that stage in the error). Raises VisionflowError for an unknown or unfinished run."""
+    try:
+        run = tracking.get_run(run_id)
+    except Exception:
+        raise VisionflowError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
+    run_dir = Path(run.data.tags.get(tracking.RUN_DIR_TAG, ""))
+    result_file = run_dir / "result.json"
+    if not result_file.is_file():
+        raise VisionflowError(f"run {run_id} has no finished pipeline result in {run_dir} to {purpose}")
+    return run_dir, json.loads(result_file.read_text())
+
+
 def publish_summary(key: str, title: str, rows: dict[str, str], mlflow_link: str) -> None:
     """A Prefect markdown artifact with the key figures and the MLflow run it belongs to."""
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())

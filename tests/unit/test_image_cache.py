@@ -217,3 +217,12 @@ def test_lightning_normalises_uint8_batches_through_the_datamodule_hook(tmp_path
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     assert seen and set(seen) == {torch.float32}
+
+
+def test_images_smaller_than_the_cache_side_are_not_cached_upsampled():
+    from components.data.image_cache import cache_would_upsample
+
+    rows = [{"width": "8", "height": "8"}, {"width": "64", "height": "48"}]
+    assert cache_would_upsample(rows, 32)
+    assert not cache_would_upsample(rows[1:], 32)
+    assert not cache_would_upsample([{"width": "", "height": ""}], 32)
