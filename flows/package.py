@@ -158,6 +158,7 @@ def _run_to_package(run_id: str, overrides: list[str]) -> _RunToPackage:
     """Read a finished pipeline run's params (with `overrides`, package.enabled forced on), checkpoint,
     split sizes, validated manifest, evaluation and accepted int8 variant; raises VisionflowError."""
     run_dir, finished = finished_pipeline_run(run_id, "package")
+    run = tracking.get_run(run_id)
     params = load_params(run_dir / "params.yaml", ["package.enabled=true", *overrides])
     manifest = run_dir / "data" / "manifest.clean.csv"
     checkpoint = Path(finished["checkpoint"])
