@@ -146,6 +146,14 @@ def onnx_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor) -> dict
     import onnxruntime as ort
 
     check_onnx_file(onnx_path)
+    x, reference = _reference_logits(model, images)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+    return _agreement(logits, reference)
+
+
+def _reference_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """(the images as a CPU float tensor, the model's eval-mode logits for them); the model's mode is restored."""
     was_training = model.training
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -155,12 +163,14 @@ def onnx_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor) -> dict
             reference = model.eval()(x.to(device)).float().cpu().numpy()
     finally:
         model.train(was_training)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+    return x, reference
+
+
+def _agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {
         "max_abs_logit_diff": float(np.abs(logits - reference).max()),
         "top1_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
-        "num_images": int(x.shape[0]),
+        "num_images": int(reference.shape[0]),
     }
 
 
@@ -247,18 +257,6 @@ def executorch_parity(model: nn.Module, pte_path: Path, images: torch.Tensor) ->
         import executorch.runtime  # noqa: F401
     except ImportError as err:
         raise _executorch_unavailable(f"cannot import executorch.runtime ({err})") from None
-    was_training = model.training
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    x = images.detach().float().cpu()
-    try:
-        with torch.no_grad():
-            reference = model.eval()(x.to(device)).float().cpu().numpy()
-    finally:
-        model.train(was_training)
+    x, reference = _reference_logits(model, images)
     logits = _run_pte(pte_path, x)
-    return {
-        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
-        "top1_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
-        "num_images": int(x.shape[0]),
-    }
+    return _agreement(logits, reference)
