@@ -191,7 +191,6 @@ class TrainerParams(_Section):
     num_nodes: int = Field(1, ge=1, description="Nodes (multi-node needs torchrun or SLURM to launch).")
     precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = Field("32-true", description="Numerical precision (16-mixed needs a GPU; bf16-mixed works on CPUs and recent GPUs).")
     accumulate_grad_batches: int = Field(1, ge=1, description="Batches whose gradients are summed before each optimizer step (multiplies the effective batch size).")
-    log_every_n_steps: int = Field(50, ge=1, description="Log step metrics to MLflow every this many training steps (epoch metrics are always logged).")
     sync_batchnorm: bool = Field(True, description="Under DDP with more than one GPU process, turn BatchNorm layers into SyncBatchNorm (statistics over the global batch; PyTorch has no CPU SyncBatchNorm, on CPUs rank zero's statistics are broadcast).")
 
     @model_validator(mode="after")

@@ -9,17 +9,12 @@ a running one is cancelled) and skips slots it starts too late for (see flows/re
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
 from prefect import flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
-from components import tracking
-from components.config import PipelineParams, load_params
+from components.config import PipelineParams
 from components.errors import VisionflowError
 from flows.evaluate import evaluate_flow
 from flows.monitor import monitor_deployment, retrain_trigger

@@ -27,7 +27,7 @@ from components.optimization.quantize import quantize_dynamic, quantize_static
 from components.packaging.export import export_onnx
 from components.training.fit import fit_in_process, model_spec_from_params
 from components.training.module import ClassifierModule, load_classifier
-from flows.tasks import end_status, finished_pipeline_run, publish_summary
+from flows.tasks import end_status, finished_pipeline_run
 
 REFERENCE = "fp32"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 from prefect import get_client
 from prefect.exceptions import ObjectNotFound
@@ -37,19 +36,19 @@ def work_pool_exists(pool: str) -> bool:
             return False
 
 
-def wait_for_flow_runs(flow_run_ids: list, timeout: float, poll: float = 3.0) -> dict[str, str]:
-    """Wait until every flow run is final; returns {flow run id: state name}. Raises VisionflowError on timeout."""
-    deadline = time.monotonic() + timeout
-    states: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        while True:
-            pending = 0
-            for run_id in flow_run_ids:
-                run = client.read_flow_run(run_id)
-                states[str(run_id)] = run.state.name if run.state else "Unknown"
-                pending += not (run.state and run.state.is_final())
-            if not pending:
-                return states
-            if time.monotonic() > deadline:
-                raise VisionflowError(f"{pending} flow run(s) not finished after {timeout:.0f} s: {states}")
-            time.sleep(poll)
+def wait_for_flow_runs(flow_run_ids: list, timeout: float) -> dict[str, str]:
+    """Wait (Prefect's wait_for_flow_run, all at once) until every flow run is final; returns
+    {flow run id: state name}. Raises VisionflowError when one is not final after `timeout` seconds."""
+    import asyncio
+
+    from prefect.exceptions import FlowRunWaitTimeout
+    from prefect.flow_runs import wait_for_flow_run
+
+    async def wait_all():
+        return await asyncio.gather(*(wait_for_flow_run(run_id, timeout=int(timeout)) for run_id in flow_run_ids))
+
+    try:
+        runs = asyncio.run(wait_all())
+    except FlowRunWaitTimeout as err:
+        raise VisionflowError(f"flow runs not finished after {timeout:.0f} s: {err}") from None
+    return {str(run.id): run.state.name if run.state else "Unknown" for run in runs}

@@ -220,7 +220,6 @@ def build_trainer(
         accumulate_grad_batches=accumulate_grad_batches,
         enable_progress_bar=spec.progress_bar,
         enable_model_summary=False,
-        log_every_n_steps=params.trainer.log_every_n_steps,
         default_root_dir=spec.run_dir,
     )
     return trainer, checkpoint

@@ -167,6 +167,12 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         skipped = _wait_for_run(prefect, late_run["id"])
         assert skipped["state"]["type"] == "COMPLETED" and skipped["state"]["name"] == "Skipped"
         stack["served_run"] = (finished, run)
+
+        sweep = _cli("sweep", "--params", stack["params_file"], "--grid", "train.optimizer=sgd,adam",
+                     "--mode", "deployment", "--timeout", "600", env=env, timeout=900)
+        assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+        assert sweep.stdout.count("Completed") == 2 and "train.optimizer=sgd" in sweep.stdout
+        assert "adam" in sweep.stdout.split("sweep ")[-1]  # the comparison table lists both runs
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
