@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
-from components.data.image_cache import ImageCache, ensure_image_cache
+from components.data.image_cache import ImageCache, cache_would_upsample, ensure_image_cache
 from components.data.images import load_image
 
 
@@ -129,6 +129,10 @@ class ImageDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.batch_size = batch_size
         self.num_workers = num_workers
+        if cache_dir is not None and cache_would_upsample(rows, cache_side):
+            print(f"[visionflow] image cache off: some images are smaller than {cache_side}px and would be cached upsampled",
+                  flush=True)
+            cache_dir = None
         self.cache_dir = cache_dir
         self.cache_side = cache_side
         self.pin_memory = pin_memory

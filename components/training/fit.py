@@ -24,7 +24,6 @@ from pydantic import BaseModel
 from components.config import PipelineParams
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
 from components.data.dataset import ImageDataModule, resolve_num_workers
-from components.data.image_cache import cache_would_upsample
 from components.data.ingest import read_manifest
 from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
@@ -162,10 +161,6 @@ def datamodule_from_params(
     accelerator = plan.accelerator if plan else resolve_accelerator(params.trainer.accelerator)
     on_device = accelerator != "cpu"
     train = params.train
-    side = eval_resize_side(params.augment)
-    use_cache = params.data.cache and not cache_would_upsample(rows, side)
-    if params.data.cache and not use_cache:
-        print(f"[visionflow] image cache off: some images are smaller than {side}px and would be cached upsampled", flush=True)
     return ImageDataModule(
         rows,
         classes,
@@ -177,8 +172,8 @@ def datamodule_from_params(
         num_workers=resolve_num_workers(train.num_workers, plan.devices if plan else 1),
         balanced_sampler=train.class_balance == "sampler",
         task_classes=task_classes,
-        cache_dir=str(Path(params.run.cache_dir)) if use_cache else None,
-        cache_side=side,
+        cache_dir=str(Path(params.run.cache_dir)) if params.data.cache else None,
+        cache_side=eval_resize_side(params.augment),
         pin_memory=accelerator == "cuda" if train.pin_memory == "auto" else train.pin_memory,
         persistent_workers=train.persistent_workers,
         prefetch_factor=train.prefetch_factor,

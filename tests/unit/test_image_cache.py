@@ -226,3 +226,13 @@ def test_images_smaller_than_the_cache_side_are_not_cached_upsampled():
     assert cache_would_upsample(rows, 32)
     assert not cache_would_upsample(rows[1:], 32)
     assert not cache_would_upsample([{"width": "", "height": ""}], 32)
+
+
+def test_the_data_module_turns_the_cache_off_for_small_images(tmp_path, capsys):
+    rows = [{"path": "a.png", "label": "a", "split": "train", "width": "8", "height": "8"}]
+    small = ImageDataModule(rows, ["a"], None, None, channels=1, max_pixels=10**6, batch_size=1,
+                            cache_dir=str(tmp_path), cache_side=32)
+    assert small.cache_dir is None and "image cache off" in capsys.readouterr().out
+    large = ImageDataModule([{**rows[0], "width": "64", "height": "64"}], ["a"], None, None, channels=1,
+                            max_pixels=10**6, batch_size=1, cache_dir=str(tmp_path), cache_side=32)
+    assert large.cache_dir == str(tmp_path)
