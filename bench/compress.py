@@ -19,10 +19,14 @@ import platform
 import subprocess
 import time
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1",
-                   # Prefect's 20 s default for its temporary server is too short on a loaded machine.
-                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    # Prefect's 20 s default for its temporary server is too short on a loaded machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
     os.environ.setdefault(key, value)
 
 from pydantic import BaseModel
@@ -68,20 +72,35 @@ def check_targets(variants: list[VariantResult]) -> list[TargetCheck]:
 
     def drop_check(target: str, v: VariantResult, against: VariantResult) -> None:
         drop = against.accuracy - v.accuracy
-        checks.append(TargetCheck(target=target, aim=f"≤ {MAX_DROP * 100:.0f} pt",
-                                  measured=f"{drop * 100:+.2f} pt ({against.accuracy:.4f} → {v.accuracy:.4f})",
-                                  passed=drop <= MAX_DROP + 1e-12))
+        checks.append(
+            TargetCheck(
+                target=target,
+                aim=f"≤ {MAX_DROP * 100:.0f} pt",
+                measured=f"{drop * 100:+.2f} pt ({against.accuracy:.4f} → {v.accuracy:.4f})",
+                passed=drop <= MAX_DROP + 1e-12,
+            )
+        )
 
     int8 = found.get("int8-static")
     if ref and int8:
         size_ratio = ref.size_bytes / int8.size_bytes
         speedup = ref.latency_b32_ms / int8.latency_b32_ms
-        checks.append(TargetCheck(target="int8 (static) file size", aim=f"≥ {INT8_SIZE_RATIO}× smaller",
-                                  measured=f"{size_ratio:.2f}× ({ref.size_bytes / 1024:.0f} → {int8.size_bytes / 1024:.0f} KiB)",
-                                  passed=size_ratio >= INT8_SIZE_RATIO))
-        checks.append(TargetCheck(target="int8 (static) latency, batch 32", aim=f"≥ {INT8_SPEEDUP_B32}× faster",
-                                  measured=f"{speedup:.2f}× ({ref.latency_b32_ms:.2f} → {int8.latency_b32_ms:.2f} ms)",
-                                  passed=speedup >= INT8_SPEEDUP_B32))
+        checks.append(
+            TargetCheck(
+                target="int8 (static) file size",
+                aim=f"≥ {INT8_SIZE_RATIO}× smaller",
+                measured=f"{size_ratio:.2f}× ({ref.size_bytes / 1024:.0f} → {int8.size_bytes / 1024:.0f} KiB)",
+                passed=size_ratio >= INT8_SIZE_RATIO,
+            )
+        )
+        checks.append(
+            TargetCheck(
+                target="int8 (static) latency, batch 32",
+                aim=f"≥ {INT8_SPEEDUP_B32}× faster",
+                measured=f"{speedup:.2f}× ({ref.latency_b32_ms:.2f} → {int8.latency_b32_ms:.2f} ms)",
+                passed=speedup >= INT8_SPEEDUP_B32,
+            )
+        )
         drop_check("int8 (static) accuracy drop", int8, ref)
     else:
         for target in ("int8 (static) file size", "int8 (static) latency, batch 32", "int8 (static) accuracy drop"):
@@ -90,9 +109,14 @@ def check_targets(variants: list[VariantResult]) -> list[TargetCheck]:
     pruned = next((v for v in variants if v.name.startswith("pruned-")), None)
     if ref and pruned and ref.macs and pruned.macs:
         ratio = ref.macs / pruned.macs
-        checks.append(TargetCheck(target=f"{pruned.name} MACs", aim=f"≥ {PRUNE_MACS_RATIO}× fewer",
-                                  measured=f"{ratio:.2f}× ({ref.macs / 1e6:.2f} M → {pruned.macs / 1e6:.2f} M)",
-                                  passed=ratio >= PRUNE_MACS_RATIO))
+        checks.append(
+            TargetCheck(
+                target=f"{pruned.name} MACs",
+                aim=f"≥ {PRUNE_MACS_RATIO}× fewer",
+                measured=f"{ratio:.2f}× ({ref.macs / 1e6:.2f} M → {pruned.macs / 1e6:.2f} M)",
+                passed=ratio >= PRUNE_MACS_RATIO,
+            )
+        )
         drop_check(f"{pruned.name} accuracy drop (after fine-tuning)", pruned, ref)
     else:
         missing("structured pruning MACs", f"≥ {PRUNE_MACS_RATIO}× fewer")
@@ -102,25 +126,41 @@ def check_targets(variants: list[VariantResult]) -> list[TargetCheck]:
     baseline = next((v for v in variants if v.name.startswith("student-") and v.name.endswith("-baseline")), None)
     if ref and student and ref.params and student.params:
         ratio = ref.params / student.params
-        checks.append(TargetCheck(target="student size (parameters)", aim=f"≥ {STUDENT_SIZE_RATIO}× smaller than teacher",
-                                  measured=f"{ratio:.1f}× ({ref.params:,} → {student.params:,}; "
-                                           f"{ref.size_bytes / 1024:.0f} → {student.size_bytes / 1024:.0f} KiB)",
-                                  passed=ratio >= STUDENT_SIZE_RATIO))
+        checks.append(
+            TargetCheck(
+                target="student size (parameters)",
+                aim=f"≥ {STUDENT_SIZE_RATIO}× smaller than teacher",
+                measured=f"{ratio:.1f}× ({ref.params:,} → {student.params:,}; "
+                f"{ref.size_bytes / 1024:.0f} → {student.size_bytes / 1024:.0f} KiB)",
+                passed=ratio >= STUDENT_SIZE_RATIO,
+            )
+        )
         drop_check("student accuracy vs teacher", student, ref)
         if baseline:
             gain = student.accuracy - baseline.accuracy
-            checks.append(TargetCheck(target="student above its no-teacher baseline", aim="> baseline",
-                                      measured=f"{gain * 100:+.2f} pt ({baseline.accuracy:.4f} → {student.accuracy:.4f})",
-                                      passed=gain > 0))
+            checks.append(
+                TargetCheck(
+                    target="student above its no-teacher baseline",
+                    aim="> baseline",
+                    measured=f"{gain * 100:+.2f} pt ({baseline.accuracy:.4f} → {student.accuracy:.4f})",
+                    passed=gain > 0,
+                )
+            )
         else:
             missing("student above its no-teacher baseline", "> baseline")
     else:
-        for target in ("student size (parameters)", "student accuracy vs teacher", "student above its no-teacher baseline"):
+        for target in (
+            "student size (parameters)",
+            "student accuracy vs teacher",
+            "student above its no-teacher baseline",
+        ):
             missing(target, "")
     return checks
 
 
-def interleaved_latency_b32(artifacts: dict[str, str], images, threads: int, rounds: int) -> dict[str, tuple[float, float]]:
+def interleaved_latency_b32(
+    artifacts: dict[str, str], images, threads: int, rounds: int
+) -> dict[str, tuple[float, float]]:
     """Batch-32 latency of several ONNX models timed in turn, round after round, so that a load change on a
     shared machine hits all of them alike. Takes {name: .onnx path}, the test images (N, C, S, S), the
     onnxruntime intra-op threads and the rounds. Returns {name: (best ms, median ms)}; the best of many runs
@@ -161,8 +201,9 @@ def run_test_images(run_id: str):
     run_dir = Path(tracking.get_run(run_id).data.tags[tracking.RUN_DIR_TAG])
     classifier = load_classifier(json.loads((run_dir / "result.json").read_text())["checkpoint"])
     rows = rows_of_split(read_manifest(run_dir / "data" / "manifest.clean.csv"), "test")
-    images, _ = eval_arrays(rows, classifier.classes, build_eval_transform(classifier.augment),
-                            classifier.spec.in_channels, 10**9)
+    images, _ = eval_arrays(
+        rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, 10**9
+    )
     return images
 
 
@@ -181,8 +222,11 @@ def lscpu_model() -> str:
 def compress_overrides(path: str, extra: list[str]) -> list[str]:
     """The optimize section of the params file at `path` as KEY=VALUE overrides, then `extra`."""
     params = load_params(path)
-    return [f"{key}={_yaml_value(value)}" for key, value in params_to_flat_dict(params).items()
-            if key.startswith("optimize.")] + ["optimize.enabled=true", *extra]
+    return [
+        f"{key}={_yaml_value(value)}"
+        for key, value in params_to_flat_dict(params).items()
+        if key.startswith("optimize.")
+    ] + ["optimize.enabled=true", *extra]
 
 
 def _yaml_value(value) -> str:
@@ -195,22 +239,29 @@ def train_default(params_path: str, extra: list[str]) -> str:
     """Run the pipeline flow on `params_path` (packaging off); returns the MLflow run id."""
     from flows.pipeline import pipeline
 
-    params = load_params(params_path, ["package.enabled=false", "train.progress_bar=false",
-                                       "augment.preview_images=0", *extra])
+    params = load_params(
+        params_path, ["package.enabled=false", "train.progress_bar=false", "augment.preview_images=0", *extra]
+    )
     result = pipeline(params, params_file=params_path)
-    print(f"trained {params.model.name}: test accuracy {result.metrics['test/accuracy']:.4f}, "
-          f"MLflow run {result.run_id}, checkpoint {result.checkpoint}")
+    print(
+        f"trained {params.model.name}: test accuracy {result.metrics['test/accuracy']:.4f}, "
+        f"MLflow run {result.run_id}, checkpoint {result.checkpoint}"
+    )
     return result.run_id
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-run", default=None, help="MLflow run id of a finished pipeline run (skips training)")
-    parser.add_argument("--params", default="params/default.yaml", help="params of the model trained when no --from-run")
+    parser.add_argument(
+        "--params", default="params/default.yaml", help="params of the model trained when no --from-run"
+    )
     parser.add_argument("--train-set", action="append", default=[], help="KEY=VALUE override for training")
     parser.add_argument("--compress-params", default="params/compress.yaml", help="its optimize section is used")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the optimize section")
-    parser.add_argument("--rounds", type=int, default=200, help="rounds of the interleaved fp32/int8 batch-32 re-timing")
+    parser.add_argument(
+        "--rounds", type=int, default=200, help="rounds of the interleaved fp32/int8 batch-32 re-timing"
+    )
     args = parser.parse_args()
 
     import onnxruntime
@@ -219,7 +270,7 @@ def main() -> None:
     from components import tracking
     from flows.optimize import optimize_from_run
 
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     load = os.getloadavg()
     clock = time.perf_counter()
     run_id = args.from_run or train_default(args.params, args.train_set)
@@ -230,21 +281,35 @@ def main() -> None:
     threads = sorted({v.threads for v in result.variants})
 
     console = Console(width=200)
-    console.print(f"date: {started:%Y-%m-%d %H:%M} UTC; CPU: {lscpu_model()} ({platform.machine()}), "
-                  f"{os.cpu_count()} logical CPUs, load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}; "
-                  f"onnxruntime {onnxruntime.__version__} with {', '.join(map(str, threads))} intra-op thread(s), "
-                  f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)", highlight=False)
-    console.print(f"wall clock: training {trained - clock:.0f} s{' (skipped: --from-run)' if args.from_run else ''}, "
-                  f"compression stage {finished - trained:.0f} s; MLflow: {tracking.tracking_uri()}, "
-                  f"source run {run_id}, optimize run {result.run_id}", highlight=False)
+    console.print(
+        f"date: {started:%Y-%m-%d %H:%M} UTC; CPU: {lscpu_model()} ({platform.machine()}), "
+        f"{os.cpu_count()} logical CPUs, load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}; "
+        f"onnxruntime {onnxruntime.__version__} with {', '.join(map(str, threads))} intra-op thread(s), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)",
+        highlight=False,
+    )
+    console.print(
+        f"wall clock: training {trained - clock:.0f} s{' (skipped: --from-run)' if args.from_run else ''}, "
+        f"compression stage {finished - trained:.0f} s; MLflow: {tracking.tracking_uri()}, "
+        f"source run {run_id}, optimize run {result.run_id}",
+        highlight=False,
+    )
 
     table = Table(title="compression variants against the fp32 ONNX reference (same test split)", title_justify="left")
     for column in ("variant", "accuracy", "drop pt", "size KiB", "params", "MACs", "b1 ms", "b32 ms", "accepted"):
         table.add_column(column)
     for v in result.variants:
-        table.add_row(v.name, f"{v.accuracy:.4f}", f"{v.accuracy_drop * 100:+.2f}", f"{v.size_bytes / 1024:.0f}",
-                      f"{v.params:,}" if v.params else "–", f"{v.macs / 1e6:.2f} M" if v.macs else "–",
-                      f"{v.latency_b1_ms:.3f}", f"{v.latency_b32_ms:.3f}", "yes" if v.accepted else "no")
+        table.add_row(
+            v.name,
+            f"{v.accuracy:.4f}",
+            f"{v.accuracy_drop * 100:+.2f}",
+            f"{v.size_bytes / 1024:.0f}",
+            f"{v.params:,}" if v.params else "–",
+            f"{v.macs / 1e6:.2f} M" if v.macs else "–",
+            f"{v.latency_b1_ms:.3f}",
+            f"{v.latency_b32_ms:.3f}",
+            "yes" if v.accepted else "no",
+        )
     console.print(table)
 
     checks = check_targets(result.variants)
@@ -256,16 +321,25 @@ def main() -> None:
     console.print(targets)
     found = _by_name(result.variants)
     if "fp32" in found and "int8-static" in found:
-        timed = interleaved_latency_b32({n: found[n].artifact for n in ("fp32", "int8-static")},
-                                        run_test_images(run_id), found["fp32"].threads, args.rounds)
+        timed = interleaved_latency_b32(
+            {n: found[n].artifact for n in ("fp32", "int8-static")},
+            run_test_images(run_id),
+            found["fp32"].threads,
+            args.rounds,
+        )
         (ref_best, ref_median), (q_best, q_median) = timed["fp32"], timed["int8-static"]
-        console.print(f"int8-static batch-32 re-timed interleaved with fp32 ({args.rounds} rounds, "
-                      f"{found['fp32'].threads} thread(s)): best {ref_best:.2f} → {q_best:.2f} ms = {ref_best / q_best:.2f}×, "
-                      f"median {ref_median:.2f} → {q_median:.2f} ms = {ref_median / q_median:.2f}× "
-                      f"(target ≥ {INT8_SPEEDUP_B32}×: {'PASS' if ref_best / q_best >= INT8_SPEEDUP_B32 else 'MISS'} on the best, "
-                      f"{'PASS' if ref_median / q_median >= INT8_SPEEDUP_B32 else 'MISS'} on the median)", highlight=False)
-    console.print(f"{sum(c.passed is True for c in checks)}/{len(checks)} targets met; "
-                  f"comparison: {result.comparison_md}", highlight=False)
+        console.print(
+            f"int8-static batch-32 re-timed interleaved with fp32 ({args.rounds} rounds, "
+            f"{found['fp32'].threads} thread(s)): best {ref_best:.2f} → {q_best:.2f} ms = {ref_best / q_best:.2f}×, "
+            f"median {ref_median:.2f} → {q_median:.2f} ms = {ref_median / q_median:.2f}× "
+            f"(target ≥ {INT8_SPEEDUP_B32}×: {'PASS' if ref_best / q_best >= INT8_SPEEDUP_B32 else 'MISS'} on the best, "
+            f"{'PASS' if ref_median / q_median >= INT8_SPEEDUP_B32 else 'MISS'} on the median)",
+            highlight=False,
+        )
+    console.print(
+        f"{sum(c.passed is True for c in checks)}/{len(checks)} targets met; comparison: {result.comparison_md}",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+}.items():
     os.environ.setdefault(key, value)
 
 import numpy as np
@@ -55,7 +59,9 @@ def make_jpegs(root: Path, count: int, size: int, seed: int = 0) -> list[dict[st
         folder.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(rng.integers(0, 120, (size, size, 3), dtype=np.uint8), "RGB")
         x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
-        ImageDraw.Draw(image).ellipse([x0, y0, x0 + size // 2, y0 + size // 3], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        ImageDraw.Draw(image).ellipse(
+            [x0, y0, x0 + size // 2, y0 + size // 3], fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+        )
         path = folder / f"{i:05d}.jpg"
         image.save(path, quality=90)
         rows.append({"path": str(path), "sha256": file_sha256(path), "label": label, "split": "train"})
@@ -64,31 +70,55 @@ def make_jpegs(root: Path, count: int, size: int, seed: int = 0) -> list[dict[st
 
 def torchvision_loader(root: Path, size: int, batch_size: int, workers: int) -> DataLoader:
     """ImageFolder + transforms.v2 with the augmentations visionflow's params below describe."""
-    transform = v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop((size, size), scale=(0.8, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomApply([v2.RandomRotation(10, interpolation=InterpolationMode.BILINEAR)], p=0.5),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop((size, size), scale=(0.8, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomApply([v2.RandomRotation(10, interpolation=InterpolationMode.BILINEAR)], p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
     dataset = datasets.ImageFolder(str(root), transform=transform)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
-def visionflow_loader(rows, size: int, batch_size: int, workers: int, cache_dir: Path, cache: bool, gpu_path: bool = False):
+def visionflow_loader(
+    rows, size: int, batch_size: int, workers: int, cache_dir: Path, cache: bool, gpu_path: bool = False
+):
     """The visionflow train DataModule for these rows (with `gpu_path`, the one GPU training gets: uint8 batches)."""
-    params = load_params(None, [
-        "data.channels=3", f"data.cache={str(cache).lower()}", f"augment.image_size={size}", "augment.crop_scale_min=0.8",
-        "augment.hflip_p=0.5", "augment.rotate_limit=10", "augment.rotate_p=0.5", f"augment.mean={MEAN}",
-        f"augment.std={STD}", f"train.batch_size={batch_size}", f"train.num_workers={workers}",
-        f"run.cache_dir={cache_dir}", f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}",
-    ])
+    params = load_params(
+        None,
+        [
+            "data.channels=3",
+            f"data.cache={str(cache).lower()}",
+            f"augment.image_size={size}",
+            "augment.crop_scale_min=0.8",
+            "augment.hflip_p=0.5",
+            "augment.rotate_limit=10",
+            "augment.rotate_p=0.5",
+            f"augment.mean={MEAN}",
+            f"augment.std={STD}",
+            f"train.batch_size={batch_size}",
+            f"train.num_workers={workers}",
+            f"run.cache_dir={cache_dir}",
+            f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}",
+        ],
+    )
     classes = sorted({row["label"] for row in rows})
     if not gpu_path:
         return datamodule_from_params(params, rows, classes)
-    data = datamodule_from_params(params, rows, classes, plan=DevicePlan(accelerator="cuda", devices=1, num_nodes=1, launcher=None))
+    data = datamodule_from_params(
+        params, rows, classes, plan=DevicePlan(accelerator="cuda", devices=1, num_nodes=1, launcher=None)
+    )
     data.pin_memory = torch.cuda.is_available()
     return data
 
@@ -130,9 +160,17 @@ def main() -> None:
     args = parser.parse_args()
     workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers))
     device = f"to {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
-    table = Table(title=f"train loader images/s — {args.images} JPEGs, batch {args.batch_size}, {workers} worker(s), "
-                  f"{os.cpu_count()} CPU(s), {device}")
-    for column in ["size", "loader", *(f"epoch {e + 1}" for e in range(args.epochs)), f"epochs 2-{args.epochs}", "× torchvision"]:
+    table = Table(
+        title=f"train loader images/s — {args.images} JPEGs, batch {args.batch_size}, {workers} worker(s), "
+        f"{os.cpu_count()} CPU(s), {device}"
+    )
+    for column in [
+        "size",
+        "loader",
+        *(f"epoch {e + 1}" for e in range(args.epochs)),
+        f"epochs 2-{args.epochs}",
+        "× torchvision",
+    ]:
         table.add_column(column, justify="right" if column not in ("loader",) else "left")
     with tempfile.TemporaryDirectory(prefix="visionflow-bench-loader-") as tmp:
         for size in args.sizes:
@@ -140,22 +178,33 @@ def main() -> None:
             rows = make_jpegs(root, args.images, size)
             results = {}
             results["torchvision ImageFolder + v2"] = epochs_per_second(
-                lambda: torchvision_loader(root, size, args.batch_size, workers), args.epochs, args.images)
+                lambda: torchvision_loader(root, size, args.batch_size, workers), args.epochs, args.images
+            )
             plain = visionflow_loader(rows, size, args.batch_size, workers, Path(tmp) / "cache", cache=False)
             results["visionflow, data.cache=false"] = epochs_per_second(
-                plain.train_dataloader, args.epochs, args.images, finish=lambda b: to_device(b, plain.normalize_batch))
+                plain.train_dataloader, args.epochs, args.images, finish=lambda b: to_device(b, plain.normalize_batch)
+            )
             cached = visionflow_loader(rows, size, args.batch_size, workers, Path(tmp) / "cache", cache=True)
             results["visionflow (cache built in epoch 1)"] = epochs_per_second(
-                cached.train_dataloader, args.epochs, args.images, before_first=cached.prepare_data,
-                finish=lambda b: to_device(b, cached.normalize_batch))
+                cached.train_dataloader,
+                args.epochs,
+                args.images,
+                before_first=cached.prepare_data,
+                finish=lambda b: to_device(b, cached.normalize_batch),
+            )
             if not torch.cuda.is_available():
-                uint8 = visionflow_loader(rows, size, args.batch_size, workers, Path(tmp) / "cache", cache=True, gpu_path=True)
+                uint8 = visionflow_loader(
+                    rows, size, args.batch_size, workers, Path(tmp) / "cache", cache=True, gpu_path=True
+                )
                 results["visionflow GPU path: uint8 batches (normalised on the GPU, untimed)"] = epochs_per_second(
-                    uint8.train_dataloader, args.epochs, args.images, before_first=uint8.prepare_data)
+                    uint8.train_dataloader, args.epochs, args.images, before_first=uint8.prepare_data
+                )
             baseline = float(np.mean(results["torchvision ImageFolder + v2"][1:]))
             for name, rates in results.items():
                 steady = float(np.mean(rates[1:])) if len(rates) > 1 else rates[0]
-                table.add_row(f"{size}×{size}", name, *(f"{r:,.0f}" for r in rates), f"{steady:,.0f}", f"{steady / baseline:.2f}×")
+                table.add_row(
+                    f"{size}×{size}", name, *(f"{r:,.0f}" for r in rates), f"{steady:,.0f}", f"{steady / baseline:.2f}×"
+                )
     Console(width=160).print(table)
 
 

@@ -28,12 +28,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+}.items():
     os.environ.setdefault(key, value)
 
 import httpx
@@ -85,13 +89,22 @@ def build_bundle(params: PipelineParams, epochs: int, work: Path) -> Path:
     report = validate(snapshot, params.data, work / "data")
     rows = read_manifest(report.clean_manifest_path)
     spec = model_spec_from_params(params, len(snapshot.classes))
-    module = ClassifierModule(spec.model_dump(), params.train.model_dump(), snapshot.classes, params.augment.model_dump())
+    module = ClassifierModule(
+        spec.model_dump(), params.train.model_dump(), snapshot.classes, params.augment.model_dump()
+    )
     if epochs:  # 0: untrained weights, the same speed
         fit_in_process(module, params, rows, snapshot.classes, epochs)
     onnx_path = export_onnx(module.model.eval(), spec, work / "export" / "model.onnx")
     preprocess = eval_preprocess_spec(params.augment, params.data.channels)
-    card = model_card(f"bench-{spec.name}", params.data.path, snapshot.fingerprint, snapshot.split_counts, {},
-                      architecture=spec.name, labels=snapshot.classes)
+    card = model_card(
+        f"bench-{spec.name}",
+        params.data.path,
+        snapshot.fingerprint,
+        snapshot.split_counts,
+        {},
+        architecture=spec.name,
+        labels=snapshot.classes,
+    )
     bundle = write_bundle(work / "bundle", onnx_path, snapshot.classes, preprocess, {}, card)
     accuracy = bundle_accuracy(bundle, rows_of_split(rows, "test"), params.data.max_pixels)
     return write_bundle(work / "bundle", onnx_path, snapshot.classes, preprocess, {"accuracy": accuracy}, card)
@@ -114,9 +127,26 @@ def start_server(bundle: Path, threads: int, max_batch: int) -> tuple[subprocess
     """Start `python -m components.serving` on a free loopback port; returns (process, base URL) once /ready."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "components.serving", str(bundle), "--host", "127.0.0.1", "--port", str(port),
-         "--threads", str(threads), "--max-batch", str(max_batch), "--batch-timeout-ms", "2"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "components.serving",
+            str(bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--max-batch",
+            str(max_batch),
+            "--batch-timeout-ms",
+            "2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -133,8 +163,12 @@ def start_server(bundle: Path, threads: int, max_batch: int) -> tuple[subprocess
     raise RuntimeError("server not ready within 60 s")
 
 
-def run_clients(make_call: Callable[[], Callable[[list[bytes]], bool]], jobs: list[list[bytes]], clients: int,
-                cpu_seconds: Callable[[], float]) -> Figures:
+def run_clients(
+    make_call: Callable[[], Callable[[list[bytes]], bool]],
+    jobs: list[list[bytes]],
+    clients: int,
+    cpu_seconds: Callable[[], float],
+) -> Figures:
     """Run `jobs` (lists of encoded images) from `clients` threads, each with its own call from make_call().
 
     A call returns True on success; `cpu_seconds` reads the CPU clock of whoever does the work. Returns
@@ -166,9 +200,16 @@ def run_clients(make_call: Callable[[], Callable[[list[bytes]], bool]], jobs: li
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     ms = np.asarray(latencies) * 1000
     images = sum(len(job) for job in jobs)
-    return Figures(requests=len(jobs), errors=errors, seconds=seconds, requests_per_s=len(jobs) / seconds,
-                   images_per_s=images / seconds, p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
-                   cpu_ms_per_request=cpu * 1000 / len(jobs))
+    return Figures(
+        requests=len(jobs),
+        errors=errors,
+        seconds=seconds,
+        requests_per_s=len(jobs) / seconds,
+        images_per_s=images / seconds,
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
+        cpu_ms_per_request=cpu * 1000 / len(jobs),
+    )
 
 
 def median_round(rounds: list[Figures]) -> Figures:
@@ -183,7 +224,9 @@ def encode_request(images: list[bytes]) -> tuple[bytes, str]:
     httpx's multipart encoder (which shares the CPUs with the server here)."""
     if len(images) == 1:
         return images[0], "image/png"
-    request = httpx.Request("POST", "http://x/predict", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)])
+    request = httpx.Request(
+        "POST", "http://x/predict", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
+    )
     return request.read(), request.headers["content-type"]
 
 
@@ -219,8 +262,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="An existing bundle folder (default: train one).")
     parser.add_argument("--params", default=str(ROOT / "params" / "default.yaml"))
-    parser.add_argument("--set", action="append", default=[], help="Param override for the trained model and the images.")
-    parser.add_argument("--epochs", type=int, default=2, help="Epochs of the model trained for the bench (0: untrained).")
+    parser.add_argument(
+        "--set", action="append", default=[], help="Param override for the trained model and the images."
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="Epochs of the model trained for the bench (0: untrained)."
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=400, help="Requests per round (after a 5%% warm-up).")
     parser.add_argument("--repeats", type=int, default=3, help="Rounds per configuration; the median is shown.")
@@ -252,28 +299,59 @@ def main() -> None:
             rounds_http, rounds_local = [], []
             for _ in range(args.repeats):
                 rounds_http.append(run_clients(lambda: http_call(url, bodies), jobs, args.clients, server_cpu))
-                rounds_local.append(run_clients(lambda: inprocess_call(predictor, 3), jobs, args.clients, time.process_time))
+                rounds_local.append(
+                    run_clients(lambda: inprocess_call(predictor, 3), jobs, args.clients, time.process_time)
+                )
             rows.append((batch, median_round(rounds_http), median_round(rounds_local)))
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    table = Table(title=(f"model server vs onnxruntime in-process: {Predictor(bundle).input_shape} input, {args.clients} clients, "
-                         f"median of {args.repeats} rounds of {args.requests} requests, {args.threads} onnxruntime thread(s); {cpu_model()}, "
-                         f"{os.cpu_count()} CPUs"), title_justify="left")
-    for column in ("images / request", "path", "requests/s", "images/s", "p50 ms", "p99 ms", "CPU ms / request", "errors",
-                   "server / in-process"):
+    table = Table(
+        title=(
+            f"model server vs onnxruntime in-process: {Predictor(bundle).input_shape} input, {args.clients} clients, "
+            f"median of {args.repeats} rounds of {args.requests} requests, {args.threads} onnxruntime thread(s); {cpu_model()}, "
+            f"{os.cpu_count()} CPUs"
+        ),
+        title_justify="left",
+    )
+    for column in (
+        "images / request",
+        "path",
+        "requests/s",
+        "images/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms / request",
+        "errors",
+        "server / in-process",
+    ):
         table.add_column(column)
     for batch, over_http, in_process in rows:
         for name, f in (("HTTP server (uvicorn, dynamic batching)", over_http), ("onnxruntime in-process", in_process)):
             ratio = f"{over_http.requests_per_s / in_process.requests_per_s:.2f}" if f is over_http else ""
-            table.add_row(str(batch), name, f"{f.requests_per_s:.0f}", f"{f.images_per_s:.0f}", f"{f.p50_ms:.2f}",
-                          f"{f.p99_ms:.2f}", f"{f.cpu_ms_per_request:.2f}", str(f.errors), ratio)
+            table.add_row(
+                str(batch),
+                name,
+                f"{f.requests_per_s:.0f}",
+                f"{f.images_per_s:.0f}",
+                f"{f.p50_ms:.2f}",
+                f"{f.p99_ms:.2f}",
+                f"{f.cpu_ms_per_request:.2f}",
+                str(f.errors),
+                ratio,
+            )
     console = Console(width=200)
     console.print(table)
-    source = f"--bundle {args.bundle}" if args.bundle else f"trained {params.model.name} for {args.epochs} epochs in {built:.0f} s"
-    console.print(f"bundle: {bundle} ({source}); test accuracy {Predictor(bundle).metrics.get('accuracy', float('nan')):.4f}",
-                  highlight=False)
+    source = (
+        f"--bundle {args.bundle}"
+        if args.bundle
+        else f"trained {params.model.name} for {args.epochs} epochs in {built:.0f} s"
+    )
+    console.print(
+        f"bundle: {bundle} ({source}); test accuracy {Predictor(bundle).metrics.get('accuracy', float('nan')):.4f}",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ import argparse
 import os
 import time
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1",
-                   # Prefect's 20 s default for its temporary server is too short on a loaded machine.
-                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    # Prefect's 20 s default for its temporary server is too short on a loaded machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
     os.environ.setdefault(key, value)
 
 from rich.console import Console
@@ -29,13 +33,19 @@ RUNS = {
     "cnn + adam": ("params/default.yaml", []),
     "cnn + adamw": ("params/default.yaml", ["train.optimizer=adamw", "train.weight_decay=0.01"]),
     "cnn + sgd": ("params/default.yaml", ["train.optimizer=sgd", "train.lr=0.05"]),
-    "cnn + momentum (nesterov)": ("params/default.yaml", ["train.optimizer=momentum", "train.nesterov=true", "train.lr=0.05"]),
+    "cnn + momentum (nesterov)": (
+        "params/default.yaml",
+        ["train.optimizer=momentum", "train.nesterov=true", "train.lr=0.05"],
+    ),
     "cnn + gd (full batch)": ("params/gd.yaml", []),
     "cnn + all regularizers": ("params/regularized.yaml", []),
     "rnn (bi-GRU over rows)": ("params/rnn.yaml", []),
     "vit (4x4 patches)": ("params/vit.yaml", []),
     "resnet18": ("params/resnet18.yaml", []),
-    "mobilenet_v3_small": ("params/resnet18.yaml", ["model.name=mobilenet_v3_small", "train.optimizer=adam", "train.lr=0.003", "train.scheduler=cosine"]),
+    "mobilenet_v3_small": (
+        "params/resnet18.yaml",
+        ["model.name=mobilenet_v3_small", "train.optimizer=adam", "train.lr=0.003", "train.scheduler=cosine"],
+    ),
 }
 
 
@@ -54,20 +64,42 @@ def main() -> None:
             continue
         full_batch = load_params(path, overrides).train.optimizer == "gd"
         epochs = args.epochs * 10 if full_batch else args.epochs
-        params = load_params(path, [*overrides, f"train.max_epochs={epochs}", "train.early_stopping_patience=0",
-                                    "train.progress_bar=false", "package.enabled=false",
-                                    "run.experiment=visionflow-techniques",
-                                    f"run.run_name={name}"])
+        params = load_params(
+            path,
+            [
+                *overrides,
+                f"train.max_epochs={epochs}",
+                "train.early_stopping_patience=0",
+                "train.progress_bar=false",
+                "package.enabled=false",
+                "run.experiment=visionflow-techniques",
+                f"run.run_name={name}",
+            ],
+        )
         start = time.perf_counter()
         result = pipeline(params)
         wall = time.perf_counter() - start
-        spec = ModelSpec(name=params.model.name, num_classes=10, in_channels=params.data.channels,
-                         image_size=params.augment.image_size, rnn=params.model.rnn, vit=params.model.vit)
+        spec = ModelSpec(
+            name=params.model.name,
+            num_classes=10,
+            in_channels=params.data.channels,
+            image_size=params.augment.image_size,
+            rnn=params.model.rnn,
+            vit=params.model.vit,
+        )
         n_params = sum(p.numel() for p in build_model(spec).parameters())
-        table.add_row(name, f"{result.metrics['test/accuracy']:.4f}", f"{result.metrics['test/macro_f1']:.4f}",
-                      f"{wall:.0f}", f"{n_params:,}")
-        print(f"[techniques] {name}: test accuracy {result.metrics['test/accuracy']:.4f}, "
-              f"macro F1 {result.metrics['test/macro_f1']:.4f}, {wall:.0f} s, {n_params:,} parameters", flush=True)
+        table.add_row(
+            name,
+            f"{result.metrics['test/accuracy']:.4f}",
+            f"{result.metrics['test/macro_f1']:.4f}",
+            f"{wall:.0f}",
+            f"{n_params:,}",
+        )
+        print(
+            f"[techniques] {name}: test accuracy {result.metrics['test/accuracy']:.4f}, "
+            f"macro F1 {result.metrics['test/macro_f1']:.4f}, {wall:.0f} s, {n_params:,} parameters",
+            flush=True,
+        )
     Console().print(table)
 
 

@@ -21,8 +21,12 @@ import threading
 import time
 from pathlib import Path
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+}.items():
     os.environ.setdefault(key, value)
 
 import torch
@@ -48,11 +52,18 @@ class GpuSampler:
         self.samples: list[tuple[int, float, float]] = []  # (gpu index, utilisation %, memory MiB)
         self.process = None
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "500"],
-                stdout=subprocess.PIPE, text=True,
+                [
+                    "nvidia-smi",
+                    "--query-gpu=index,utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "500",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
             )
             threading.Thread(target=self._read, daemon=True).start()
         return self
@@ -71,7 +82,7 @@ class GpuSampler:
             self.process.wait(timeout=10)
 
     def utilisation(self, gpus: int) -> str:
-        """"mean / max %" over the samples of the first `gpus` GPUs, or "n/a"."""
+        """ "mean / max %" over the samples of the first `gpus` GPUs, or "n/a"."""
         values = [u for i, u, _ in self.samples if i < gpus]
         return f"{sum(values) / len(values):.0f} / {max(values):.0f} %" if values else "n/a"
 
@@ -83,16 +94,22 @@ def run_fit(name: str, overrides: list[str], work: Path, gpus: int) -> dict[str,
     report = validate(snapshot, params.data, work / name / "data")
     run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
     spec = FitSpec(
-        params=params, manifest_path=report.clean_manifest_path, classes=snapshot.classes,
-        run_dir=str(work / name / "train"), result_path=str(work / name / "result.json"),
-        mlflow_run_id=run_id, tracking_uri=tracking.tracking_uri(), progress_bar=False,
+        params=params,
+        manifest_path=report.clean_manifest_path,
+        classes=snapshot.classes,
+        run_dir=str(work / name / "train"),
+        result_path=str(work / name / "result.json"),
+        mlflow_run_id=run_id,
+        tracking_uri=tracking.tracking_uri(),
+        progress_bar=False,
     )
     spec_path = work / name / "spec.json"
     spec_path.write_text(spec.model_dump_json())
     start = time.perf_counter()
     with GpuSampler() as sampler:
-        out = subprocess.run([sys.executable, "-m", "components.training.fit", str(spec_path)],
-                             capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-m", "components.training.fit", str(spec_path)], capture_output=True, text=True, cwd=REPO
+        )
     wall = time.perf_counter() - start
     tracking.end_run(run_id, "FINISHED" if out.returncode == 0 else "FAILED")
     result_path = Path(spec.result_path)
@@ -124,11 +141,29 @@ def plans(args: argparse.Namespace, gpus: int, jpegs: Path) -> list[tuple[str, l
     else:
         device = ["trainer.accelerator=cpu"]
         multi = 2 if args.cpu_smoke else 0
-    default = [*common, *device, "data.path=bundled:digits", "data.channels=1", "augment.mean=[0.5]", "augment.std=[0.5]"]
+    default = [
+        *common,
+        *device,
+        "data.path=bundled:digits",
+        "data.channels=1",
+        "augment.mean=[0.5]",
+        "augment.std=[0.5]",
+    ]
     side = 64 if args.cpu_smoke else 224
-    resnet = [*common, *device, f"data.path={jpegs}", "model.name=resnet18", f"augment.image_size={side}",
-              "augment.crop_scale_min=0.8", "augment.hflip_p=0.5", f"train.batch_size={args.batch_size}"]
-    runs = [("default-1dev", [*default, "trainer.devices=1"]), (f"resnet18-{side}-1dev", [*resnet, "trainer.devices=1"])]
+    resnet = [
+        *common,
+        *device,
+        f"data.path={jpegs}",
+        "model.name=resnet18",
+        f"augment.image_size={side}",
+        "augment.crop_scale_min=0.8",
+        "augment.hflip_p=0.5",
+        f"train.batch_size={args.batch_size}",
+    ]
+    runs = [
+        ("default-1dev", [*default, "trainer.devices=1"]),
+        (f"resnet18-{side}-1dev", [*resnet, "trainer.devices=1"]),
+    ]
     if multi:
         ddp = [f"trainer.devices={multi}", "trainer.strategy=ddp"]
         runs += [(f"default-ddp{multi}", [*default, *ddp]), (f"resnet18-{side}-ddp{multi}", [*resnet, *ddp])]
@@ -139,7 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run (no GPU needed) to check the script")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (3; 2 with --cpu-smoke)")
-    parser.add_argument("--images", type=int, default=None, help="generated 224×224 JPEGs for resnet18 (5000; 300 smoke)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="generated 224×224 JPEGs for resnet18 (5000; 300 smoke)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="resnet18 batch size per process")
     parser.add_argument("--precision", default="bf16-mixed", help="trainer.precision on GPUs")
     args = parser.parse_args()
@@ -160,8 +197,10 @@ def main() -> None:
         for run_name, overrides in plans(args, gpus, work / "jpegs"):
             print(f"[bench] {run_name}", flush=True)
             rows.append(run_fit(run_name, overrides, work, gpus))
-    table = Table(title=f"training throughput — {gpus or 'no'} GPU(s) ({name}), {os.cpu_count()} CPU(s), "
-                  f"{args.epochs} epochs, images/s of the last epoch")
+    table = Table(
+        title=f"training throughput — {gpus or 'no'} GPU(s) ({name}), {os.cpu_count()} CPU(s), "
+        f"{args.epochs} epochs, images/s of the last epoch"
+    )
     columns = list(dict.fromkeys(k for row in rows for k in row))
     for column in columns:
         table.add_column(column, justify="left" if column == "run" else "right")

@@ -14,10 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                   "DO_NOT_TRACK": "true", "NO_ALBUMENTATIONS_UPDATE": "1",
-                   # Prefect's 20 s default for its temporary server is too short on a loaded machine.
-                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    # Prefect's 20 s default for its temporary server is too short on a loaded machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
     os.environ.setdefault(key, value)
 
 import torch
@@ -66,11 +70,18 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visionflow-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    params = load_params(args.params, [
-        "train.early_stopping_patience=0", "train.progress_bar=false", "augment.preview_images=0",
-        "package.enabled=false",
-        f"run.output_dir={work / 'runs'}", "run.experiment=bench-train-overhead", *args.set,
-    ])
+    params = load_params(
+        args.params,
+        [
+            "train.early_stopping_patience=0",
+            "train.progress_bar=false",
+            "augment.preview_images=0",
+            "package.enabled=false",
+            f"run.output_dir={work / 'runs'}",
+            "run.experiment=bench-train-overhead",
+            *args.set,
+        ],
+    )
     snapshot = ingest(params.data, work / "snapshot", Path(params.run.cache_dir))
     report = validate(snapshot, params.data, work / "data")
     plain = plain_loop(params, report.clean_manifest_path, snapshot.classes)
@@ -85,7 +96,9 @@ def main() -> None:
     train_run = tracking.get_run(result.train_run_id).info
     stage = (train_run.end_time - train_run.start_time) / 1000
 
-    table = Table(title=f"train overhead: {params.model.name}, {params.train.max_epochs} epochs, batch {params.train.batch_size}, {os.cpu_count()} CPUs")
+    table = Table(
+        title=f"train overhead: {params.model.name}, {params.train.max_epochs} epochs, batch {params.train.batch_size}, {os.cpu_count()} CPUs"
+    )
     for column in ("what", "wall s", "× plain loop"):
         table.add_column(column)
     table.add_row("plain PyTorch loop (train + val passes)", f"{plain:.1f}", "1.00")

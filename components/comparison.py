@@ -12,8 +12,16 @@ from typing import Any
 
 DEFAULT_METRICS = ("test/accuracy", "test/macro_f1")
 # Params worth showing first when they differ; any other differing param follows.
-PREFERRED_PARAMS = ("model.name", "train.optimizer", "train.lr", "train.max_epochs", "train.batch_size",
-                    "augment.image_size", "data.path", "multitask.mode")
+PREFERRED_PARAMS = (
+    "model.name",
+    "train.optimizer",
+    "train.lr",
+    "train.max_epochs",
+    "train.batch_size",
+    "augment.image_size",
+    "data.path",
+    "multitask.mode",
+)
 # Params that differ between any two runs without saying anything about the model.
 _NOISE_PARAMS = ("run.", "train.resume", "train.progress_bar")
 
@@ -21,9 +29,10 @@ _NOISE_PARAMS = ("run.", "train.resume", "train.progress_bar")
 def varying_params(runs: list[dict[str, Any]], limit: int = 6) -> list[str]:
     """The param names whose values differ across `runs` (preferred names first), at most `limit`."""
     names = set().union(*(r["params"] for r in runs)) if runs else set()
-    differing = [n for n in names if not n.startswith(_NOISE_PARAMS)
-                 and len({r["params"].get(n) for r in runs}) > 1]
-    ordered = [n for n in PREFERRED_PARAMS if n in differing] + sorted(n for n in differing if n not in PREFERRED_PARAMS)
+    differing = [n for n in names if not n.startswith(_NOISE_PARAMS) and len({r["params"].get(n) for r in runs}) > 1]
+    ordered = [n for n in PREFERRED_PARAMS if n in differing] + sorted(
+        n for n in differing if n not in PREFERRED_PARAMS
+    )
     return ordered[:limit]
 
 
@@ -95,7 +104,7 @@ def comparison_plot(runs: list[dict[str, Any]], metric: str, path: Path) -> Path
     ax.invert_yaxis()
     ax.set_xlabel(metric)
     ax.set_title(f"{metric} by run")
-    for bar, value in zip(bars, values):
+    for bar, value in zip(bars, values, strict=False):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.4f}", va="center", fontsize=8)
     if values:
         ax.set_xlim(0, max(values) * 1.15 or 1)

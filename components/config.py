@@ -36,11 +36,25 @@ class DataParams(_Section):
     )
     label_column: str = Field("label", description="Label column of a CSV manifest.")
     channels: Literal[1, 3] = Field(3, description="Channels every image is converted to (1 = L, 3 = RGB).")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class held out for validation (when the source has no split folders).")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class held out for testing (when the source has no split folders).")
+    val_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=0.5,
+        description="Share of each class held out for validation (when the source has no split folders).",
+    )
+    test_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=0.5,
+        description="Share of each class held out for testing (when the source has no split folders).",
+    )
     seed: int = Field(42, description="Seed of the stratified split; the same data and seed give the same split.")
-    max_pixels: int = Field(40_000_000, gt=0, description="Images with more pixels than this are quarantined (decompression bombs).")
-    min_images_per_class: int = Field(3, ge=3, description="A class with fewer valid images cannot be split into train/val/test and is refused.")
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Images with more pixels than this are quarantined (decompression bombs)."
+    )
+    min_images_per_class: int = Field(
+        3, ge=3, description="A class with fewer valid images cannot be split into train/val/test and is refused."
+    )
     cache: bool = Field(
         True,
         description="Training decodes each image once into a memory-mapped uint8 cache under run.cache_dir/images "
@@ -50,7 +64,7 @@ class DataParams(_Section):
     )
 
     @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> "DataParams":
+    def _fractions_leave_training_data(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
         return self
@@ -60,22 +74,50 @@ class AugmentParams(_Section):
     """Albumentations pipelines: random train transform and deterministic eval transform."""
 
     image_size: int = Field(32, ge=8, le=1024, description="Side of the square image the model sees.")
-    eval_resize_ratio: float = Field(1.0, ge=1.0, le=2.0, description="Eval: resize to image_size*ratio, then center-crop image_size (1.0 = plain resize).")
-    crop_scale_min: float = Field(0.8, gt=0, le=1.0, description="Train: RandomResizedCrop's smallest area fraction (1.0 turns the random crop off).")
-    hflip_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a horizontal flip (keep 0 for digits and text).")
+    eval_resize_ratio: float = Field(
+        1.0,
+        ge=1.0,
+        le=2.0,
+        description="Eval: resize to image_size*ratio, then center-crop image_size (1.0 = plain resize).",
+    )
+    crop_scale_min: float = Field(
+        0.8,
+        gt=0,
+        le=1.0,
+        description="Train: RandomResizedCrop's smallest area fraction (1.0 turns the random crop off).",
+    )
+    hflip_p: float = Field(
+        0.0, ge=0, le=1, description="Train: probability of a horizontal flip (keep 0 for digits and text)."
+    )
     vflip_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a vertical flip.")
     rotate_limit: float = Field(10.0, ge=0, le=180, description="Train: largest rotation in degrees.")
     rotate_p: float = Field(0.5, ge=0, le=1, description="Train: probability of a rotation.")
-    color_jitter_p: float = Field(0.0, ge=0, le=1, description="Train: probability of brightness/contrast/saturation/hue jitter.")
+    color_jitter_p: float = Field(
+        0.0, ge=0, le=1, description="Train: probability of brightness/contrast/saturation/hue jitter."
+    )
     blur_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a Gaussian blur.")
-    coarse_dropout_p: float = Field(0.0, ge=0, le=1, description="Train: probability of cutting out 1-3 rectangles (coarse dropout).")
-    mean: list[float] = Field([0.5, 0.5, 0.5], description="Normalization mean per channel (one value per data.channels).")
-    std: list[float] = Field([0.5, 0.5, 0.5], description="Normalization std per channel (one value per data.channels).")
-    preview_images: int = Field(16, ge=0, le=64, description="Augmented samples drawn in the preview grid logged to MLflow (0 = none).")
+    coarse_dropout_p: float = Field(
+        0.0, ge=0, le=1, description="Train: probability of cutting out 1-3 rectangles (coarse dropout)."
+    )
+    mean: list[float] = Field(
+        [0.5, 0.5, 0.5], description="Normalization mean per channel (one value per data.channels)."
+    )
+    std: list[float] = Field(
+        [0.5, 0.5, 0.5], description="Normalization std per channel (one value per data.channels)."
+    )
+    preview_images: int = Field(
+        16, ge=0, le=64, description="Augmented samples drawn in the preview grid logged to MLflow (0 = none)."
+    )
 
 
 TORCHVISION_MODELS = (
-    "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
 )
 
 
@@ -109,14 +151,16 @@ class ModelParams(_Section):
         description="Architecture: cnn (the small CNN: conv32-pool-conv64-pool-dense128), rnn (GRU/LSTM over rows "
         "or patches), vit (Vision Transformer), or a torchvision model: " + ", ".join(TORCHVISION_MODELS) + ".",
     )
-    pretrained: bool = Field(False, description="Load torchvision's ImageNet weights (downloads once; fails with a clear error offline).")
+    pretrained: bool = Field(
+        False, description="Load torchvision's ImageNet weights (downloads once; fails with a clear error offline)."
+    )
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before the classifier.")
     width: float = Field(1.0, gt=0, le=4, description="cnn only: scales its 32/64 channels and 128 dense units.")
     rnn: RnnParams = Field(default_factory=RnnParams, description="Options of the rnn family.")
     vit: VitParams = Field(default_factory=VitParams, description="Options of the vit family.")
 
     @model_validator(mode="after")
-    def _vit_heads_divide_width(self) -> "ModelParams":
+    def _vit_heads_divide_width(self) -> ModelParams:
         if self.name == "vit" and self.vit.width % self.vit.heads:
             raise ValueError(f"vit.heads ({self.vit.heads}) must divide vit.width ({self.vit.width})")
         return self
@@ -126,7 +170,9 @@ class TrainParams(_Section):
     """Optimisation, regularization and the training loop."""
 
     max_epochs: int = Field(30, ge=1, description="Upper bound on epochs.")
-    batch_size: int = Field(64, ge=1, description="Batch size per device (with gd: the chunk size gradients are accumulated over).")
+    batch_size: int = Field(
+        64, ge=1, description="Batch size per device (with gd: the chunk size gradients are accumulated over)."
+    )
     optimizer: Literal["gd", "sgd", "momentum", "adam", "adamw"] = Field(
         "adam",
         description="gd: full-batch gradient descent (one step per epoch, gradients accumulated over the whole "
@@ -137,23 +183,36 @@ class TrainParams(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the momentum optimizer.")
     nesterov: bool = Field(False, description="Nesterov momentum (momentum optimizer).")
     scheduler: Literal["cosine", "step", "onecycle", "none"] = Field(
-        "cosine", description="Learning-rate schedule after the warm-up: cosine decay, step decay, one-cycle, or constant."
+        "cosine",
+        description="Learning-rate schedule after the warm-up: cosine decay, step decay, one-cycle, or constant.",
     )
-    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs (cosine, step and none; one-cycle has its own warm-up).")
+    warmup_epochs: int = Field(
+        1, ge=0, description="Linear warm-up epochs (cosine, step and none; one-cycle has its own warm-up)."
+    )
     step_epochs: int = Field(10, ge=1, description="step schedule: epochs between learning-rate drops.")
     step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: factor of each drop.")
     weight_decay: float = Field(1e-4, ge=0, description="L2 regularization as weight decay (decoupled for adamw).")
-    l1: float = Field(0.0, ge=0, description="L1 penalty coefficient on weights (not biases or norm parameters), added to the loss.")
+    l1: float = Field(
+        0.0, ge=0, description="L1 penalty coefficient on weights (not biases or norm parameters), added to the loss."
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
     mixup_alpha: float = Field(0.2, gt=0, description="Beta(alpha, alpha) of mixup.")
     mixup_p: float = Field(0.0, ge=0, le=1, description="Probability that a training batch is mixed up (0 = off).")
     cutmix_alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) of cutmix.")
     cutmix_p: float = Field(0.0, ge=0, le=1, description="Probability that a training batch gets cutmix (0 = off).")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="Exponential moving average of the weights, evaluated beside the raw weights as val/acc_ema (0 = off).")
-    class_balance: Literal["none", "loss", "sampler"] = Field(
-        "none", description="Class imbalance: none, loss (inverse-frequency class weights) or sampler (weighted random sampler)."
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Exponential moving average of the weights, evaluated beside the raw weights as val/acc_ema (0 = off).",
     )
-    early_stopping_patience: int = Field(8, ge=0, description="Epochs without val accuracy improvement before stopping (0 = off).")
+    class_balance: Literal["none", "loss", "sampler"] = Field(
+        "none",
+        description="Class imbalance: none, loss (inverse-frequency class weights) or sampler (weighted random sampler).",
+    )
+    early_stopping_patience: int = Field(
+        8, ge=0, description="Epochs without val accuracy improvement before stopping (0 = off)."
+    )
     seed: int = Field(7, description="Seed for weights, shuffling and augmentation.")
     num_workers: int | Literal["auto"] = Field(
         "auto",
@@ -161,22 +220,32 @@ class TrainParams(_Section):
         "CPU cores this process may use, shared among the devices of the node, less one for the training loop, at most 8). "
         "The augmentation stream depends on it: set an int for identical results across machines.",
     )
-    pin_memory: bool | Literal["auto"] = Field("auto", description="Pinned host memory for faster copies to the GPU (auto = on when training on CUDA).")
-    persistent_workers: bool = Field(True, description="Keep DataLoader workers alive between epochs (with num_workers > 0).")
-    prefetch_factor: int = Field(2, ge=1, description="Batches each DataLoader worker loads ahead (with num_workers > 0).")
+    pin_memory: bool | Literal["auto"] = Field(
+        "auto", description="Pinned host memory for faster copies to the GPU (auto = on when training on CUDA)."
+    )
+    persistent_workers: bool = Field(
+        True, description="Keep DataLoader workers alive between epochs (with num_workers > 0)."
+    )
+    prefetch_factor: int = Field(
+        2, ge=1, description="Batches each DataLoader worker loads ahead (with num_workers > 0)."
+    )
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none",
         description="Scale train.lr with the effective batch size (batch_size x devices x nodes x accumulation) against "
         "lr_base_batch_size: linear (Goyal et al.) or sqrt; none keeps train.lr. The rule and the result are logged.",
     )
-    lr_base_batch_size: int = Field(64, ge=1, description="The batch size train.lr was chosen for (lr_scaling's reference).")
+    lr_base_batch_size: int = Field(
+        64, ge=1, description="The batch size train.lr was chosen for (lr_scaling's reference)."
+    )
     resume: bool = Field(False, description="Continue from the run's last checkpoint (set by `visionflow resume`).")
     progress_bar: bool = Field(True, description="Show Lightning's progress bar.")
 
     @model_validator(mode="after")
-    def _compatible(self) -> "TrainParams":
+    def _compatible(self) -> TrainParams:
         if self.optimizer == "gd" and self.class_balance == "sampler":
-            raise ValueError("optimizer gd uses every training image once per step; a weighted sampler does not apply (use class_balance: loss)")
+            raise ValueError(
+                "optimizer gd uses every training image once per step; a weighted sampler does not apply (use class_balance: loss)"
+            )
         if self.mixup_p + self.cutmix_p > 1:
             raise ValueError("mixup_p + cutmix_p must be at most 1 (one of them per batch)")
         return self
@@ -187,14 +256,25 @@ class TrainerParams(_Section):
 
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
     devices: int | Literal["auto"] = Field(1, description="Devices per node (an int or 'auto').")
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = Field("auto", description="Lightning strategy; ddp runs one process per device.")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = Field(
+        "auto", description="Lightning strategy; ddp runs one process per device."
+    )
     num_nodes: int = Field(1, ge=1, description="Nodes (multi-node needs torchrun or SLURM to launch).")
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = Field("32-true", description="Numerical precision (16-mixed needs a GPU; bf16-mixed works on CPUs and recent GPUs).")
-    accumulate_grad_batches: int = Field(1, ge=1, description="Batches whose gradients are summed before each optimizer step (multiplies the effective batch size).")
-    sync_batchnorm: bool = Field(True, description="Under DDP with more than one GPU process, turn BatchNorm layers into SyncBatchNorm (statistics over the global batch; PyTorch has no CPU SyncBatchNorm, on CPUs rank zero's statistics are broadcast).")
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed"] = Field(
+        "32-true", description="Numerical precision (16-mixed needs a GPU; bf16-mixed works on CPUs and recent GPUs)."
+    )
+    accumulate_grad_batches: int = Field(
+        1,
+        ge=1,
+        description="Batches whose gradients are summed before each optimizer step (multiplies the effective batch size).",
+    )
+    sync_batchnorm: bool = Field(
+        True,
+        description="Under DDP with more than one GPU process, turn BatchNorm layers into SyncBatchNorm (statistics over the global batch; PyTorch has no CPU SyncBatchNorm, on CPUs rank zero's statistics are broadcast).",
+    )
 
     @model_validator(mode="after")
-    def _devices_positive(self) -> "TrainerParams":
+    def _devices_positive(self) -> TrainerParams:
         if isinstance(self.devices, int) and self.devices < 1:
             raise ValueError("devices must be >= 1 or 'auto'")
         if self.accelerator == "cpu" and self.strategy == "fsdp":
@@ -224,7 +304,9 @@ class EvaluateParams(_Section):
 
     top_k: int = Field(3, ge=1, description="k of the top-k accuracy (clipped to the number of classes).")
     calibration_bins: int = Field(15, ge=2, description="Bins of the expected calibration error.")
-    misclassified_grid: int = Field(25, ge=0, le=100, description="Misclassified test images drawn in the grid (0 = none).")
+    misclassified_grid: int = Field(
+        25, ge=0, le=100, description="Misclassified test images drawn in the grid (0 = none)."
+    )
 
 
 class DistillParams(_Section):
@@ -233,11 +315,15 @@ class DistillParams(_Section):
     enabled: bool = Field(False, description="Train a student with the Hinton loss from the pipeline's trained model.")
     student: Literal["cnn", "rnn", "vit", *TORCHVISION_MODELS] = Field("cnn", description="Student architecture.")  # type: ignore[valid-type]
     student_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout of the student.")
-    student_width: float = Field(0.25, gt=0, le=4, description="Width multiplier of a cnn student (0.25: a quarter of the channels).")
+    student_width: float = Field(
+        0.25, gt=0, le=4, description="Width multiplier of a cnn student (0.25: a quarter of the channels)."
+    )
     temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the distillation term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation term: alpha*T^2*KL + (1-alpha)*CE.")
     epochs: int = Field(15, ge=1, description="Student training epochs.")
-    baseline: bool = Field(True, description="Also train the same student without the teacher, so the gain is measured.")
+    baseline: bool = Field(
+        True, description="Also train the same student without the teacher, so the gain is measured."
+    )
 
 
 class PruneParams(_Section):
@@ -248,7 +334,12 @@ class PruneParams(_Section):
     importance: Literal["l1", "l2", "random"] = Field("l2", description="Channel importance criterion.")
     global_pruning: bool = Field(False, description="Rank channels across layers (global) instead of per layer.")
     finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs after pruning.")
-    unstructured_amount: float = Field(0.0, ge=0, lt=1, description="Also make a global magnitude (unstructured) pruned variant with this sparsity (0 = off); dense kernels do not get faster.")
+    unstructured_amount: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Also make a global magnitude (unstructured) pruned variant with this sparsity (0 = off); dense kernels do not get faster.",
+    )
 
 
 class QuantizeParams(_Section):
@@ -268,7 +359,9 @@ class OptimizeParams(_Section):
     prune: PruneParams = Field(default_factory=PruneParams, description="Pruning.")
     quantize: QuantizeParams = Field(default_factory=QuantizeParams, description="int8 quantization.")
     tolerance: float = Field(0.01, ge=0, le=1, description="Largest accepted accuracy drop against the fp32 reference.")
-    objective: Literal["smallest", "fastest"] = Field("smallest", description="How the best accepted variant is chosen.")
+    objective: Literal["smallest", "fastest"] = Field(
+        "smallest", description="How the best accepted variant is chosen."
+    )
     threads: int = Field(1, ge=1, description="onnxruntime threads for latency measurements.")
     latency_repeats: int = Field(20, ge=3, description="Timed runs per latency figure (median reported).")
 
@@ -278,11 +371,23 @@ class PackageParams(_Section):
 
     enabled: bool = Field(True, description="Export to ONNX, write the bundle and register the model.")
     model_name: str = Field("visionflow-classifier", description="MLflow registered model name.")
-    promote_margin: float = Field(0.0, ge=0, le=1, description="A challenger becomes champion only when its test accuracy beats the champion's by more than this.")
-    parity_max_abs_diff: float = Field(1e-3, gt=0, description="Largest |logit difference| between PyTorch and ONNX on test images.")
-    parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Smallest top-1 agreement between PyTorch and ONNX.")
+    promote_margin: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="A challenger becomes champion only when its test accuracy beats the champion's by more than this.",
+    )
+    parity_max_abs_diff: float = Field(
+        1e-3, gt=0, description="Largest |logit difference| between PyTorch and ONNX on test images."
+    )
+    parity_min_agreement: float = Field(
+        0.99, ge=0, le=1, description="Smallest top-1 agreement between PyTorch and ONNX."
+    )
     torchscript: bool = Field(False, description="Also export TorchScript (model.torchscript.pt, outside the bundle).")
-    executorch: bool = Field(False, description="Also export an ExecuTorch program (model.pte, XNNPACK, one image per call) into the bundle, parity-checked like ONNX; needs pip install 'visionflow[executorch]'.")
+    executorch: bool = Field(
+        False,
+        description="Also export an ExecuTorch program (model.pte, XNNPACK, one image per call) into the bundle, parity-checked like ONNX; needs pip install 'visionflow[executorch]'.",
+    )
 
 
 class RunParams(_Section):
@@ -319,35 +424,76 @@ TimeZone = Annotated[str, AfterValidator(_check_timezone)]
 class RetrainParams(_Section):
     """Scheduled retraining: the `retrain` deployment served by `visionflow deploy`."""
 
-    cron: CronString = Field("0 3 * * 1", description="When the retrain deployment runs (cron: minute hour day-of-month month day-of-week).")
+    cron: CronString = Field(
+        "0 3 * * 1", description="When the retrain deployment runs (cron: minute hour day-of-month month day-of-week)."
+    )
     timezone: TimeZone = Field("UTC", description="IANA time zone of the cron schedule, e.g. Europe/Berlin.")
     max_lateness_minutes: int = Field(
-        60, ge=1,
+        60,
+        ge=1,
         description="A scheduled retrain starting later than this after its slot (e.g. after downtime) is skipped, so missed slots never run as a catch-up flood.",
     )
-
-
 
 
 class MonitorParams(_Section):
     """Drift monitoring of a served model: `visionflow monitor` and the scheduled monitor deployment."""
 
-    log_dir: str = Field("prediction-log", description="Prediction log folder the scheduled monitor reads (written by `visionflow serve --prediction-log DIR`).")
-    bundle: str | None = Field(None, description="Bundle whose reference profile is the baseline: a folder, a .tar.gz or models:/NAME@ALIAS (None = models:/<package.model_name>@champion).")
-    feedback: str | None = Field(None, description="CSV of id,label: true labels of logged predictions (ids from /predict), for live accuracy.")
-    window_records: int = Field(1000, ge=1, description="The latest this many predictions of the model are compared with the reference.")
-    window_hours: float | None = Field(None, gt=0, description="Only predictions of the last this many hours are compared (None = no time limit).")
-    min_records: int = Field(100, ge=1, description="With fewer predictions in the window no drift test is run (the report says so).")
-    psi_threshold: float = Field(0.2, gt=0, description="Predicted-class distribution drifts when its population stability index exceeds this (0.1 moderate, 0.25 large).")
-    ks_pvalue: float = Field(0.01, gt=0, lt=1, description="An image or prediction statistic drifts when its KS-test p-value is below this, Bonferroni-divided by the statistics tested ...")
-    ks_min_statistic: float = Field(0.1, ge=0, le=1, description="... and its KS distance is at least this (large windows make tiny differences significant).")
-    confidence_drop: float = Field(0.05, ge=0, le=1, description="Drift when the mean top-1 probability falls by more than this against the reference.")
-    accuracy_drop: float = Field(0.05, ge=0, le=1, description="Drift when live accuracy (from feedback) falls by more than this below the reference accuracy.")
-    min_feedback: int = Field(30, ge=1, description="Labelled predictions needed before live accuracy can signal drift.")
-    cron: CronString = Field("0 * * * *", description="When the monitor deployment runs (cron: minute hour day-of-month month day-of-week).")
+    log_dir: str = Field(
+        "prediction-log",
+        description="Prediction log folder the scheduled monitor reads (written by `visionflow serve --prediction-log DIR`).",
+    )
+    bundle: str | None = Field(
+        None,
+        description="Bundle whose reference profile is the baseline: a folder, a .tar.gz or models:/NAME@ALIAS (None = models:/<package.model_name>@champion).",
+    )
+    feedback: str | None = Field(
+        None, description="CSV of id,label: true labels of logged predictions (ids from /predict), for live accuracy."
+    )
+    window_records: int = Field(
+        1000, ge=1, description="The latest this many predictions of the model are compared with the reference."
+    )
+    window_hours: float | None = Field(
+        None, gt=0, description="Only predictions of the last this many hours are compared (None = no time limit)."
+    )
+    min_records: int = Field(
+        100, ge=1, description="With fewer predictions in the window no drift test is run (the report says so)."
+    )
+    psi_threshold: float = Field(
+        0.2,
+        gt=0,
+        description="Predicted-class distribution drifts when its population stability index exceeds this (0.1 moderate, 0.25 large).",
+    )
+    ks_pvalue: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="An image or prediction statistic drifts when its KS-test p-value is below this, Bonferroni-divided by the statistics tested ...",
+    )
+    ks_min_statistic: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="... and its KS distance is at least this (large windows make tiny differences significant).",
+    )
+    confidence_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Drift when the mean top-1 probability falls by more than this against the reference.",
+    )
+    accuracy_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Drift when live accuracy (from feedback) falls by more than this below the reference accuracy.",
+    )
+    min_feedback: int = Field(
+        30, ge=1, description="Labelled predictions needed before live accuracy can signal drift."
+    )
+    cron: CronString = Field(
+        "0 * * * *", description="When the monitor deployment runs (cron: minute hour day-of-month month day-of-week)."
+    )
     timezone: TimeZone = Field("UTC", description="IANA time zone of the monitor's cron schedule.")
-
-
 
 
 class PipelineParams(_Section):
@@ -360,19 +506,29 @@ class PipelineParams(_Section):
     train: TrainParams = Field(default_factory=TrainParams, description="Training loop.")
     trainer: TrainerParams = Field(default_factory=TrainerParams, description="Devices and strategy.")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Test report.")
-    optimize: OptimizeParams = Field(default_factory=OptimizeParams, description="Compression: distill, prune, quantize.")
+    optimize: OptimizeParams = Field(
+        default_factory=OptimizeParams, description="Compression: distill, prune, quantize."
+    )
     package: PackageParams = Field(default_factory=PackageParams, description="Export, bundle, registry.")
     run: RunParams = Field(default_factory=RunParams, description="Tracking and output folders.")
-    retrain: RetrainParams = Field(default_factory=RetrainParams, description="Scheduled retraining (visionflow deploy).")
-    monitor: MonitorParams = Field(default_factory=MonitorParams, description="Drift monitoring of the served model (visionflow monitor).")
+    retrain: RetrainParams = Field(
+        default_factory=RetrainParams, description="Scheduled retraining (visionflow deploy)."
+    )
+    monitor: MonitorParams = Field(
+        default_factory=MonitorParams, description="Drift monitoring of the served model (visionflow monitor)."
+    )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PipelineParams":
+    def _consistent(self) -> PipelineParams:
         size = self.augment.image_size
         if self.model.name == "vit" and size % self.model.vit.patch_size:
-            raise ValueError(f"model.vit.patch_size {self.model.vit.patch_size} does not divide augment.image_size {size}")
+            raise ValueError(
+                f"model.vit.patch_size {self.model.vit.patch_size} does not divide augment.image_size {size}"
+            )
         if self.model.name == "rnn" and self.model.rnn.sequence == "patches" and size % self.model.rnn.patch_size:
-            raise ValueError(f"model.rnn.patch_size {self.model.rnn.patch_size} does not divide augment.image_size {size}")
+            raise ValueError(
+                f"model.rnn.patch_size {self.model.rnn.patch_size} does not divide augment.image_size {size}"
+            )
         multitask = self.multitask
         if multitask.mode != "off" and not multitask.tasks:
             raise ValueError(f"multitask.mode {multitask.mode} needs at least one extra task in multitask.tasks")
@@ -386,15 +542,15 @@ class PipelineParams(_Section):
         if unknown:
             raise ValueError(f"multitask.loss_weights names unknown tasks: {', '.join(sorted(unknown))}")
         if self.train.optimizer == "gd" and self.trainer.accumulate_grad_batches > 1:
-            raise ValueError("optimizer gd already accumulates over the whole training set; leave trainer.accumulate_grad_batches at 1")
+            raise ValueError(
+                "optimizer gd already accumulates over the whole training set; leave trainer.accumulate_grad_batches at 1"
+            )
         if self.model.name == "cnn" and size % 4:
             raise ValueError(f"augment.image_size must be a multiple of 4 for the cnn (got {size})")
         for name in ("mean", "std"):
             values = getattr(self.augment, name)
             if len(values) != self.data.channels:
-                raise ValueError(
-                    f"augment.{name} has {len(values)} values but data.channels is {self.data.channels}"
-                )
+                raise ValueError(f"augment.{name} has {len(values)} values but data.channels is {self.data.channels}")
         return self
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -52,9 +53,7 @@ def ensure_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
-def start_run(
-    experiment: str, name: str | None, tags: dict[str, str], parent_run_id: str | None = None
-) -> str:
+def start_run(experiment: str, name: str | None, tags: dict[str, str], parent_run_id: str | None = None) -> str:
     """Create a RUNNING run (nested under parent_run_id when given); returns its id."""
     tags = dict(tags)
     if parent_run_id:
@@ -138,9 +137,7 @@ def log_dataset(
 def git_commit(path: str | Path = ".") -> str | None:
     """The git commit of `path`'s checkout, or None outside a checkout."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -166,8 +163,9 @@ def run_link(run_id: str, uri: str | None = None) -> str:
     return f"run {run_id} (open with: mlflow ui --backend-store-uri {uri})"
 
 
-def recent_runs(experiment: str | None = None, last: int = 10, tag: tuple[str, str] | None = None,
-                top_level_only: bool = True) -> list[dict[str, Any]]:
+def recent_runs(
+    experiment: str | None = None, last: int = 10, tag: tuple[str, str] | None = None, top_level_only: bool = True
+) -> list[dict[str, Any]]:
     """The newest runs (of one experiment, or of all), newest first, as plain dicts:
     run_id, run_name, experiment, status, start_time (ms), duration_s, params, metrics, tags.
 
@@ -188,20 +186,31 @@ def recent_runs(experiment: str | None = None, last: int = 10, tag: tuple[str, s
     if not experiments:
         return []
     filter_string = f"tags.`{tag[0]}` = '{tag[1]}'" if tag else ""
-    runs = c.search_runs(list(experiments), filter_string, order_by=["attributes.start_time DESC"],
-                         max_results=min(5000, max(last * 20, 100)))
+    runs = c.search_runs(
+        list(experiments),
+        filter_string,
+        order_by=["attributes.start_time DESC"],
+        max_results=min(5000, max(last * 20, 100)),
+    )
     out = []
     for run in runs:
         if top_level_only and PARENT_TAG in run.data.tags:
             continue
         info = run.info
         end = info.end_time or None
-        out.append({
-            "run_id": info.run_id, "run_name": info.run_name, "experiment": experiments.get(info.experiment_id, ""),
-            "status": info.status, "start_time": info.start_time,
-            "duration_s": (end - info.start_time) / 1000 if end and info.start_time else None,
-            "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
-        })
+        out.append(
+            {
+                "run_id": info.run_id,
+                "run_name": info.run_name,
+                "experiment": experiments.get(info.experiment_id, ""),
+                "status": info.status,
+                "start_time": info.start_time,
+                "duration_s": (end - info.start_time) / 1000 if end and info.start_time else None,
+                "params": dict(run.data.params),
+                "metrics": dict(run.data.metrics),
+                "tags": dict(run.data.tags),
+            }
+        )
         if len(out) >= last:
             break
     return out
@@ -266,10 +275,15 @@ def set_alias(name: str, alias: str, version: str, reason: str) -> None:
     previous = alias_version(name, alias)
     c.set_registered_model_alias(name, alias, version)
     history = registry_history(name)
-    history.append({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "alias": alias, "version": str(version),
-        "previous": str(previous.version) if previous else None, "reason": reason,
-    })
+    history.append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "alias": alias,
+            "version": str(version),
+            "previous": str(previous.version) if previous else None,
+            "reason": reason,
+        }
+    )
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-200:]))
     c.set_model_version_tag(name, str(version), f"visionflow.{alias}_since", history[-1]["time"])
 
@@ -278,6 +292,7 @@ def download_run_artifacts(run_id: str, path: str, dest: str | Path) -> Path:
     """Download the artifact folder `path` of a run into `dest`; returns the local folder."""
     import mlflow.artifacts
 
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest),
-                                                tracking_uri=tracking_uri())
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=path, dst_path=str(dest), tracking_uri=tracking_uri()
+    )
     return Path(local)

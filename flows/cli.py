@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
 
 # Offline-safe defaults, set before prefect / mlflow / albumentations are imported.
 for _key, _value in {
@@ -28,12 +27,19 @@ from rich.table import Table
 from components.config import load_params
 from components.errors import VisionflowError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="visionflow: tracked, compressed, deployable image classifiers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="visionflow: tracked, compressed, deployable image classifiers.",
+)
 console = Console()
 err_console = Console(stderr=True)
 
 PARAMS_OPTION = typer.Option(None, "--params", "-p", help="Params YAML (default: built-in defaults).")
-SET_OPTION = typer.Option(None, "--set", "-s", help="Override one parameter, e.g. --set train.max_epochs=5 (repeatable).")
+SET_OPTION = typer.Option(
+    None, "--set", "-s", help="Override one parameter, e.g. --set train.max_epochs=5 (repeatable)."
+)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -57,7 +63,9 @@ def _run_guarded(fn):
     except BaseException as err:
         if not _is_interrupt(err):
             raise
-        err_console.print("[bold red]interrupted[/]: the MLflow run is marked KILLED; `visionflow resume RUN_ID` continues it")
+        err_console.print(
+            "[bold red]interrupted[/]: the MLflow run is marked KILLED; `visionflow resume RUN_ID` continues it"
+        )
         raise typer.Exit(130) from None
 
 
@@ -81,16 +89,28 @@ def _print_pipeline_result(result) -> None:
             [
                 ("test accuracy", f"{m.get('test/accuracy', float('nan')):.4f}"),
                 ("macro F1", f"{m.get('test/macro_f1', float('nan')):.4f}"),
-                ("images train / val / test", f"{counts.get('train', 0)} / {counts.get('val', 0)} / {counts.get('test', 0)}"),
+                (
+                    "images train / val / test",
+                    f"{counts.get('train', 0)} / {counts.get('val', 0)} / {counts.get('test', 0)}",
+                ),
                 ("quarantined files", str(len(result.quarantined))),
                 ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
                 ("MLflow UI", ui_hint(result.tracking_uri)),
                 ("run directory", result.run_dir),
                 ("best checkpoint", result.checkpoint),
-                *([("bundle", result.bundle), ("registered model", f"{result.model_version}: {result.registry_decision}")]
-                  if result.bundle else []),
-                *([("best compressed variant", f"{result.best_variant or 'none accepted'} ({result.comparison})")]
-                  if result.comparison else []),
+                *(
+                    [
+                        ("bundle", result.bundle),
+                        ("registered model", f"{result.model_version}: {result.registry_decision}"),
+                    ]
+                    if result.bundle
+                    else []
+                ),
+                *(
+                    [("best compressed variant", f"{result.best_variant or 'none accepted'} ({result.comparison})")]
+                    if result.comparison
+                    else []
+                ),
             ],
         )
     )
@@ -100,8 +120,8 @@ def _print_pipeline_result(result) -> None:
 
 @app.command()
 def run(
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Run the whole pipeline (ingest, validate, train, evaluate) and print where to look."""
 
@@ -117,7 +137,7 @@ def run(
 @app.command()
 def resume(
     run_id: str = typer.Argument(..., help="MLflow run id of the failed or killed pipeline run."),
-    set_: Optional[list[str]] = SET_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Resume a failed or killed pipeline run: same MLflow run, training from its last checkpoint."""
 
@@ -141,9 +161,9 @@ def resume(
 @app.command("validate-data")
 def validate_data(
     path: str = typer.Argument(..., help="Folder, CSV manifest, archive, bundled:digits or torchvision:NAME."),
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
-    out: Optional[Path] = typer.Option(None, help="Where to write manifest and report (default: a temp folder)."),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
+    out: Path | None = typer.Option(None, help="Where to write manifest and report (default: a temp folder)."),
 ) -> None:
     """Check every image of a data set and print the validation report (no training)."""
 
@@ -168,8 +188,8 @@ def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A visionflow checkpoint (.ckpt)."),
     data: str = typer.Option(..., "--data", "-d", help="Data set to evaluate on (any source `run` accepts)."),
     split: str = typer.Option("all", help="all, train, val or test."),
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Evaluate an existing checkpoint on a data set; logs an MLflow run and prints the figures."""
 
@@ -204,11 +224,11 @@ def evaluate(
 
 @app.command()
 def optimize(
-    from_run: Optional[str] = typer.Option(None, "--from-run", help="MLflow run id of a finished pipeline run."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (with --data)."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set for --checkpoint (any source `run` accepts)."),
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    from_run: str | None = typer.Option(None, "--from-run", help="MLflow run id of a finished pipeline run."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (with --data)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Data set for --checkpoint (any source `run` accepts)."),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Compress a trained model (distill, prune, quantize); every variant measured and gated."""
 
@@ -236,8 +256,13 @@ def _print_variants(result) -> None:
         table.add_column(column)
     for v in result.variants:
         table.add_row(
-            v.name, f"{v.accuracy:.4f}", f"{v.accuracy_drop:+.4f}", f"{v.size_bytes / 1024:.0f}",
-            f"{v.params:,}" if v.params else "-", f"{v.latency_b1_ms:.2f}", f"{v.latency_b32_ms:.2f}",
+            v.name,
+            f"{v.accuracy:.4f}",
+            f"{v.accuracy_drop:+.4f}",
+            f"{v.size_bytes / 1024:.0f}",
+            f"{v.params:,}" if v.params else "-",
+            f"{v.latency_b1_ms:.2f}",
+            f"{v.latency_b32_ms:.2f}",
             "yes" if v.accepted else "no",
         )
     console.print(table)
@@ -247,31 +272,46 @@ def _print_variants(result) -> None:
 
 @app.command()
 def serve(
-    source: str = typer.Argument(..., help="A bundle folder, a bundle .tar.gz, or a registry URI like models:/NAME@champion."),
+    source: str = typer.Argument(
+        ..., help="A bundle folder, a bundle .tar.gz, or a registry URI like models:/NAME@champion."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8000, help="Port."),
     max_body_bytes: int = typer.Option(10_000_000, help="Largest request body."),
     max_pixels: int = typer.Option(40_000_000, help="Largest image (width x height)."),
     max_images: int = typer.Option(32, help="Most images in one request."),
     top_k: int = typer.Option(3, help="Labels returned per image."),
-    prediction_log: Optional[Path] = typer.Option(None, "--prediction-log", help="Log every prediction's statistics (and failed requests) here for `visionflow monitor`."),
+    prediction_log: Path | None = typer.Option(
+        None,
+        "--prediction-log",
+        help="Log every prediction's statistics (and failed requests) here for `visionflow monitor`.",
+    ),
     prediction_log_max_bytes: int = typer.Option(10_000_000, help="Largest prediction log file before it rotates."),
     prediction_log_files: int = typer.Option(5, help="Most prediction log files kept (the oldest is deleted)."),
-    store_images: bool = typer.Option(False, "--store-images", help="Also store each predicted image in the prediction log (off by default)."),
+    store_images: bool = typer.Option(
+        False, "--store-images", help="Also store each predicted image in the prediction log (off by default)."
+    ),
 ) -> None:
     """Serve a model bundle over HTTP: POST /predict, GET /health /ready /metadata /metrics."""
 
     def go():
         from pydantic import ValidationError
 
-        from components.serving.app import ServeSettings, serve as run_server
         from components.packaging.resolve import resolve_bundle
+        from components.serving.app import ServeSettings
+        from components.serving.app import serve as run_server
 
         try:
             settings = ServeSettings(
-                host=host, port=port, max_body_bytes=max_body_bytes, max_pixels=max_pixels, max_images=max_images,
-                top_k=top_k, prediction_log_dir=str(prediction_log) if prediction_log else None,
-                prediction_log_max_bytes=prediction_log_max_bytes, prediction_log_files=prediction_log_files,
+                host=host,
+                port=port,
+                max_body_bytes=max_body_bytes,
+                max_pixels=max_pixels,
+                max_images=max_images,
+                top_k=top_k,
+                prediction_log_dir=str(prediction_log) if prediction_log else None,
+                prediction_log_max_bytes=prediction_log_max_bytes,
+                prediction_log_files=prediction_log_files,
                 store_images=store_images,
             )
         except ValidationError as err:
@@ -280,7 +320,10 @@ def serve(
         bundle = resolve_bundle(source)
         console.print(f"serving {bundle} on http://{host}:{port} (POST /predict)", highlight=False)
         if prediction_log:
-            console.print(f"prediction log: {prediction_log} (at most {prediction_log_files} x {prediction_log_max_bytes} bytes)", highlight=False)
+            console.print(
+                f"prediction log: {prediction_log} (at most {prediction_log_files} x {prediction_log_max_bytes} bytes)",
+                highlight=False,
+            )
         run_server(bundle, settings)
 
     _run_guarded(go)
@@ -317,7 +360,9 @@ def rollback(
 
 # --- the local stack, deployments, retraining, comparison ------------------------------------------
 
-STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Stack state folder (default: $VISIONFLOW_STACK_DIR or .visionflow/stack).")
+STATE_DIR_OPTION = typer.Option(
+    None, "--state-dir", help="Stack state folder (default: $VISIONFLOW_STACK_DIR or .visionflow/stack)."
+)
 
 
 @app.callback()
@@ -336,7 +381,7 @@ def _use_local_stack(ctx: typer.Context) -> None:
 
 @app.command()
 def up(
-    state_dir: Optional[Path] = STATE_DIR_OPTION,
+    state_dir: Path | None = STATE_DIR_OPTION,
     prefect_port: int = typer.Option(4200, help="Port of the Prefect server (UI and API)."),
     mlflow_port: int = typer.Option(5000, help="Port of the MLflow server."),
     timeout: float = typer.Option(120, help="Seconds to wait for both servers to answer."),
@@ -351,8 +396,12 @@ def up(
     console.print(
         _summary_table(
             "visionflow stack " + ("started" if started else "already running"),
-            [("Prefect UI", state.prefect_url), ("MLflow UI", state.mlflow_url), ("state", state.state_dir),
-             ("stop", "visionflow down")],
+            [
+                ("Prefect UI", state.prefect_url),
+                ("MLflow UI", state.mlflow_url),
+                ("state", state.state_dir),
+                ("stop", "visionflow down"),
+            ],
         )
     )
     console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
@@ -361,7 +410,7 @@ def up(
 
 
 @app.command()
-def down(state_dir: Optional[Path] = STATE_DIR_OPTION) -> None:
+def down(state_dir: Path | None = STATE_DIR_OPTION) -> None:
     """Stop the servers `visionflow up` started (exactly those processes)."""
     from flows.local_stack import default_state_dir, stop_stack
 
@@ -371,10 +420,12 @@ def down(state_dir: Optional[Path] = STATE_DIR_OPTION) -> None:
 
 @app.command()
 def deploy(
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
-    pool: Optional[str] = typer.Option(None, "--pool", help="Send the deployments to this Prefect work pool instead of serving them here."),
-    limit: Optional[int] = typer.Option(None, help="Most flow runs this process runs at once (serve only)."),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
+    pool: str | None = typer.Option(
+        None, "--pool", help="Send the deployments to this Prefect work pool instead of serving them here."
+    ),
+    limit: int | None = typer.Option(None, help="Most flow runs this process runs at once (serve only)."),
 ) -> None:
     """Serve the deployments (pipeline, retrain on its cron schedule, evaluate, optimize, package, monitor) for the Prefect UI."""
 
@@ -388,10 +439,15 @@ def deploy(
         deployments = build_deployments(p)
         if pool:
             ids = deploy_to_pool(deployments, pool)
-            console.print(f"{len(ids)} deployments sent to work pool {pool}; start a worker with "
-                          f"`prefect worker start --pool {pool}`", highlight=False)
+            console.print(
+                f"{len(ids)} deployments sent to work pool {pool}; start a worker with "
+                f"`prefect worker start --pool {pool}`",
+                highlight=False,
+            )
             return
-        console.print(f"retrain schedule: {p.retrain.cron} ({p.retrain.timezone}); Ctrl-C stops serving", highlight=False)
+        console.print(
+            f"retrain schedule: {p.retrain.cron} ({p.retrain.timezone}); Ctrl-C stops serving", highlight=False
+        )
         serve_deployments(deployments, limit)
 
     _run_guarded(go)
@@ -399,8 +455,8 @@ def deploy(
 
 @app.command("retrain")
 def retrain_command(
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
     force: bool = typer.Option(False, help="Train a challenger even when the data did not change."),
 ) -> None:
     """Retrain now: no new data → stop; else train a challenger and promote it only if it beats the champion."""
@@ -415,15 +471,21 @@ def retrain_command(
     console.print(
         _summary_table(
             f"visionflow retrain: {result.outcome.replace('_', ' ')}",
-            [("decision", result.reason), ("model version", result.model_version or "-"),
-             ("challenger accuracy", "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}"),
-             ("champion accuracy", "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
-             ("MLflow run", result.run_id or "-")],
+            [
+                ("decision", result.reason),
+                ("model version", result.model_version or "-"),
+                (
+                    "challenger accuracy",
+                    "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}",
+                ),
+                ("champion accuracy", "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
+                ("MLflow run", result.run_id or "-"),
+            ],
         )
     )
 
 
-def _print_comparison(runs: list[dict], metric: Optional[str], title: str, plot: Optional[Path]) -> None:
+def _print_comparison(runs: list[dict], metric: str | None, title: str, plot: Path | None) -> None:
     from components.comparison import comparison_plot, metric_columns, varying_params
 
     if not runs:
@@ -437,7 +499,9 @@ def _print_comparison(runs: list[dict], metric: Optional[str], title: str, plot:
     for r in runs:
         duration = f"{r['duration_s']:.0f} s" if r["duration_s"] is not None else "-"
         table.add_row(
-            f"{r['run_name'] or ''} {r['run_id'][:8]}", r["status"], duration,
+            f"{r['run_name'] or ''} {r['run_id'][:8]}",
+            r["status"],
+            duration,
             *[str(r["params"].get(p, "-")) for p in params],
             *[f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metrics],
         )
@@ -448,10 +512,12 @@ def _print_comparison(runs: list[dict], metric: Optional[str], title: str, plot:
 
 @app.command()
 def compare(
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment (default: all)."),
+    experiment: str | None = typer.Option(None, "--experiment", "-e", help="MLflow experiment (default: all)."),
     last: int = typer.Option(10, "--last", "-n", min=1, help="How many of the newest runs."),
-    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="Metric to compare first and plot (default test/accuracy)."),
-    sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
+    metric: str | None = typer.Option(
+        None, "--metric", "-m", help="Metric to compare first and plot (default test/accuracy)."
+    ),
+    sweep_id: str | None = typer.Option(None, "--sweep", help="Only the runs of this sweep."),
     plot: Path = typer.Option(Path("runs/comparison.png"), "--plot", help="Where to write the comparison plot."),
 ) -> None:
     """Compare runs: the params that differ, metrics, duration and status, and a comparison plot."""
@@ -464,7 +530,7 @@ def compare(
 
 @app.command()
 def runs(
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment (default: all)."),
+    experiment: str | None = typer.Option(None, "--experiment", "-e", help="MLflow experiment (default: all)."),
     last: int = typer.Option(10, "--last", "-n", min=1, help="How many of the newest runs."),
 ) -> None:
     """List recent runs with their status and their Prefect and MLflow links."""
@@ -477,7 +543,9 @@ def runs(
     for r in found:
         accuracy = r["metrics"].get("test/accuracy")
         table.add_row(
-            f"{r['run_name'] or ''} {r['run_id'][:8]}", r["experiment"], r["status"],
+            f"{r['run_name'] or ''} {r['run_id'][:8]}",
+            r["experiment"],
+            r["status"],
             "-" if accuracy is None else f"{accuracy:.4f}",
             r["tags"].get("prefect.flow_run_url") or r["tags"].get("prefect.flow_run_id") or "-",
             tracking.run_link(r["run_id"]),
@@ -487,12 +555,17 @@ def runs(
 
 @app.command()
 def sweep(
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
     grid: list[str] = typer.Option(..., "--grid", "-g", help="KEY=V1,V2 (repeatable); one pipeline per combination."),
-    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="MLflow experiment for all runs (default: run.experiment)."),
-    mode: str = typer.Option("auto", help="local (one after another here), deployment (flow runs of the served/pooled "
-                                          "pipeline deployment) or auto (deployment when a server has it)."),
+    experiment: str | None = typer.Option(
+        None, "--experiment", "-e", help="MLflow experiment for all runs (default: run.experiment)."
+    ),
+    mode: str = typer.Option(
+        "auto",
+        help="local (one after another here), deployment (flow runs of the served/pooled "
+        "pipeline deployment) or auto (deployment when a server has it).",
+    ),
     timeout: float = typer.Option(24 * 3600, help="Seconds to wait for deployment runs."),
 ) -> None:
     """Run one pipeline per combination of the grid in one MLflow experiment, then print the comparison."""
@@ -500,7 +573,8 @@ def sweep(
     def go():
         from flows.deploy import PIPELINE_DEPLOYMENT, deployment_exists
         from flows.prefect_api import server_configured
-        from flows.sweep import plan_sweep, submit_sweep, sweep as sweep_flow
+        from flows.sweep import plan_sweep, submit_sweep
+        from flows.sweep import sweep as sweep_flow
 
         if mode not in ("auto", "local", "deployment"):
             raise VisionflowError(f"invalid --mode {mode!r}: choose auto, local or deployment")
@@ -508,10 +582,16 @@ def sweep(
             plan = plan_sweep(str(params) if params else None, set_ or [], grid, experiment)
         except ValueError as err:
             raise VisionflowError(str(err)) from None
-        console.print(f"sweep {plan.sweep_id}: {len(plan.params)} combinations in experiment {plan.experiment}", highlight=False)
-        remote = mode == "deployment" or (mode == "auto" and server_configured() and deployment_exists(PIPELINE_DEPLOYMENT))
+        console.print(
+            f"sweep {plan.sweep_id}: {len(plan.params)} combinations in experiment {plan.experiment}", highlight=False
+        )
+        remote = mode == "deployment" or (
+            mode == "auto" and server_configured() and deployment_exists(PIPELINE_DEPLOYMENT)
+        )
         if mode == "deployment" and not (server_configured() and deployment_exists(PIPELINE_DEPLOYMENT)):
-            raise VisionflowError(f"no {PIPELINE_DEPLOYMENT} deployment: run `visionflow up` and `visionflow deploy` first")
+            raise VisionflowError(
+                f"no {PIPELINE_DEPLOYMENT} deployment: run `visionflow up` and `visionflow deploy` first"
+            )
         return submit_sweep(plan, PIPELINE_DEPLOYMENT, timeout) if remote else sweep_flow(plan)
 
     outcome = _run_guarded(go)
@@ -521,17 +601,24 @@ def sweep(
     for key, state in outcome.states.items():
         console.print(f"  {state:>10}  {key}", highlight=False)
     found = tracking.recent_runs(outcome.experiment, len(outcome.states), tag=(SWEEP_TAG, outcome.sweep_id))
-    _print_comparison(found, None, f"sweep {outcome.sweep_id} ({outcome.experiment})",
-                      Path("runs") / f"sweep-{outcome.sweep_id}.png")
+    _print_comparison(
+        found, None, f"sweep {outcome.sweep_id} ({outcome.experiment})", Path("runs") / f"sweep-{outcome.sweep_id}.png"
+    )
 
 
 @app.command()
 def monitor(
-    log: Optional[Path] = typer.Option(None, "--log", "-l", help="Prediction log folder (serve --prediction-log); default monitor.log_dir."),
-    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Reference bundle: folder, .tar.gz or models:/NAME@ALIAS; default the champion."),
-    feedback: Optional[Path] = typer.Option(None, "--feedback", "-f", help="CSV of id,label for the logged predictions (live accuracy)."),
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    log: Path | None = typer.Option(
+        None, "--log", "-l", help="Prediction log folder (serve --prediction-log); default monitor.log_dir."
+    ),
+    bundle: str | None = typer.Option(
+        None, "--bundle", "-b", help="Reference bundle: folder, .tar.gz or models:/NAME@ALIAS; default the champion."
+    ),
+    feedback: Path | None = typer.Option(
+        None, "--feedback", "-f", help="CSV of id,label for the logged predictions (live accuracy)."
+    ),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Compare a window of the prediction log with the bundle's reference profile (drift report; Prefect event on drift)."""
 
@@ -561,7 +648,7 @@ def monitor(
 @app.command()
 def package(
     from_run: str = typer.Option(..., "--from-run", help="MLflow run id of a finished pipeline run."),
-    set_: Optional[list[str]] = SET_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Package a finished run's model again: ONNX export + parity, bundle, register, champion/challenger gate."""
 
@@ -578,8 +665,10 @@ def package(
                 ("bundle", result.archive),
                 ("registered model", f"{result.model_name} v{result.version}"),
                 ("challenger accuracy (test split)", f"{result.challenger_accuracy:.4f}"),
-                ("champion accuracy (same split)",
-                 "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
+                (
+                    "champion accuracy (same split)",
+                    "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
+                ),
                 ("registry gate", result.reason),
                 ("MLflow run", f"{result.run_id} (child of {from_run})"),
             ],
@@ -589,9 +678,11 @@ def package(
 
 @app.command("fit-spec")
 def fit_spec(
-    out: Path = typer.Argument(..., help="Folder for the data snapshot, the spec and the training outputs (shared by all nodes)."),
-    params: Optional[Path] = PARAMS_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    out: Path = typer.Argument(
+        ..., help="Folder for the data snapshot, the spec and the training outputs (shared by all nodes)."
+    ),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Prepare a training run for torchrun or SLURM: ingest, validate, open the MLflow train run, write
     OUT/fit_spec.json, and print the launch lines for trainer.num_nodes × trainer.devices processes."""

@@ -45,7 +45,12 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
     defaults = {"params": params.model_dump(mode="json")}
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": TAGS}
     deployments = [
-        pipeline.to_deployment(name="pipeline", parameters=defaults, description="Ingest, validate, train, evaluate, [optimize], package.", **common),
+        pipeline.to_deployment(
+            name="pipeline",
+            parameters=defaults,
+            description="Ingest, validate, train, evaluate, [optimize], package.",
+            **common,
+        ),
         retrain.to_deployment(
             name="retrain",
             parameters=defaults,
@@ -57,9 +62,13 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
             **common,
         ),
         evaluate_flow.to_deployment(name="evaluate", description="Evaluate a checkpoint on any data set.", **common),
-        optimize_run.to_deployment(name="optimize", description="Compress a finished run's model: distill, prune, quantize.", **common),
+        optimize_run.to_deployment(
+            name="optimize", description="Compress a finished run's model: distill, prune, quantize.", **common
+        ),
     ]
-    deployments.append(package_flow.to_deployment(name="package", description="Re-package a finished run's model.", **common))
+    deployments.append(
+        package_flow.to_deployment(name="package", description="Re-package a finished run's model.", **common)
+    )
     deployments.append(monitor_deployment(params))
     return deployments
 
@@ -82,7 +91,9 @@ def deploy_to_pool(deployments: list[RunnerDeployment], pool: str) -> list[str]:
     from flows.prefect_api import work_pool_exists
 
     if not work_pool_exists(pool):
-        raise VisionflowError(f"no Prefect work pool {pool!r}: create it with `prefect work-pool create {pool} --type process`")
+        raise VisionflowError(
+            f"no Prefect work pool {pool!r}: create it with `prefect work-pool create {pool} --type process`"
+        )
     ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [str(i) for i in ids]
 

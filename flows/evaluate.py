@@ -52,7 +52,14 @@ def evaluate_flow(
         snapshot = ingest_task(data, cache_dir)
         report = validate_task(snapshot, data, str(run_dir), run_id)
         evaluation, _ = evaluate_task(
-            checkpoint, report.clean_manifest_path, split, evaluate, data, str(run_dir / "evaluation"), experiment, run_id
+            checkpoint,
+            report.clean_manifest_path,
+            split,
+            evaluate,
+            data,
+            str(run_dir / "evaluation"),
+            experiment,
+            run_id,
         )
     except BaseException as err:
         tracking.end_run(run_id, end_status(err))

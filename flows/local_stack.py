@@ -110,25 +110,41 @@ def _executable(name: str) -> str:
 
 def _server_env(state_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env.update({
-        "PREFECT_HOME": str(state_dir / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(state_dir / "prefect-home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
+    )
     return env
 
 
-def _launch(name: str, command: list[str], url: str, health_url: str, state_dir: Path,
-            env: dict[str, str] | None = None) -> StackProcess:
+def _launch(
+    name: str, command: list[str], url: str, health_url: str, state_dir: Path, env: dict[str, str] | None = None
+) -> StackProcess:
     log = state_dir / f"{name}.log"
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**_server_env(state_dir), **(env or {})}, cwd=state_dir, start_new_session=True)
-    return StackProcess(name=name, pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
-                        url=url, health_url=health_url, log=str(log))
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**_server_env(state_dir), **(env or {})},
+            cwd=state_dir,
+            start_new_session=True,
+        )
+    return StackProcess(
+        name=name,
+        pid=process.pid,
+        create_time=psutil.Process(process.pid).create_time(),
+        url=url,
+        health_url=health_url,
+        log=str(log),
+    )
 
 
 def _log_tail(process: StackProcess, lines: int = 3) -> str:
@@ -147,7 +163,9 @@ def _wait_until_answering(processes: list[StackProcess], timeout: float) -> None
             if answers(process.health_url):
                 waiting.remove(process)
             elif not _alive(process):
-                raise VisionflowError(f"the {process.name} server exited while starting: {_log_tail(process)} (log: {process.log})")
+                raise VisionflowError(
+                    f"the {process.name} server exited while starting: {_log_tail(process)} (log: {process.log})"
+                )
         if waiting and time.monotonic() > deadline:
             names = ", ".join(p.name for p in waiting)
             raise VisionflowError(f"the {names} server did not answer within {timeout:.0f} s (log: {waiting[0].log})")
@@ -155,7 +173,9 @@ def _wait_until_answering(processes: list[StackProcess], timeout: float) -> None
             time.sleep(0.5)
 
 
-def start_stack(state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = 120) -> tuple[StackState, bool]:
+def start_stack(
+    state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = 120
+) -> tuple[StackState, bool]:
     """Start the Prefect and MLflow servers and wait until both answer.
 
     Returns (state, started): started is False when the stack in `state_dir` was already running.
@@ -177,13 +197,34 @@ def start_stack(state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 50
     prefect_url = f"http://{HOST}:{prefect_port}"
     mlflow_url = f"http://{HOST}:{mlflow_port}"
     processes = [
-        _launch("prefect", [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-                prefect_url, f"{prefect_url}/api/health", state_dir,
-                env={"PREFECT_UI_API_URL": f"{prefect_url}/api"}),  # else the UI calls the default port 4200
-        _launch("mlflow", [_executable("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
-                           "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
-                           "--artifacts-destination", str(state_dir / "mlartifacts"), "--workers", "1"],
-                mlflow_url, f"{mlflow_url}/health", state_dir),
+        _launch(
+            "prefect",
+            [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+            prefect_url,
+            f"{prefect_url}/api/health",
+            state_dir,
+            env={"PREFECT_UI_API_URL": f"{prefect_url}/api"},
+        ),  # else the UI calls the default port 4200
+        _launch(
+            "mlflow",
+            [
+                _executable("mlflow"),
+                "server",
+                "--host",
+                HOST,
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{state_dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(state_dir / "mlartifacts"),
+                "--workers",
+                "1",
+            ],
+            mlflow_url,
+            f"{mlflow_url}/health",
+            state_dir,
+        ),
     ]
     state = StackState(state_dir=str(state_dir), prefect_url=prefect_url, mlflow_url=mlflow_url, processes=processes)
     (state_dir / STATE_FILE).write_text(state.model_dump_json(indent=2))

@@ -70,24 +70,38 @@ def drift_task(
     profile = read_reference_profile(Path(bundle_dir))
     reference_accuracy = contents["metrics"].get("accuracy")
     report: DriftReport = compare_window(
-        Path(log_dir), profile, params.monitor, contents["files"][MODEL_FILE],
-        Path(feedback) if feedback else None, labels=contents["labels"],
+        Path(log_dir),
+        profile,
+        params.monitor,
+        contents["files"][MODEL_FILE],
+        Path(feedback) if feedback else None,
+        labels=contents["labels"],
         reference_accuracy=reference_accuracy if isinstance(reference_accuracy, (int, float)) else None,
         model_name=params.package.model_name,
     )
     for note in report.notes:
         logger.warning(note)
     run_id = tracking.start_run(
-        params.run.experiment, MONITOR_STAGE,
-        {tracking.STAGE_TAG: MONITOR_STAGE, "visionflow.model_name": params.package.model_name,
-         "visionflow.model_sha256": report.model_sha256 or "", "visionflow.drift": str(report.drift_detected).lower()},
+        params.run.experiment,
+        MONITOR_STAGE,
+        {
+            tracking.STAGE_TAG: MONITOR_STAGE,
+            "visionflow.model_name": params.package.model_name,
+            "visionflow.model_sha256": report.model_sha256 or "",
+            "visionflow.drift": str(report.drift_detected).lower(),
+        },
     )
     try:
         files = write_drift_report(report, Path(out_dir))
-        tracking.log_params(run_id, {
-            **params_to_flat_dict(params.monitor),
-            "log_dir": log_dir, "bundle": bundle_dir, "feedback": feedback or "",
-        })
+        tracking.log_params(
+            run_id,
+            {
+                **params_to_flat_dict(params.monitor),
+                "log_dir": log_dir,
+                "bundle": bundle_dir,
+                "feedback": feedback or "",
+            },
+        )
         tracking.log_metrics(run_id, report.metrics())
         tracking.log_artifacts(run_id, [files.markdown_path, files.html_path, files.json_path, *files.plots], "drift")
     except BaseException as err:
@@ -96,16 +110,22 @@ def drift_task(
     tracking.end_run(run_id, "FINISHED")
     create_markdown_artifact(
         key="drift-report",
-        markdown=drift_markdown(report) + f"\nMLflow: {tracking.run_link(run_id)} (plots and report.html under drift/)\n",
+        markdown=drift_markdown(report)
+        + f"\nMLflow: {tracking.run_link(run_id)} (plots and report.html under drift/)\n",
         description=f"drift report: {'drift' if report.drift_detected else 'no drift'}",
     )
     live = report.metrics().get("live/accuracy")
     result = MonitorResult(
-        drift_detected=report.drift_detected, triggered=report.triggered,
+        drift_detected=report.drift_detected,
+        triggered=report.triggered,
         computed=[c.name for c in report.checks if c.computed],
         not_computed={c.name: c.reason or "" for c in report.checks if not c.computed},
-        notes=report.notes, window_predictions=report.window.predictions, live_accuracy=live,
-        report_markdown=files.markdown_path, report_html=files.html_path, run_id=run_id,
+        notes=report.notes,
+        window_predictions=report.window.predictions,
+        live_accuracy=live,
+        report_markdown=files.markdown_path,
+        report_html=files.html_path,
+        run_id=run_id,
     )
     payload = {
         "triggered": report.triggered,
@@ -136,7 +156,9 @@ def monitor_flow(
     log_dir = log_dir or params.monitor.log_dir
     feedback = feedback or params.monitor.feedback
     bundle_dir = resolve_bundle(bundle or default_bundle_source(params), params.run.cache_dir)
-    out_dir = Path(params.run.output_dir).resolve() / "monitor" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    out_dir = (
+        Path(params.run.output_dir).resolve() / "monitor" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
     result, payload = drift_task(str(log_dir), str(bundle_dir), feedback, params, str(out_dir))
     if result.drift_detected:
         name = params.package.model_name
@@ -181,8 +203,10 @@ def retrain_automation(deployment_id: UUID | str, model_name: str, parameters: d
         name=f"visionflow: retrain {model_name} on drift",
         description=f"Runs the retrain deployment when `visionflow monitor` emits {DRIFT_EVENT} for {model_name}.",
         trigger=EventTrigger(
-            expect={DRIFT_EVENT}, match={"prefect.resource.id": model_resource_id(model_name)},
-            posture="Reactive", threshold=1,
+            expect={DRIFT_EVENT},
+            match={"prefect.resource.id": model_resource_id(model_name)},
+            posture="Reactive",
+            threshold=1,
         ),
         actions=[RunDeployment(source="selected", deployment_id=UUID(str(deployment_id)), parameters=parameters)],
     )

@@ -75,23 +75,43 @@ def package_task(
     logger = get_run_logger()
     test_rows = rows_of_split(read_manifest(clean_manifest), "test")
     packaged = package_checkpoint(
-        checkpoint, test_rows, Path(run_dir) / "package", params.package, evaluation, data_source,
-        fingerprint, split_counts, params.data.max_pixels, int8_onnx=int8_onnx, comparison_md=comparison_md,
+        checkpoint,
+        test_rows,
+        Path(run_dir) / "package",
+        params.package,
+        evaluation,
+        data_source,
+        fingerprint,
+        split_counts,
+        params.data.max_pixels,
+        int8_onnx=int8_onnx,
+        comparison_md=comparison_md,
     )
-    logger.info("ONNX parity: max |logit diff| %.2e, top-1 agreement %.4f",
-                packaged.parity["max_abs_logit_diff"], packaged.parity["top1_agreement"])
+    logger.info(
+        "ONNX parity: max |logit diff| %.2e, top-1 agreement %.4f",
+        packaged.parity["max_abs_logit_diff"],
+        packaged.parity["top1_agreement"],
+    )
     tracking.log_metrics(run_id, {f"package/parity_{k}": v for k, v in packaged.parity.items()})
     if packaged.executorch_parity:
-        logger.info("ExecuTorch parity: max |logit diff| %.2e, top-1 agreement %.4f",
-                    packaged.executorch_parity["max_abs_logit_diff"], packaged.executorch_parity["top1_agreement"])
-        tracking.log_metrics(run_id, {f"package/executorch_parity_{k}": v for k, v in packaged.executorch_parity.items()})
+        logger.info(
+            "ExecuTorch parity: max |logit diff| %.2e, top-1 agreement %.4f",
+            packaged.executorch_parity["max_abs_logit_diff"],
+            packaged.executorch_parity["top1_agreement"],
+        )
+        tracking.log_metrics(
+            run_id, {f"package/executorch_parity_{k}": v for k, v in packaged.executorch_parity.items()}
+        )
     tracking.log_artifacts(run_id, sorted(Path(packaged.bundle_dir).iterdir()), BUNDLE_ARTIFACTS)
     tracking.log_artifacts(run_id, [packaged.archive])
 
     name = params.package.model_name
     challenger_accuracy = bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
     version = tracking.register_onnx(
-        run_id, packaged.onnx_path, name, packaged.input_example,
+        run_id,
+        packaged.onnx_path,
+        name,
+        packaged.input_example,
         {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", DATA_FINGERPRINT_TAG: fingerprint},
     )
     champion = _champion_bundle(name, params.run.cache_dir)
@@ -102,25 +122,38 @@ def package_task(
     tracking.set_alias(name, tracking.CHALLENGER, version, "new model version")
     if decision.promote:
         tracking.set_alias(name, tracking.CHAMPION, version, decision.reason)
-    tracking.log_metrics(run_id, {
-        "registry/challenger_accuracy": challenger_accuracy,
-        **({"registry/champion_accuracy": champion_accuracy} if champion_accuracy is not None else {}),
-        "registry/promoted": float(decision.promote),
-    })
+    tracking.log_metrics(
+        run_id,
+        {
+            "registry/challenger_accuracy": challenger_accuracy,
+            **({"registry/champion_accuracy": champion_accuracy} if champion_accuracy is not None else {}),
+            "registry/promoted": float(decision.promote),
+        },
+    )
     tracking.set_tags(run_id, {"visionflow.model_version": version, "visionflow.gate": decision.reason})
     logger.info("registered %s version %s: %s", name, version, decision.reason)
     publish_summary(
-        "registry-gate", f"{name} v{version}: {'promoted to champion' if decision.promote else 'kept as challenger'}",
-        {"challenger accuracy (test split)": f"{challenger_accuracy:.4f}",
-         "champion accuracy (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
-         "margin": f"{params.package.promote_margin}", "decision": decision.reason,
-         "bundle": packaged.archive},
+        "registry-gate",
+        f"{name} v{version}: {'promoted to champion' if decision.promote else 'kept as challenger'}",
+        {
+            "challenger accuracy (test split)": f"{challenger_accuracy:.4f}",
+            "champion accuracy (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
+            "margin": f"{params.package.promote_margin}",
+            "decision": decision.reason,
+            "bundle": packaged.archive,
+        },
         tracking.run_link(run_id),
     )
     return PackageResult(
-        bundle_dir=packaged.bundle_dir, archive=packaged.archive, model_name=name, version=version,
-        promoted=decision.promote, reason=decision.reason, challenger_accuracy=challenger_accuracy,
-        champion_accuracy=champion_accuracy, run_id=run_id,
+        bundle_dir=packaged.bundle_dir,
+        archive=packaged.archive,
+        model_name=name,
+        version=version,
+        promoted=decision.promote,
+        reason=decision.reason,
+        challenger_accuracy=challenger_accuracy,
+        champion_accuracy=champion_accuracy,
+        run_id=run_id,
     )
 
 
@@ -171,10 +204,16 @@ def _run_to_package(run_id: str, overrides: list[str]) -> _RunToPackage:
         raise VisionflowError(f"run {run_id}: {err}") from None
     experiment = tracking.client().get_experiment(run.info.experiment_id).name
     return _RunToPackage(
-        checkpoint=str(checkpoint), params=params, data_source=params.data.path,
-        fingerprint=run.data.tags.get(DATA_FINGERPRINT_TAG, ""), clean_manifest=str(manifest), evaluation=evaluation,
-        split_counts=finished["split_counts"], run_dir=str(run_dir / f"package-{time.strftime('%Y%m%d-%H%M%S')}"),
-        experiment=experiment, int8_onnx=_accepted_int8(finished.get("comparison")),
+        checkpoint=str(checkpoint),
+        params=params,
+        data_source=params.data.path,
+        fingerprint=run.data.tags.get(DATA_FINGERPRINT_TAG, ""),
+        clean_manifest=str(manifest),
+        evaluation=evaluation,
+        split_counts=finished["split_counts"],
+        run_dir=str(run_dir / f"package-{time.strftime('%Y%m%d-%H%M%S')}"),
+        experiment=experiment,
+        int8_onnx=_accepted_int8(finished.get("comparison")),
         comparison_md=finished.get("comparison"),
     )
 
@@ -193,17 +232,33 @@ def package_flow(source_run_id: str, overrides: list[str] | None = None) -> Pack
     """
     source = _run_to_package(source_run_id, list(overrides or []))
     params = source.params
-    run_id = tracking.start_run(source.experiment, f"package-{Path(source.run_dir).name.removeprefix('package-')}", {
-        tracking.STAGE_TAG: "package", tracking.RUN_DIR_TAG: source.run_dir,
-        "prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or ""),
-    }, parent_run_id=source_run_id)
-    tracking.log_params(run_id, {"checkpoint": source.checkpoint,
-                                 **{f"package.{k}": v for k, v in params.package.model_dump().items()}})
+    run_id = tracking.start_run(
+        source.experiment,
+        f"package-{Path(source.run_dir).name.removeprefix('package-')}",
+        {
+            tracking.STAGE_TAG: "package",
+            tracking.RUN_DIR_TAG: source.run_dir,
+            "prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_url": str(flow_run.ui_url or ""),
+        },
+        parent_run_id=source_run_id,
+    )
+    tracking.log_params(
+        run_id, {"checkpoint": source.checkpoint, **{f"package.{k}": v for k, v in params.package.model_dump().items()}}
+    )
     try:
         result = package_task(
-            source.checkpoint, params, source.data_source, source.fingerprint, source.clean_manifest,
-            source.evaluation, source.split_counts, source.run_dir, run_id,
-            int8_onnx=source.int8_onnx, comparison_md=source.comparison_md,
+            source.checkpoint,
+            params,
+            source.data_source,
+            source.fingerprint,
+            source.clean_manifest,
+            source.evaluation,
+            source.split_counts,
+            source.run_dir,
+            run_id,
+            int8_onnx=source.int8_onnx,
+            comparison_md=source.comparison_md,
         )
     except BaseException as err:
         tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: "package", "visionflow.error": str(err)[:500]})

@@ -69,8 +69,9 @@ def stage_clock(run_id: str) -> StageClock:
     return StageClock(log)
 
 
-def open_pipeline_run(params: PipelineParams, params_file: str | None, resume_run_id: str | None,
-                      extra_tags: dict[str, str] | None = None) -> tuple[str, Path]:
+def open_pipeline_run(
+    params: PipelineParams, params_file: str | None, resume_run_id: str | None, extra_tags: dict[str, str] | None = None
+) -> tuple[str, Path]:
     """Start the parent MLflow run and its run directory (or re-open both for a resume); returns (run id, run dir)."""
     prefect_tags = {
         "prefect.flow_run_id": str(flow_run.id or ""),
@@ -125,8 +126,14 @@ def pipeline(
         trained = train_task(params, report, snapshot, str(run_dir), run_id)
         stage = clock.start("evaluate")
         evaluation, evaluate_run_id = evaluate_task(
-            trained.checkpoint, report.clean_manifest_path, "test", params.evaluate, params.data,
-            str(run_dir / "evaluation"), params.run.experiment, run_id,
+            trained.checkpoint,
+            report.clean_manifest_path,
+            "test",
+            params.evaluate,
+            params.data,
+            str(run_dir / "evaluation"),
+            params.run.experiment,
+            run_id,
         )
         split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
         optimized = None
@@ -137,9 +144,15 @@ def pipeline(
         if params.package.enabled:
             stage = clock.start("package")
             packaged = package_task(
-                trained.checkpoint, params, snapshot.source, snapshot.fingerprint, report.clean_manifest_path,
-                evaluation, split_counts,
-                str(run_dir), run_id,
+                trained.checkpoint,
+                params,
+                snapshot.source,
+                snapshot.fingerprint,
+                report.clean_manifest_path,
+                evaluation,
+                split_counts,
+                str(run_dir),
+                run_id,
                 int8_onnx=optimized.int8_onnx if optimized else None,
                 comparison_md=optimized.comparison_md if optimized else None,
             )
@@ -185,8 +198,15 @@ def pipeline(
             "quarantined": str(len(report.quarantined)),
             "MLflow run": run_id,
             "run directory": str(run_dir),
-            **({"bundle": packaged.archive, "registered model": f"{packaged.model_name} v{packaged.version}",
-                "registry gate": packaged.reason} if packaged else {}),
+            **(
+                {
+                    "bundle": packaged.archive,
+                    "registered model": f"{packaged.model_name} v{packaged.version}",
+                    "registry gate": packaged.reason,
+                }
+                if packaged
+                else {}
+            ),
             **({"best compressed variant": str(optimized.best)} if optimized else {}),
         },
         tracking.run_link(run_id),

@@ -8,7 +8,7 @@ it wins by `package.promote_margin`.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -45,7 +45,7 @@ def champion_fingerprint(model_name: str) -> str | None:
 
 def _lateness_minutes() -> float:
     scheduled = flow_run.scheduled_start_time
-    return max(0.0, (datetime.now(timezone.utc) - scheduled).total_seconds() / 60) if scheduled else 0.0
+    return max(0.0, (datetime.now(UTC) - scheduled).total_seconds() / 60) if scheduled else 0.0
 
 
 def _record(result: RetrainResult, params: PipelineParams) -> None:
@@ -54,11 +54,17 @@ def _record(result: RetrainResult, params: PipelineParams) -> None:
     if result.run_id:
         tracking.set_tags(result.run_id, tags)
     else:
-        run_id = tracking.start_run(params.run.experiment, f"retrain-{result.outcome}", {
-            **tags, tracking.STAGE_TAG: "retrain",
-            "prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or ""),
-            "visionflow.data_fingerprint": result.data_fingerprint or "",
-        })
+        run_id = tracking.start_run(
+            params.run.experiment,
+            f"retrain-{result.outcome}",
+            {
+                **tags,
+                tracking.STAGE_TAG: "retrain",
+                "prefect.flow_run_id": str(flow_run.id or ""),
+                "prefect.flow_run_url": str(flow_run.ui_url or ""),
+                "visionflow.data_fingerprint": result.data_fingerprint or "",
+            },
+        )
         tracking.end_run(run_id, "FINISHED")
         result.run_id = run_id
     publish_summary(
@@ -66,8 +72,12 @@ def _record(result: RetrainResult, params: PipelineParams) -> None:
         f"retrain: {result.outcome.replace('_', ' ')}",
         {
             "decision": result.reason,
-            "challenger accuracy (new test split)": "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}",
-            "champion accuracy (same split)": "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
+            "challenger accuracy (new test split)": "-"
+            if result.challenger_accuracy is None
+            else f"{result.challenger_accuracy:.4f}",
+            "champion accuracy (same split)": "-"
+            if result.champion_accuracy is None
+            else f"{result.champion_accuracy:.4f}",
             "promotion margin": str(params.package.promote_margin),
             "model version": result.model_version or "-",
             "data fingerprint": (result.data_fingerprint or "-")[:16],
@@ -87,9 +97,13 @@ def retrain(params: PipelineParams = PipelineParams(), force: bool = False):
     logger = get_run_logger()
     late = _lateness_minutes()
     if late > params.retrain.max_lateness_minutes:
-        result = RetrainResult(outcome="skipped_late", reason=(
-            f"started {late:.0f} min after its scheduled slot (limit retrain.max_lateness_minutes="
-            f"{params.retrain.max_lateness_minutes}); the next slot retrains"))
+        result = RetrainResult(
+            outcome="skipped_late",
+            reason=(
+                f"started {late:.0f} min after its scheduled slot (limit retrain.max_lateness_minutes="
+                f"{params.retrain.max_lateness_minutes}); the next slot retrains"
+            ),
+        )
         logger.warning(result.reason)
         _record(result, params)
         return Completed(message=result.reason, name="Skipped", data=result)
@@ -98,8 +112,12 @@ def retrain(params: PipelineParams = PipelineParams(), force: bool = False):
     name = params.package.model_name
     previous = champion_fingerprint(name)
     if previous == snapshot.fingerprint and not force:
-        result = RetrainResult(outcome="no_new_data", data_fingerprint=snapshot.fingerprint, champion_fingerprint=previous,
-                               reason=f"no new data: the fingerprint equals the one {name}@champion was trained on")
+        result = RetrainResult(
+            outcome="no_new_data",
+            data_fingerprint=snapshot.fingerprint,
+            champion_fingerprint=previous,
+            reason=f"no new data: the fingerprint equals the one {name}@champion was trained on",
+        )
         logger.info(result.reason)
         _record(result, params)
         return Completed(message=result.reason, name="NoNewData", data=result)

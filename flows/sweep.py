@@ -49,8 +49,10 @@ def plan_sweep(params_file: str | None, sets: list[str], grid: list[str], experi
     sweep_id = uuid.uuid4().hex[:8]
     base = load_params(params_file, sets)
     experiment = experiment or base.run.experiment
-    params = [load_params(params_file, [*sets, *combo, f"run.experiment={experiment}",
-                                        f"run.run_name=sweep-{sweep_id}-{i}"]) for i, combo in enumerate(combinations)]
+    params = [
+        load_params(params_file, [*sets, *combo, f"run.experiment={experiment}", f"run.run_name=sweep-{sweep_id}-{i}"])
+        for i, combo in enumerate(combinations)
+    ]
     return SweepPlan(sweep_id=sweep_id, experiment=experiment, overrides=combinations, params=params)
 
 
@@ -62,7 +64,7 @@ def sweep(plan: SweepPlan) -> SweepOutcome:
     """
     logger = get_run_logger()
     states: dict[str, str] = {}
-    for overrides, params in zip(plan.overrides, plan.params):
+    for overrides, params in zip(plan.overrides, plan.params, strict=False):
         key = " ".join(overrides)
         logger.info("sweep %s: %s", plan.sweep_id, key)
         state = pipeline(params, tags={SWEEP_TAG: plan.sweep_id}, return_state=True)
@@ -77,11 +79,18 @@ def submit_sweep(plan: SweepPlan, deployment: str, timeout: float) -> SweepOutco
     from flows.prefect_api import wait_for_flow_runs
 
     runs = {}
-    for overrides, params in zip(plan.overrides, plan.params):
-        run = run_deployment(deployment, parameters={"params": params.model_dump(mode="json"),
-                                                      "tags": {SWEEP_TAG: plan.sweep_id}},
-                             timeout=0, as_subflow=False, tags=["visionflow", f"sweep-{plan.sweep_id}"])
+    for overrides, params in zip(plan.overrides, plan.params, strict=False):
+        run = run_deployment(
+            deployment,
+            parameters={"params": params.model_dump(mode="json"), "tags": {SWEEP_TAG: plan.sweep_id}},
+            timeout=0,
+            as_subflow=False,
+            tags=["visionflow", f"sweep-{plan.sweep_id}"],
+        )
         runs[" ".join(overrides)] = run.id
     states = wait_for_flow_runs(list(runs.values()), timeout)
-    return SweepOutcome(sweep_id=plan.sweep_id, experiment=plan.experiment,
-                        states={key: states[str(run_id)] for key, run_id in runs.items()})
+    return SweepOutcome(
+        sweep_id=plan.sweep_id,
+        experiment=plan.experiment,
+        states={key: states[str(run_id)] for key, run_id in runs.items()},
+    )

@@ -105,7 +105,10 @@ def ingest_task(data: DataParams, cache_dir: str) -> DatasetSnapshot:
     snapshot = ingest(data, snapshot_dir(data, cache_dir), Path(cache_dir))
     get_run_logger().info(
         "ingested %d images in %d classes from %s (fingerprint %s)",
-        snapshot.num_images, len(snapshot.classes), data.path, snapshot.fingerprint[:12],
+        snapshot.num_images,
+        len(snapshot.classes),
+        data.path,
+        snapshot.fingerprint[:12],
     )
     return snapshot
 
@@ -139,11 +142,17 @@ def validate_task(snapshot: DatasetSnapshot, data: DataParams, run_dir: str, run
     clean_rows = read_manifest(report.clean_manifest_path)
     for split in ("train", "val", "test"):
         tracking.log_dataset(
-            run_id, rows_of_split(clean_rows, split), snapshot.fingerprint, snapshot.root,
-            name=f"{Path(snapshot.source).name or snapshot.source}-{split}", context=split,
+            run_id,
+            rows_of_split(clean_rows, split),
+            snapshot.fingerprint,
+            snapshot.root,
+            name=f"{Path(snapshot.source).name or snapshot.source}-{split}",
+            context=split,
         )
     tracking.set_tags(run_id, {"visionflow.data_fingerprint": snapshot.fingerprint})
-    logger.info("validated %d images: %d valid, %d quarantined", report.num_checked, report.num_valid, len(report.quarantined))
+    logger.info(
+        "validated %d images: %d valid, %d quarantined", report.num_checked, report.num_valid, len(report.quarantined)
+    )
     return report
 
 
@@ -204,7 +213,9 @@ def run_training_process(spec: FitSpec, spec_path: Path, logger) -> FitResult:
     env.setdefault("PYTHONUNBUFFERED", "1")
     process = subprocess.Popen(
         [sys.executable, "-m", "components.training.fit", str(spec_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         tail = _relay(process, logger)
@@ -298,8 +309,14 @@ def evaluate_task(
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in report.metrics.items()})
         tracking.log_artifacts(
             run_id,
-            [report.metrics_path, report.per_class_path, report.confusion_csv_path, report.confusion_png_path,
-             report.misclassified_png_path, report.predictions_path],
+            [
+                report.metrics_path,
+                report.per_class_path,
+                report.confusion_csv_path,
+                report.confusion_png_path,
+                report.misclassified_png_path,
+                report.predictions_path,
+            ],
             "evaluation",
         )
     except BaseException as err:

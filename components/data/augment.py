@@ -35,9 +35,7 @@ def _normalize_steps(params: AugmentParams) -> list[A.BasicTransform]:
     ]
 
 
-def build_train_transform(
-    params: AugmentParams, normalize: bool = True, seed: int | None = None
-) -> A.Compose:
+def build_train_transform(params: AugmentParams, normalize: bool = True, seed: int | None = None) -> A.Compose:
     """Build the random training transform.
 
     Takes the augmentation parameters; `normalize` appends Normalize(mean, std, /255) and
@@ -81,7 +79,10 @@ def build_train_transform(
     if params.coarse_dropout_p > 0:
         steps.append(
             A.CoarseDropout(
-                num_holes_range=(1, 3), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25), fill=0,
+                num_holes_range=(1, 3),
+                hole_height_range=(0.1, 0.25),
+                hole_width_range=(0.1, 0.25),
+                fill=0,
                 p=params.coarse_dropout_p,
             )
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import numpy as np
@@ -130,8 +130,10 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         if cache_dir is not None and cache_would_upsample(rows, cache_side):
-            print(f"[visionflow] image cache off: some images are smaller than {cache_side}px and would be cached upsampled",
-                  flush=True)
+            print(
+                f"[visionflow] image cache off: some images are smaller than {cache_side}px and would be cached upsampled",
+                flush=True,
+            )
             cache_dir = None
         self.cache_dir = cache_dir
         self.cache_side = cache_side
@@ -143,7 +145,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.cache_dir is None or not rows:
             return None
         return ensure_image_cache(
-            rows, self.cache_dir, self.cache_side, self.channels, self.max_pixels, self.num_workers,
+            rows,
+            self.cache_dir,
+            self.cache_side,
+            self.channels,
+            self.max_pixels,
+            self.num_workers,
             log=lambda line: print(line, flush=True),
         )
 

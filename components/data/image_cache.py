@@ -20,8 +20,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from pydantic import BaseModel
@@ -108,7 +108,13 @@ def _not_writable(directory: Path, err: OSError) -> DataError:
 
 
 def _write(
-    paths: list[str], side: int, channels: int, max_pixels: int, data_path: Path, header_path: Path, key: str,
+    paths: list[str],
+    side: int,
+    channels: int,
+    max_pixels: int,
+    data_path: Path,
+    header_path: Path,
+    key: str,
     workers: int,
 ) -> None:
     """Decode every path into a temporary array file, then rename it and its header into place."""
@@ -182,5 +188,9 @@ def cache_would_upsample(rows: list[dict[str, str]], side: int) -> bool:
     """True when some image of `rows` (manifest width/height columns) is smaller than `side`: caching it
     would store an upsampled copy, and random crops of that copy differ from crops of the original
     (measured: the 8x8 digits lost ~2.5 points of test accuracy). Such images are cheap to decode anyway."""
-    sizes = [min(int(r["width"]), int(r["height"])) for r in rows if str(r.get("width", "")).isdigit() and str(r.get("height", "")).isdigit()]
+    sizes = [
+        min(int(r["width"]), int(r["height"]))
+        for r in rows
+        if str(r.get("width", "")).isdigit() and str(r.get("height", "")).isdigit()
+    ]
     return bool(sizes) and min(sizes) < side

@@ -96,7 +96,9 @@ def _describe(item: SourceItem) -> tuple[str, int, int, str]:
 # --- the split ------------------------------------------------------------------------------------
 
 
-def _holdout_counts(n: int, val_fraction: float, test_fraction: float, need_val: bool, need_test: bool) -> tuple[int, int]:
+def _holdout_counts(
+    n: int, val_fraction: float, test_fraction: float, need_val: bool, need_test: bool
+) -> tuple[int, int]:
     """How many of a class's n groups go to val and test: rounded fractions, at least 1 each while
     at least one group stays in train."""
     n_val = max(1, int(val_fraction * n + 0.5)) if need_val else 0
@@ -113,8 +115,13 @@ def _holdout_counts(n: int, val_fraction: float, test_fraction: float, need_val:
 
 
 def _carve(
-    keys_by_item: list[str], labels: list[str], seed: int, val_fraction: float, test_fraction: float,
-    need_val: bool, need_test: bool,
+    keys_by_item: list[str],
+    labels: list[str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    need_val: bool,
+    need_test: bool,
 ) -> list[str]:
     """Stratified, content-keyed split of items into train/val/test.
 
@@ -123,7 +130,7 @@ def _carve(
     Returns one split name per item.
     """
     group_labels: dict[str, str] = {}
-    for key, label in zip(keys_by_item, labels):
+    for key, label in zip(keys_by_item, labels, strict=False):
         group_labels[key] = min(label, group_labels.get(key, label))
     groups_of_class: dict[str, list[str]] = defaultdict(list)
     for key, label in group_labels.items():
@@ -144,10 +151,12 @@ def assign_splits(items: list[SourceItem], shas: list[str], params: DataParams) 
     A source with split folders but without val (or test) gets it carved from train, stratified.
     Raises DataError when only some items carry a split.
     """
-    keys = [sha or f"unreadable:{item.path}" for item, sha in zip(items, shas)]
+    keys = [sha or f"unreadable:{item.path}" for item, sha in zip(items, shas, strict=False)]
     given = [item.split for item in items]
     if all(split is None for split in given):
-        return _carve(keys, [i.label for i in items], params.seed, params.val_fraction, params.test_fraction, True, True)
+        return _carve(
+            keys, [i.label for i in items], params.seed, params.val_fraction, params.test_fraction, True, True
+        )
     missing = [item.path for item in items if item.split is None]
     if missing:
         raise DataError(
@@ -160,10 +169,15 @@ def assign_splits(items: list[SourceItem], shas: list[str], params: DataParams) 
     train_idx = [i for i, split in enumerate(splits) if split == "train"]
     if (need_val or need_test) and train_idx:
         carved = _carve(
-            [keys[i] for i in train_idx], [items[i].label for i in train_idx], params.seed,
-            params.val_fraction, params.test_fraction, need_val, need_test,
+            [keys[i] for i in train_idx],
+            [items[i].label for i in train_idx],
+            params.seed,
+            params.val_fraction,
+            params.test_fraction,
+            need_val,
+            need_test,
         )
-        for i, split in zip(train_idx, carved):
+        for i, split in zip(train_idx, carved, strict=False):
             splits[i] = split
     return splits  # type: ignore[return-value]
 
@@ -202,10 +216,15 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
     for item in items:
         extra_columns += [c for c in item.extra_labels if c not in extra_columns]
     rows = []
-    for item, (sha, width, height, mode), split in zip(items, described, splits):
+    for item, (sha, width, height, mode), split in zip(items, described, splits, strict=False):
         row = {
-            "path": item.path, "sha256": sha, "label": item.label, "split": split,
-            "width": str(width), "height": str(height), "mode": mode,
+            "path": item.path,
+            "sha256": sha,
+            "label": item.label,
+            "split": split,
+            "width": str(width),
+            "height": str(height),
+            "mode": mode,
         }
         row.update({c: item.extra_labels.get(c, "") for c in extra_columns})
         rows.append(row)

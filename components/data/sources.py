@@ -18,16 +18,14 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydantic import BaseModel
 
 from components.errors import DataError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 TORCHVISION_DATASETS = ("CIFAR10", "FashionMNIST", "MNIST")
 BUNDLED_DATASETS = ("digits", "digits-multitask")
@@ -59,7 +57,8 @@ def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> l
         name = path.split(":", 1)[1]
         if name not in BUNDLED_DATASETS:
             raise DataError(
-                f"unknown bundled data set {name!r}: supported are " + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
+                f"unknown bundled data set {name!r}: supported are "
+                + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
             )
         items = _from_folder(materialize_digits(cache_dir))
         if name == "digits-multitask":
@@ -292,7 +291,7 @@ def materialize_digits(cache_dir: Path) -> Path:
 
         digits = load_digits()
         pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        for index, (image, target) in enumerate(zip(pixels, digits.target)):
+        for index, (image, target) in enumerate(zip(pixels, digits.target, strict=False)):
             folder = tmp / str(int(target))
             folder.mkdir(exist_ok=True)
             Image.fromarray(image, "L").save(folder / f"{index:04d}.png")
@@ -324,10 +323,11 @@ def materialize_torchvision(name: str, cache_dir: Path) -> Path:
     if final.is_dir():
         return final
 
+    from urllib.error import URLError
+
     import numpy as np
     import torchvision.datasets
     from PIL import Image
-    from urllib.error import URLError
 
     cls = getattr(torchvision.datasets, canonical)
     splits = {}
@@ -352,7 +352,7 @@ def materialize_torchvision(name: str, cache_dir: Path) -> Path:
                 names = [str(i) for i in range(10)]
             else:
                 names = [c.replace("/", "_") for c in dataset.classes]
-            for index, (image, target) in enumerate(zip(data, targets)):
+            for index, (image, target) in enumerate(zip(data, targets, strict=False)):
                 folder = tmp / split / names[int(target)]
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(folder / f"{index:05d}.png")

@@ -109,10 +109,10 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(lambda row: _check(row, params.channels, params.max_pixels), rows))
 
-    clean = [row for row, reason in zip(rows, reasons) if reason is None]
+    clean = [row for row, reason in zip(rows, reasons, strict=False) if reason is None]
     quarantined = [
         QuarantinedFile(path=row["path"], label=row["label"], split=row["split"], reason=reason)
-        for row, reason in zip(rows, reasons)
+        for row, reason in zip(rows, reasons, strict=False)
         if reason is not None
     ]
     split_names = list(SPLITS) + sorted({row["split"] for row in rows} - set(SPLITS))

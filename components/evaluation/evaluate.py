@@ -31,8 +31,12 @@ def evaluate_checkpoint(
     if unknown:
         raise DataError(f"the data has classes the model does not know: {', '.join(unknown[:10])}")
     loader = eval_loader(
-        rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels,
-        max_pixels, task_classes=classifier.task_classes or None,
+        rows,
+        classifier.classes,
+        build_eval_transform(classifier.augment),
+        classifier.spec.in_channels,
+        max_pixels,
+        task_classes=classifier.task_classes or None,
     )
     logits, targets = predict(classifier.model, loader)
     extra: dict[str, float] = {}
@@ -44,7 +48,13 @@ def evaluate_checkpoint(
             extra[f"{task}/macro_f1"] = summary["macro_f1"]
         logits, targets = parts[0], targets[:, 0]
     report = write_report(
-        logits, targets, classifier.classes, [r["path"] for r in rows], Path(out_dir), params, classifier.spec.in_channels
+        logits,
+        targets,
+        classifier.classes,
+        [r["path"] for r in rows],
+        Path(out_dir),
+        params,
+        classifier.spec.in_channels,
     )
     report.metrics.update(extra)
     return report

@@ -65,7 +65,12 @@ def write_confusion_png(confusion: list[list[int]], classes: list[str], path: Pa
             if value == 0 and n > 20:
                 continue  # zeros would only clutter a large matrix
             ax.text(
-                j, i, str(value), ha="center", va="center", fontsize=font,
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=font,
                 color="white" if value > threshold else "black",
             )
     fig.savefig(path, format="png", dpi=110)
@@ -82,9 +87,7 @@ def _load_for_display(path: str, channels: int) -> np.ndarray | None:
         return None
 
 
-def write_misclassified_png(
-    rows: list[dict[str, Any]], path: Path, limit: int, channels: int = 3
-) -> Path | None:
+def write_misclassified_png(rows: list[dict[str, Any]], path: Path, limit: int, channels: int = 3) -> Path | None:
     """Draw up to `limit` misclassified images, most confident mistakes first.
 
     Takes prediction rows (dicts with path, target, predicted, confidence, correct), the PNG path,
@@ -103,7 +106,7 @@ def write_misclassified_png(
     axes = fig.subplots(grid_rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, wrong):
+    for ax, row in zip(axes.flat, wrong, strict=False):
         image = _load_for_display(row["path"], channels)
         if image is None:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
@@ -155,7 +158,7 @@ def write_report(
     with confusion_csv.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *classes])
-        for name, counts in zip(classes, metrics["confusion_matrix"]):
+        for name, counts in zip(classes, metrics["confusion_matrix"], strict=False):
             writer.writerow([name, *counts])
     confusion_png = write_confusion_png(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png")
 
@@ -169,7 +172,9 @@ def write_report(
             "confidence": float(c),
             "correct": int(t) == int(p),
         }
-        for path, t, p, c in zip(image_paths, targets.reshape(-1).tolist(), predicted.tolist(), confidence.tolist())
+        for path, t, p, c in zip(
+            image_paths, targets.reshape(-1).tolist(), predicted.tolist(), confidence.tolist(), strict=False
+        )
     ]
     predictions_path = out_dir / "predictions.csv"
     with predictions_path.open("w", newline="") as f:
@@ -197,8 +202,10 @@ def read_report(out_dir: Path) -> EvalReport:
     Raises FileNotFoundError naming the first of its files that is missing.
     """
     out_dir = Path(out_dir)
-    files = {name: out_dir / name for name in
-             ("metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv")}
+    files = {
+        name: out_dir / name
+        for name in ("metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv")
+    }
     for path in files.values():
         if not path.is_file():
             raise FileNotFoundError(f"evaluation file missing: {path}")

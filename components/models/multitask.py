@@ -72,5 +72,5 @@ class CrossStitchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x] * len(self.columns)
         for level, stitch in enumerate(self.stitches):
-            features = stitch([column[level](f) for column, f in zip(self.columns, features)])
-        return torch.cat([column[-1](f) for column, f in zip(self.columns, features)], dim=1)
+            features = stitch([column[level](f) for column, f in zip(self.columns, features, strict=False)])
+        return torch.cat([column[-1](f) for column, f in zip(self.columns, features, strict=False)], dim=1)

@@ -6,7 +6,7 @@ classes, input size, channels and normalization. It is stored in checkpoints and
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -100,7 +100,9 @@ def _cnn(spec: ModelSpec) -> nn.Module:
 
 def _rnn(spec: ModelSpec) -> nn.Module:
     _no_pretrained(spec)
-    return SequenceClassifier(spec.in_channels, spec.num_classes, spec.image_size, dropout=spec.dropout, **spec.rnn.model_dump())
+    return SequenceClassifier(
+        spec.in_channels, spec.num_classes, spec.image_size, dropout=spec.dropout, **spec.rnn.model_dump()
+    )
 
 
 def _vit(spec: ModelSpec) -> nn.Module:

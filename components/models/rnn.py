@@ -36,10 +36,16 @@ class SequenceClassifier(nn.Module):
         features = in_channels * (image_size if sequence == "rows" else patch_size * patch_size)
         rnn = nn.GRU if cell == "gru" else nn.LSTM
         self.rnn = rnn(
-            features, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=bidirectional,
+            features,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            bidirectional=bidirectional,
             dropout=dropout if num_layers > 1 else 0.0,
         )
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes))
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+        )
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) → (N, steps, features)."""

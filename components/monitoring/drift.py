@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,11 +180,13 @@ def select_window(
     models are left out and counted; None keeps all) and the current time (UTC now by default).
     Returns (records oldest first, WindowSummary).
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     since = now - timedelta(hours=params.window_hours) if params.window_hours else None
     contents = read_prediction_log(Path(log_dir), since)
     summary = WindowSummary(
-        log_dir=str(log_dir), files=contents.files, records_read=len(contents.records),
+        log_dir=str(log_dir),
+        files=contents.files,
+        records_read=len(contents.records),
         malformed_lines=contents.malformed_lines,
     )
     predictions = []
@@ -223,12 +225,18 @@ def population_stability_index(reference: dict[str, int], current: dict[str, int
 
 def _class_check(profile: ReferenceProfile, counts: dict[str, int], params: MonitorParams) -> Check:
     psi = population_stability_index(profile.predicted_counts, counts, profile.labels)
-    table = np.array([[profile.predicted_counts.get(l, 0) for l in profile.labels], [counts.get(l, 0) for l in profile.labels]])
+    table = np.array(
+        [[profile.predicted_counts.get(l, 0) for l in profile.labels], [counts.get(l, 0) for l in profile.labels]]
+    )
     table = table[:, table.sum(axis=0) > 0]
     p_value = float(stats.chi2_contingency(table).pvalue) if table.shape[1] > 1 else 1.0
     return Check(
-        name="class_distribution", kind="class_distribution", computed=True, value=psi,
-        threshold=params.psi_threshold, drifted=psi > params.psi_threshold,
+        name="class_distribution",
+        kind="class_distribution",
+        computed=True,
+        value=psi,
+        threshold=params.psi_threshold,
+        drifted=psi > params.psi_threshold,
         details={"chi2_p_value": p_value},
     )
 
@@ -238,8 +246,13 @@ def _confidence_check(profile: ReferenceProfile, values: list[float], params: Mo
     current = float(np.mean(values))
     drop = reference - current
     return Check(
-        name="confidence_drop", kind="confidence", computed=True, value=drop, threshold=params.confidence_drop,
-        drifted=drop > params.confidence_drop, details={"reference_mean": reference, "window_mean": current},
+        name="confidence_drop",
+        kind="confidence",
+        computed=True,
+        value=drop,
+        threshold=params.confidence_drop,
+        drifted=drop > params.confidence_drop,
+        details={"reference_mean": reference, "window_mean": current},
     )
 
 
@@ -257,18 +270,31 @@ def _ks_checks(profile: ReferenceProfile, window: dict[str, list[float]], params
         reference, current = np.asarray(profile.samples[name]), np.asarray(window[name])
         result = stats.ks_2samp(reference, current)
         distance, p_value = float(result.statistic), float(result.pvalue)
-        checks.append(Check(
-            name=f"ks:{name}", kind=kind, computed=True, value=distance, p_value=p_value,
-            threshold=params.ks_min_statistic,
-            drifted=p_value < alpha and distance >= params.ks_min_statistic,
-            details={"alpha": alpha, "reference_median": float(np.median(reference)), "window_median": float(np.median(current))},
-        ))
+        checks.append(
+            Check(
+                name=f"ks:{name}",
+                kind=kind,
+                computed=True,
+                value=distance,
+                p_value=p_value,
+                threshold=params.ks_min_statistic,
+                drifted=p_value < alpha and distance >= params.ks_min_statistic,
+                details={
+                    "alpha": alpha,
+                    "reference_median": float(np.median(reference)),
+                    "window_median": float(np.median(current)),
+                },
+            )
+        )
     return checks
 
 
 def _accuracy_check(
-    feedback: dict[str, str], summary: FeedbackSummary, records: list[dict[str, Any]],
-    reference_accuracy: float | None, params: MonitorParams,
+    feedback: dict[str, str],
+    summary: FeedbackSummary,
+    records: list[dict[str, Any]],
+    reference_accuracy: float | None,
+    params: MonitorParams,
 ) -> Check:
     window_ids = {r.get("id"): r for r in records}
     matched = [(window_ids[i], label) for i, label in feedback.items() if i in window_ids]
@@ -276,15 +302,31 @@ def _accuracy_check(
     summary.unmatched = len(feedback) - len(matched)
     summary.correct = sum(record.get("predicted") == label for record, label in matched)
     if not matched:
-        return Check(name="live_accuracy", kind="accuracy", computed=False,
-                     reason="no feedback row matches a prediction id in the window")
+        return Check(
+            name="live_accuracy",
+            kind="accuracy",
+            computed=False,
+            reason="no feedback row matches a prediction id in the window",
+        )
     accuracy = summary.correct / summary.matched
     details = {"live_accuracy": accuracy, "labelled": summary.matched, "reference_accuracy": reference_accuracy}
     if reference_accuracy is None:
-        return Check(name="live_accuracy", kind="accuracy", computed=True, details=details,
-                     reason="no reference accuracy in the bundle to compare with")
+        return Check(
+            name="live_accuracy",
+            kind="accuracy",
+            computed=True,
+            details=details,
+            reason="no reference accuracy in the bundle to compare with",
+        )
     drop = reference_accuracy - accuracy
-    check = Check(name="live_accuracy", kind="accuracy", computed=True, value=drop, threshold=params.accuracy_drop, details=details)
+    check = Check(
+        name="live_accuracy",
+        kind="accuracy",
+        computed=True,
+        value=drop,
+        threshold=params.accuracy_drop,
+        details=details,
+    )
     if summary.matched < params.min_feedback:
         check.reason = f"only {summary.matched} labelled predictions (min_feedback {params.min_feedback}): not decided"
     else:
@@ -316,8 +358,12 @@ def compare_window(
     if profile is not None and profile.accuracy is not None:
         reference_accuracy = profile.accuracy
     report = DriftReport(
-        model_sha256=model_sha256, model_name=model_name, window=window, reference=profile,
-        reference_images=profile.num_images if profile else None, reference_accuracy=reference_accuracy,
+        model_sha256=model_sha256,
+        model_name=model_name,
+        window=window,
+        reference=profile,
+        reference_images=profile.num_images if profile else None,
+        reference_accuracy=reference_accuracy,
     )
     notes = report.notes
     if not Path(log_dir).is_dir():
@@ -348,7 +394,11 @@ def compare_window(
                 samples.setdefault(name, []).append(float(value))
     report.window_samples = samples
 
-    drift_names = ["class_distribution", "confidence_drop", *(f"ks:{n}" for n in (*IMAGE_STATISTICS, *PREDICTION_STATISTICS))]
+    drift_names = [
+        "class_distribution",
+        "confidence_drop",
+        *(f"ks:{n}" for n in (*IMAGE_STATISTICS, *PREDICTION_STATISTICS)),
+    ]
     reason = None
     if profile is None:
         reason = "the bundle has no usable reference profile (package it again to add reference_profile.json)"
@@ -360,7 +410,9 @@ def compare_window(
         notes.append(f"drift tests not computed: {reason}")
         kinds = {"class_distribution": "class_distribution", "confidence_drop": "confidence"}
         for name in drift_names:
-            kind = kinds.get(name) or ("image_statistic" if name.removeprefix("ks:") in IMAGE_STATISTICS else "prediction_statistic")
+            kind = kinds.get(name) or (
+                "image_statistic" if name.removeprefix("ks:") in IMAGE_STATISTICS else "prediction_statistic"
+            )
             report.checks.append(Check(name=name, kind=kind, computed=False, reason=reason))
     else:
         assert profile is not None
@@ -368,18 +420,26 @@ def compare_window(
         if samples.get("confidence") and profile.samples.get("confidence"):
             report.checks.append(_confidence_check(profile, samples["confidence"], params))
         else:
-            report.checks.append(Check(name="confidence_drop", kind="confidence", computed=False, reason="no confidence values"))
+            report.checks.append(
+                Check(name="confidence_drop", kind="confidence", computed=False, reason="no confidence values")
+            )
         report.checks.extend(_ks_checks(profile, samples, params))
 
     if feedback_path is not None:
         feedback, report.feedback = read_feedback(Path(feedback_path), labels)
         if report.feedback.problems:
-            skipped = f"{report.feedback.skipped} of {report.feedback.rows} rows skipped" if report.feedback.rows else "no rows used"
+            skipped = (
+                f"{report.feedback.skipped} of {report.feedback.rows} rows skipped"
+                if report.feedback.rows
+                else "no rows used"
+            )
             notes.append(f"feedback: {skipped}; first problem: {report.feedback.problems[0]}")
         if feedback:
             report.checks.append(_accuracy_check(feedback, report.feedback, records, reference_accuracy, params))
         else:
-            report.checks.append(Check(name="live_accuracy", kind="accuracy", computed=False, reason="no usable feedback rows"))
+            report.checks.append(
+                Check(name="live_accuracy", kind="accuracy", computed=False, reason="no usable feedback rows")
+            )
     report.triggered = [c.name for c in report.checks if c.drifted]
     report.drift_detected = bool(report.triggered)
     return report

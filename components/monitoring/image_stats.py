@@ -37,7 +37,9 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
         grey = image.reshape(height, width)
     scale = STATS_MAX_SIDE / max(height, width)
     if scale < 1:
-        grey = cv2.resize(grey, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+        grey = cv2.resize(
+            grey, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+        )
     values = grey.astype(np.float32) / 255.0
     counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
     share = counts[counts > 0] / counts.sum()

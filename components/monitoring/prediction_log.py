@@ -14,7 +14,7 @@ import json
 import logging
 import logging.handlers
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ def new_record_id() -> str:
 
 def utc_now() -> str:
     """The current UTC time as ISO 8601 with microseconds (how log records are stamped)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class PredictionLog:
@@ -47,7 +47,10 @@ class PredictionLog:
         self.max_bytes = int(max_bytes)
         self.max_files = int(max_files)
         self._handler = logging.handlers.RotatingFileHandler(
-            self.directory / LOG_FILE, maxBytes=self.max_bytes, backupCount=self.max_files - 1, encoding="utf-8",
+            self.directory / LOG_FILE,
+            maxBytes=self.max_bytes,
+            backupCount=self.max_files - 1,
+            encoding="utf-8",
         )
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._logger = logging.Logger(f"visionflow.prediction_log.{id(self)}")  # private, not in logging's registry
@@ -109,7 +112,7 @@ def read_prediction_log(directory: Path, since: datetime | None = None) -> LogCo
                     malformed += 1
                     continue
                 if stamp.tzinfo is None:
-                    stamp = stamp.replace(tzinfo=timezone.utc)
+                    stamp = stamp.replace(tzinfo=UTC)
                 if since is None or stamp >= since:
                     records.append(record)
     return LogContents(directory=str(directory), files=len(files), records=records, malformed_lines=malformed)

@@ -10,8 +10,9 @@ SHA-256 of model.onnx.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -62,7 +63,7 @@ def build_reference_profile(
     def flush(batch: list[np.ndarray]) -> None:
         nonlocal correct, total
         probabilities = predictor.probabilities(np.stack([predictor.preprocess_image(image) for image in batch]))
-        for image, row in zip(batch, probabilities):
+        for image, row in zip(batch, probabilities, strict=False):
             predicted = labels[int(np.argmax(row))]
             counts[predicted] += 1
             for name, value in {**image_statistics(image), **prediction_statistics(row)}.items():
@@ -120,4 +121,6 @@ def read_reference_profile(bundle_dir: Path) -> ReferenceProfile | None:
     try:
         return ReferenceProfile.model_validate(json.loads(path.read_text()))
     except (ValueError, ValidationError) as err:
-        raise VisionflowError(f"{PROFILE_FILE} in {bundle_dir} is not a valid reference profile: {str(err).splitlines()[0]}") from None
+        raise VisionflowError(
+            f"{PROFILE_FILE} in {bundle_dir} is not a valid reference profile: {str(err).splitlines()[0]}"
+        ) from None

@@ -74,7 +74,11 @@ def _stats_plot(report: DriftReport, path: Path) -> Path | None:
         ax = fig.add_subplot(rows, columns, index + 1)
         ax.hist(ref, bins=bins, density=True, alpha=0.55, label="reference")
         ax.hist(cur, bins=bins, density=True, alpha=0.55, label="window")
-        ax.set_title(f"{name}: KS {check.value:.3f}, p {check.p_value:.2g}", color="red" if check.drifted else "black", fontsize=9)
+        ax.set_title(
+            f"{name}: KS {check.value:.3f}, p {check.p_value:.2g}",
+            color="red" if check.drifted else "black",
+            fontsize=9,
+        )
         ax.tick_params(labelsize=7)
         if index == 0:
             ax.legend(fontsize=7)
@@ -146,7 +150,9 @@ def write_drift_report(report: DriftReport, out_dir: Path) -> DriftReportFiles:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = [str(p) for p in (_class_plot(report, out_dir / CLASS_PLOT), _stats_plot(report, out_dir / STATS_PLOT)) if p]
+    plots = [
+        str(p) for p in (_class_plot(report, out_dir / CLASS_PLOT), _stats_plot(report, out_dir / STATS_PLOT)) if p
+    ]
     json_path = out_dir / "drift.json"
     json_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2, allow_nan=False, default=str) + "\n")
     markdown = drift_markdown(report, plots)
@@ -154,27 +160,43 @@ def write_drift_report(report: DriftReport, out_dir: Path) -> DriftReportFiles:
     markdown_path.write_text(markdown)
     html_path = out_dir / "report.html"
     html_path.write_text(_html(report, plots))
-    return DriftReportFiles(json_path=str(json_path), markdown_path=str(markdown_path), html_path=str(html_path), plots=plots)
+    return DriftReportFiles(
+        json_path=str(json_path), markdown_path=str(markdown_path), html_path=str(html_path), plots=plots
+    )
 
 
 def _html(report: DriftReport, plots: list[str]) -> str:
     body = [f"<h1>Drift report: {html.escape(report.model_name or 'model')}</h1>"]
     verdict = "drift detected: " + ", ".join(report.triggered) if report.drift_detected else "no drift detected"
-    body.append(f"<p style='font-weight:bold;color:{'#b00' if report.drift_detected else '#070'}'>{html.escape(verdict)}</p>")
+    body.append(
+        f"<p style='font-weight:bold;color:{'#b00' if report.drift_detected else '#070'}'>{html.escape(verdict)}</p>"
+    )
     body.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in _summary(report)) + "</ul>")
     header = ["check", "status", "value", "threshold", "p-value", "note"]
     rows = "".join(
         f"<tr style='background:{'#fdd' if c.drifted else ('#eee' if not c.computed else '#fff')}'>"
-        + "".join(f"<td>{html.escape(cell)}</td>" for cell in _check_row(c)) + "</tr>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in _check_row(c))
+        + "</tr>"
         for c in report.checks
     )
-    body.append("<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
-                + "".join(f"<th>{h}</th>" for h in header) + f"</tr>{rows}</table>")
+    body.append(
+        "<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
+        + "".join(f"<th>{h}</th>" for h in header)
+        + f"</tr>{rows}</table>"
+    )
     if report.notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     if report.feedback is not None and report.feedback.problems:
-        body.append("<h2>Feedback problems</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in report.feedback.problems) + "</ul>")
+        body.append(
+            "<h2>Feedback problems</h2><ul>"
+            + "".join(f"<li>{html.escape(p)}</li>" for p in report.feedback.problems)
+            + "</ul>"
+        )
     for plot in plots:
         data = base64.b64encode(Path(plot).read_bytes()).decode()
         body.append(f"<p><img alt='{html.escape(Path(plot).stem)}' src='data:image/png;base64,{data}'></p>")
-    return "<!doctype html><html><head><meta charset='utf-8'><title>visionflow drift report</title></head><body style='font-family:sans-serif'>" + "".join(body) + "</body></html>\n"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>visionflow drift report</title></head><body style='font-family:sans-serif'>"
+        + "".join(body)
+        + "</body></html>\n"
+    )

@@ -117,9 +117,7 @@ class DistillationModule(L.LightningModule):
         ce = F.cross_entropy(logits, y)
         loss = self.alpha * kd + (1 - self.alpha) * ce
         if not torch.isfinite(loss):
-            raise TrainingError(
-                f"distillation loss became {loss.item()} at epoch {self.current_epoch}: lower train.lr"
-            )
+            raise TrainingError(f"distillation loss became {loss.item()} at epoch {self.current_epoch}: lower train.lr")
         self.train_acc(logits, y)
         self.log("train/kd", kd, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)

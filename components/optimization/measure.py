@@ -142,9 +142,17 @@ def best_variant(variants: list[VariantResult], objective: Literal["smallest", "
 
 
 _COLUMNS = [
-    ("name", "variant"), ("method", "method"), ("accuracy", "accuracy"), ("accuracy_drop", "drop"),
-    ("macro_f1", "macro F1"), ("size_bytes", "size"), ("params", "params"), ("macs", "MACs"),
-    ("latency_b1_ms", "latency b1 (ms)"), ("latency_b32_ms", "latency b32 (ms)"), ("accepted", "accepted"),
+    ("name", "variant"),
+    ("method", "method"),
+    ("accuracy", "accuracy"),
+    ("accuracy_drop", "drop"),
+    ("macro_f1", "macro F1"),
+    ("size_bytes", "size"),
+    ("params", "params"),
+    ("macs", "MACs"),
+    ("latency_b1_ms", "latency b1 (ms)"),
+    ("latency_b32_ms", "latency b32 (ms)"),
+    ("accepted", "accepted"),
     ("note", "note"),
 ]
 
@@ -208,17 +216,28 @@ def write_comparison(variants: list[VariantResult], out_dir: Path) -> tuple[Path
     figure = Figure(figsize=(7, 5), dpi=110)
     axes = figure.subplots()
     largest = max((v.size_bytes for v in variants), default=1) or 1
-    for accepted, style in ((True, {"color": "tab:blue", "label": "accepted"}),
-                            (False, {"facecolors": "none", "edgecolors": "tab:red", "label": "rejected"})):
+    for accepted, style in (
+        (True, {"color": "tab:blue", "label": "accepted"}),
+        (False, {"facecolors": "none", "edgecolors": "tab:red", "label": "rejected"}),
+    ):
         chosen = [v for v in variants if v.accepted == accepted]
         if chosen:
             axes.scatter(
-                [v.latency_b1_ms for v in chosen], [v.accuracy for v in chosen],
-                s=[30 + 1200 * v.size_bytes / largest for v in chosen], alpha=0.6, linewidths=1.5, **style,
+                [v.latency_b1_ms for v in chosen],
+                [v.accuracy for v in chosen],
+                s=[30 + 1200 * v.size_bytes / largest for v in chosen],
+                alpha=0.6,
+                linewidths=1.5,
+                **style,
             )
     for v in variants:
-        axes.annotate(f"{v.name}\n{_human(v.size_bytes, 'B')}", (v.latency_b1_ms, v.accuracy),
-                      textcoords="offset points", xytext=(6, 6), fontsize=8)
+        axes.annotate(
+            f"{v.name}\n{_human(v.size_bytes, 'B')}",
+            (v.latency_b1_ms, v.accuracy),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+        )
     axes.set_xlabel(f"latency at batch 1 (ms, {', '.join(map(str, threads))} thread(s))")
     axes.set_ylabel("test accuracy")
     axes.set_title("Compression trade-off (marker area ∝ file size)")

@@ -132,8 +132,12 @@ def prune_structured(
     try:
         with _time_limit(TRACE_TIME_LIMIT_S):
             pruner = tp.pruner.MetaPruner(
-                model, example_input, importance=scorer, pruning_ratio=ratio,
-                global_pruning=global_pruning, ignored_layers=ignored,
+                model,
+                example_input,
+                importance=scorer,
+                pruning_ratio=ratio,
+                global_pruning=global_pruning,
+                ignored_layers=ignored,
             )
             pruner.step()
         with torch.no_grad():
@@ -150,8 +154,10 @@ def prune_structured(
             "(recurrent layers and classifier heads are not pruned)"
         )
     return {
-        "params_before": params_before, "params_after": params_after,
-        "macs_before": macs_before, "macs_after": macs_after,
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
     }
 
 
@@ -196,7 +202,8 @@ def load_pruned(model_template: nn.Module, path: Path) -> nn.Module:
     for name, module in model_template.named_modules():
         prefix = f"{name}." if name else ""
         parameters = {
-            key: None if value is None or prefix + key not in state
+            key: None
+            if value is None or prefix + key not in state
             else nn.Parameter(state[prefix + key].clone(), requires_grad=value.requires_grad)
             for key, value in module._parameters.items()
         }
@@ -226,7 +233,8 @@ def prune_unstructured(model: nn.Module, amount: float) -> float:
     if not 0 <= amount < 1:
         raise ValueError(f"unstructured pruning amount must be in [0, 1), got {amount}")
     targets = [
-        (module, "weight") for module in model.modules()
+        (module, "weight")
+        for module in model.modules()
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.weight is not None
     ]
     if not targets:

@@ -76,7 +76,8 @@ def quantize_static(onnx_path: Path, calibration: np.ndarray, out_path: Path, pe
     with tempfile.TemporaryDirectory(prefix="visionflow-quant-") as work:
         source = _preprocessed(onnx_path, Path(work))
         ort_quantize_static(
-            str(source), str(out_path),
+            str(source),
+            str(out_path),
             calibration_data_reader=_ArrayReader(images, _input_name(source), CALIBRATION_BATCH),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,

@@ -270,7 +270,13 @@ def _check_onnx_external_data(bundle_dir: Path, name: str, listed: dict[str, str
     for location in _external_locations(model):
         pure = PurePosixPath(location.replace("\\", "/"))
         target = (bundle_dir / location).resolve()
-        if not location or pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", location) or root not in target.parents:
+        if (
+            not location
+            or pure.is_absolute()
+            or ".." in pure.parts
+            or re.match(r"^[A-Za-z]:", location)
+            or root not in target.parents
+        ):
             raise BundleError(f"external data outside the bundle: {name} -> {location!r}")
         if target.name not in listed or target.parent != root:
             raise BundleError(f"external data not listed in {CHECKSUMS_FILE}: {name} -> {location!r}")

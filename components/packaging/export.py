@@ -58,7 +58,12 @@ def check_onnx_file(onnx_path: Path) -> Path:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (base / location).resolve()
-        if not location or Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(base):
+        if (
+            not location
+            or Path(location).is_absolute()
+            or ".." in Path(location).parts
+            or not target.is_relative_to(base)
+        ):
             raise ValueError(
                 f"{onnx_path}: external data of tensor {tensor.name!r} points outside the model directory "
                 f"({location!r}); refusing to load it"
@@ -82,8 +87,15 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, out_path: Path, opse
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            model,
+            (example,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
 
@@ -92,8 +104,13 @@ def _export_legacy(model: nn.Module, example: torch.Tensor, out_path: Path, opse
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=False,
+            model,
+            (example,),
+            str(out_path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=False,
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
 

@@ -21,12 +21,20 @@ def decide_promotion(challenger_accuracy: float, champion_accuracy: float | None
     Returns a GateDecision whose `reason` says why in one sentence.
     """
     if champion_accuracy is None:
-        return GateDecision(promote=True, challenger_accuracy=challenger_accuracy, champion_accuracy=None,
-                            margin=margin, reason="no champion yet: the first model becomes champion")
+        return GateDecision(
+            promote=True,
+            challenger_accuracy=challenger_accuracy,
+            champion_accuracy=None,
+            margin=margin,
+            reason="no champion yet: the first model becomes champion",
+        )
     gain = challenger_accuracy - champion_accuracy
     promote = gain > margin
     verdict = "beats" if promote else "does not beat"
     return GateDecision(
-        promote=promote, challenger_accuracy=challenger_accuracy, champion_accuracy=champion_accuracy, margin=margin,
+        promote=promote,
+        challenger_accuracy=challenger_accuracy,
+        champion_accuracy=champion_accuracy,
+        margin=margin,
         reason=f"challenger {challenger_accuracy:.4f} {verdict} champion {champion_accuracy:.4f} by more than {margin:.4f} (gain {gain:+.4f})",
     )

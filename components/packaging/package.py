@@ -46,7 +46,10 @@ class PackagedModel(BaseModel):
 
 
 def _check_parity(kind: str, parity: dict[str, float], params: PackageParams) -> None:
-    if parity["max_abs_logit_diff"] > params.parity_max_abs_diff or parity["top1_agreement"] < params.parity_min_agreement:
+    if (
+        parity["max_abs_logit_diff"] > params.parity_max_abs_diff
+        or parity["top1_agreement"] < params.parity_min_agreement
+    ):
         raise PackagingError(
             f"{kind} export does not match PyTorch: max |logit diff| {parity['max_abs_logit_diff']:.2e} "
             f"(limit {params.parity_max_abs_diff}), top-1 agreement {parity['top1_agreement']:.4f} "
@@ -76,8 +79,11 @@ def package_checkpoint(
     classifier = load_classifier(checkpoint)
     out_dir = Path(out_dir)
     images, _ = eval_arrays(
-        test_rows[:PARITY_IMAGES], classifier.classes, build_eval_transform(classifier.augment),
-        classifier.spec.in_channels, max_pixels,
+        test_rows[:PARITY_IMAGES],
+        classifier.classes,
+        build_eval_transform(classifier.augment),
+        classifier.spec.in_channels,
+        max_pixels,
     )
     onnx_path = export_onnx(classifier.model, classifier.spec, out_dir / "export" / "model.onnx")
     parity = onnx_parity(classifier.model, onnx_path, torch.from_numpy(images))
@@ -109,14 +115,23 @@ def package_checkpoint(
         labels=classifier.classes,
     )
     bundle = write_bundle(
-        out_dir / "bundle", onnx_path, classifier.classes,
-        eval_preprocess_spec(classifier.augment, classifier.spec.in_channels), metrics, card, extra,
+        out_dir / "bundle",
+        onnx_path,
+        classifier.classes,
+        eval_preprocess_spec(classifier.augment, classifier.spec.in_channels),
+        metrics,
+        card,
+        extra,
     )
     _add_reference_profile(bundle, test_rows, max_pixels)
     archive = pack_bundle(bundle)
     verify_bundle(bundle)
     return PackagedModel(
-        bundle_dir=str(bundle), archive=str(archive), onnx_path=str(onnx_path), parity=parity, executorch_parity=pte_parity,
+        bundle_dir=str(bundle),
+        archive=str(archive),
+        onnx_path=str(onnx_path),
+        parity=parity,
+        executorch_parity=pte_parity,
         input_example=images[:1],
     )
 
@@ -147,5 +162,5 @@ def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: in
         batch = rows[start : start + 64]
         images = [load_image(r["path"], channels, max_pixels) for r in batch]
         predictions = predictor.predict(images, top_k=1)
-        correct += sum(p[0]["label"] == r["label"] for p, r in zip(predictions, batch))
+        correct += sum(p[0]["label"] == r["label"] for p, r in zip(predictions, batch, strict=False))
     return correct / max(1, len(rows))

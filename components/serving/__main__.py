@@ -28,11 +28,19 @@ def parse_settings(argv: list[str]) -> tuple[Path, ServeSettings]:
     argparse's message for unknown options, ValidationError for invalid values.
     """
     parser = argparse.ArgumentParser(prog="python -m components.serving", description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", nargs="?", default=os.environ.get(ENV_PREFIX + "BUNDLE", "/bundle"),
-                        help="Bundle folder or .tar.gz (default: $VISIONFLOW_SERVE_BUNDLE or /bundle).")
+    parser.add_argument(
+        "bundle",
+        nargs="?",
+        default=os.environ.get(ENV_PREFIX + "BUNDLE", "/bundle"),
+        help="Bundle folder or .tar.gz (default: $VISIONFLOW_SERVE_BUNDLE or /bundle).",
+    )
     for name, field in ServeSettings.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=os.environ.get(ENV_PREFIX + name.upper()),
-                            help=f"{field.description} (default: {field.default})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=os.environ.get(ENV_PREFIX + name.upper()),
+            help=f"{field.description} (default: {field.default})",
+        )
     args = vars(parser.parse_args(argv))
     bundle = Path(args.pop("bundle"))
     return bundle, ServeSettings(**{k: v for k, v in args.items() if v is not None})

@@ -30,7 +30,14 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,21 +61,48 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field("127.0.0.1", description="Interface to bind (loopback by default; put a proxy with auth in front to share).")
+    host: str = Field(
+        "127.0.0.1", description="Interface to bind (loopback by default; put a proxy with auth in front to share)."
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
     max_body_bytes: int = Field(10_000_000, gt=0, description="Largest request body; larger gets 413.")
-    max_pixels: int = Field(40_000_000, gt=0, description="Largest image (width x height, read from the header before decoding); larger gets 413.")
+    max_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="Largest image (width x height, read from the header before decoding); larger gets 413.",
+    )
     max_images: int = Field(32, ge=1, description="Most images in one request; more gets 413.")
-    top_k: int = Field(3, ge=1, description="Labels returned per image (clipped to the number of labels); a request may ask fewer or more with ?top_k=.")
+    top_k: int = Field(
+        3,
+        ge=1,
+        description="Labels returned per image (clipped to the number of labels); a request may ask fewer or more with ?top_k=.",
+    )
     max_batch: int = Field(32, ge=1, description="Most images in one onnxruntime call (dynamic batching).")
-    batch_timeout_ms: float = Field(5, ge=0, description="How long the batcher waits for more images after the first one.")
+    batch_timeout_ms: float = Field(
+        5, ge=0, description="How long the batcher waits for more images after the first one."
+    )
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (None = onnxruntime's default).")
-    model_name: str | None = Field(None, description="Name shown by /metadata and /predict (default: the bundle folder's name).")
-    model_version: str | None = Field(None, description="Version shown by /metadata and /predict (e.g. the registry version).")
-    prediction_log_dir: str | None = Field(None, description="Folder of the prediction log read by `visionflow monitor` (None = no log).")
-    prediction_log_max_bytes: int = Field(10_000_000, ge=1024, description="Largest size of one prediction log file; the log rotates before passing it.")
-    prediction_log_files: int = Field(5, ge=2, description="Most prediction log files kept (the current one included); the oldest is deleted on rotation.")
-    store_images: bool = Field(False, description="Also store each predicted image (PNG, base64) in the prediction log; off by default (privacy, size).")
+    model_name: str | None = Field(
+        None, description="Name shown by /metadata and /predict (default: the bundle folder's name)."
+    )
+    model_version: str | None = Field(
+        None, description="Version shown by /metadata and /predict (e.g. the registry version)."
+    )
+    prediction_log_dir: str | None = Field(
+        None, description="Folder of the prediction log read by `visionflow monitor` (None = no log)."
+    )
+    prediction_log_max_bytes: int = Field(
+        10_000_000, ge=1024, description="Largest size of one prediction log file; the log rotates before passing it."
+    )
+    prediction_log_files: int = Field(
+        5,
+        ge=2,
+        description="Most prediction log files kept (the current one included); the oldest is deleted on rotation.",
+    )
+    store_images: bool = Field(
+        False,
+        description="Also store each predicted image (PNG, base64) in the prediction log; off by default (privacy, size).",
+    )
 
 
 class RequestRejected(Exception):
@@ -98,18 +132,38 @@ def _make_metrics(max_batch: int) -> _Metrics:
     batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch} | {max_batch})
     return _Metrics(
         registry=registry,
-        requests=Counter("visionflow_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=registry),
+        requests=Counter(
+            "visionflow_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        ),
         latency=Histogram(
-            "visionflow_request_latency_seconds", "Request latency by endpoint.", ["endpoint"], registry=registry,
+            "visionflow_request_latency_seconds",
+            "Request latency by endpoint.",
+            ["endpoint"],
+            registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         ),
-        errors=Counter("visionflow_errors", "Failed requests by kind (bad_input, too_large, model_failure, ...).", ["kind"], registry=registry),
+        errors=Counter(
+            "visionflow_errors",
+            "Failed requests by kind (bad_input, too_large, model_failure, ...).",
+            ["kind"],
+            registry=registry,
+        ),
         predictions=Counter("visionflow_predictions", "Top-1 predictions per class.", ["label"], registry=registry),
         confidence=Histogram(
-            "visionflow_prediction_confidence", "Top-1 probability of each prediction.", registry=registry,
+            "visionflow_prediction_confidence",
+            "Top-1 probability of each prediction.",
+            registry=registry,
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
         ),
-        batch_size=Histogram("visionflow_batch_size", "Images per onnxruntime call (dynamic batching).", registry=registry, buckets=batch_buckets),
+        batch_size=Histogram(
+            "visionflow_batch_size",
+            "Images per onnxruntime call (dynamic batching).",
+            registry=registry,
+            buckets=batch_buckets,
+        ),
     )
 
 
@@ -156,7 +210,7 @@ async def _collect(queue: asyncio.Queue, max_batch: int, timeout_s: float) -> li
             break
         try:
             items.append(await asyncio.wait_for(queue.get(), remaining))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             break
     return items
 
@@ -185,7 +239,7 @@ async def _batch_worker(state: _State) -> None:
                     item.future.set_exception(RequestRejected(500, "model_failure", "the model failed on this request"))
             continue
         state.metrics.batch_size.observe(len(items))
-        for item, row in zip(items, probabilities):
+        for item, row in zip(items, probabilities, strict=False):
             if not item.future.done():
                 item.future.set_result(row)
 
@@ -237,7 +291,9 @@ async def _form_files(request: Request, body: bytes, max_images: int) -> list[by
         await form.close()
 
 
-def _decode_and_preprocess(predictor: Predictor, blobs: list[bytes], describe: bool = False, keep_png: bool = False) -> list[_Upload]:
+def _decode_and_preprocess(
+    predictor: Predictor, blobs: list[bytes], describe: bool = False, keep_png: bool = False
+) -> list[_Upload]:
     """Decode and preprocess each upload (with image statistics when `describe`, and the decoded
     image as PNG when `keep_png`); the first bad one refuses the whole request."""
     uploads = []
@@ -275,7 +331,9 @@ def create_app(bundle_dir: Path, settings: ServeSettings | None = None) -> FastA
     bundle_dir = Path(bundle_dir)
     predictor = Predictor(bundle_dir, max_pixels=settings.max_pixels, threads=settings.threads)
     model_info = {"name": settings.model_name or bundle_dir.resolve().name, "version": settings.model_version}
-    state = _State(predictor=predictor, settings=settings, metrics=_make_metrics(settings.max_batch), model_info=model_info)
+    state = _State(
+        predictor=predictor, settings=settings, metrics=_make_metrics(settings.max_batch), model_info=model_info
+    )
     model_sha256 = predictor.files[MODEL_FILE]
     if settings.prediction_log_dir:
         state.prediction_log = PredictionLog(
@@ -284,11 +342,19 @@ def create_app(bundle_dir: Path, settings: ServeSettings | None = None) -> FastA
 
     def log_failure(kind: str, status: int, reason: str) -> None:
         if state.prediction_log is not None:
-            state.prediction_log.append({
-                "event": "error", "id": new_record_id(), "ts": utc_now(), "kind": kind, "status": status,
-                "reason": reason[:500], "model": model_info["name"], "version": model_info["version"],
-                "model_sha256": model_sha256,
-            })
+            state.prediction_log.append(
+                {
+                    "event": "error",
+                    "id": new_record_id(),
+                    "ts": utc_now(),
+                    "kind": kind,
+                    "status": status,
+                    "reason": reason[:500],
+                    "model": model_info["name"],
+                    "version": model_info["version"],
+                    "model_sha256": model_sha256,
+                }
+            )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -381,7 +447,8 @@ def create_app(bundle_dir: Path, settings: ServeSettings | None = None) -> FastA
         is_form = content_type == "multipart/form-data"
         if not (is_form or content_type.startswith("image/") or content_type == "application/octet-stream"):
             raise RequestRejected(
-                415, "bad_input",
+                415,
+                "bad_input",
                 f"unsupported Content-Type {content_type or '(none)'!r}: send image/*, application/octet-stream or multipart/form-data",
             )
         body = await _read_body(request, settings.max_body_bytes)
@@ -413,11 +480,17 @@ def create_app(bundle_dir: Path, settings: ServeSettings | None = None) -> FastA
         if state.prediction_log is None:
             return JSONResponse({"predictions": results, "model": model_info})
         ids = []
-        for upload, row, result in zip(uploads, rows, results):
+        for upload, row, result in zip(uploads, rows, results, strict=False):
             record = {
-                "event": "prediction", "id": new_record_id(), "ts": utc_now(), "model": model_info["name"],
-                "version": model_info["version"], "model_sha256": model_sha256, "predicted": result[0]["label"],
-                **prediction_statistics(row), **(upload.stats or {}),
+                "event": "prediction",
+                "id": new_record_id(),
+                "ts": utc_now(),
+                "model": model_info["name"],
+                "version": model_info["version"],
+                "model_sha256": model_sha256,
+                "predicted": result[0]["label"],
+                **prediction_statistics(row),
+                **(upload.stats or {}),
             }
             if upload.png is not None:
                 record["image_png_b64"] = base64.b64encode(upload.png).decode()

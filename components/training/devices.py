@@ -47,7 +47,7 @@ def launcher_environment() -> str | None:
 
 
 def resolve_accelerator(accelerator: str) -> str:
-    """"cuda", "mps" or "cpu" for a TrainerParams.accelerator ("auto" and "gpu" pick what the machine has)."""
+    """ "cuda", "mps" or "cpu" for a TrainerParams.accelerator ("auto" and "gpu" pick what the machine has)."""
     if accelerator in ("auto", "gpu"):
         if torch.cuda.is_available():
             return "cuda"
@@ -84,7 +84,9 @@ def plan_devices(trainer: TrainerParams) -> DevicePlan:
     accelerator = resolve_accelerator(trainer.accelerator)
     available = _available(accelerator)
     if accelerator in ("cuda", "mps") and available == 0:
-        raise TrainingError(f"trainer.accelerator is {trainer.accelerator} but this machine has no GPU (use cpu or auto)")
+        raise TrainingError(
+            f"trainer.accelerator is {trainer.accelerator} but this machine has no GPU (use cpu or auto)"
+        )
     launcher = launcher_environment()
     launched = _launched_processes_per_node(launcher)
     if trainer.devices == "auto":
@@ -97,7 +99,9 @@ def plan_devices(trainer: TrainerParams) -> DevicePlan:
     if trainer.strategy == "fsdp" and accelerator != "cuda":
         raise TrainingError(f"trainer.strategy fsdp needs CUDA GPUs but training would run on {accelerator}; use ddp")
     if trainer.precision == "16-mixed" and accelerator == "cpu":
-        raise TrainingError("trainer.precision 16-mixed needs a GPU (Lightning would silently use bf16 on CPU); use bf16-mixed or 32-true")
+        raise TrainingError(
+            "trainer.precision 16-mixed needs a GPU (Lightning would silently use bf16 on CPU); use bf16-mixed or 32-true"
+        )
     if trainer.precision == "bf16-mixed" and accelerator == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainingError("trainer.precision bf16-mixed: this GPU has no bfloat16 support; use 16-mixed")
     if trainer.num_nodes > 1 and launcher is None:

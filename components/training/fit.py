@@ -67,9 +67,7 @@ class EpochSummary(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        shown = " ".join(
-            f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if "/" in k
-        )
+        shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if "/" in k)
         print(f"[visionflow] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown}", flush=True)
 
 
@@ -101,7 +99,9 @@ def task_classes_of(rows: list[dict[str, str]], params: PipelineParams) -> dict[
     found: dict[str, list[str]] = {}
     for task in params.multitask.tasks:
         if rows and task not in rows[0]:
-            raise DataError(f"multitask task {task!r} is not a label column of the data (columns: {', '.join(rows[0])})")
+            raise DataError(
+                f"multitask task {task!r} is not a label column of the data (columns: {', '.join(rows[0])})"
+            )
         found[task] = sorted({row[task] for row in rows})
     return found
 
@@ -190,7 +190,10 @@ def build_trainer(
     params = spec.params
     devices = plan.devices if plan else params.trainer.devices
     sync_batchnorm = (
-        params.trainer.sync_batchnorm and plan is not None and plan.world_size > 1 and plan.accelerator == "cuda"
+        params.trainer.sync_batchnorm
+        and plan is not None
+        and plan.world_size > 1
+        and plan.accelerator == "cuda"
         and params.trainer.strategy != "fsdp"
     )
     directory = Path(spec.run_dir) / "checkpoints"
@@ -278,7 +281,10 @@ def fit(spec: FitSpec) -> FitResult:
             try:
                 logger.log_hyperparams(scale)
             except Exception as err:  # MLflow params are immutable: a resume on other devices keeps the first values
-                print(f"[visionflow] note: batch/lr params of the first attempt kept in MLflow ({type(err).__name__})", flush=True)
+                print(
+                    f"[visionflow] note: batch/lr params of the first attempt kept in MLflow ({type(err).__name__})",
+                    flush=True,
+                )
     monitor = None
     if run_id and trainer.is_global_zero:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -341,8 +347,14 @@ def fit_in_process(
         params = params.model_copy(update={"train": params.train.model_copy(update={"num_workers": 0})})
     data = datamodule_from_params(params, rows, classes)
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator=params.trainer.accelerator, devices=1, precision=params.trainer.precision,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs,
+        accelerator=params.trainer.accelerator,
+        devices=1,
+        precision=params.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
     return trainer
@@ -353,9 +365,10 @@ def _global_rank() -> int:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and int(
-        os.environ.get("NODE_RANK", "0")
-    ) == 0
+    return (
+        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+        and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

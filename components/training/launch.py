@@ -28,9 +28,14 @@ def prepare_fit_spec(params: PipelineParams, out_dir: Path) -> Path:
     run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
     tracking.log_params(run_id, params_to_flat_dict(params))
     spec = FitSpec(
-        params=params, manifest_path=str(Path(report.clean_manifest_path).resolve()), classes=snapshot.classes,
-        run_dir=str(out_dir / "train"), result_path=str(out_dir / "train" / "result.json"), mlflow_run_id=run_id,
-        tracking_uri=tracking.tracking_uri(), progress_bar=False,
+        params=params,
+        manifest_path=str(Path(report.clean_manifest_path).resolve()),
+        classes=snapshot.classes,
+        run_dir=str(out_dir / "train"),
+        result_path=str(out_dir / "train" / "result.json"),
+        mlflow_run_id=run_id,
+        tracking_uri=tracking.tracking_uri(),
+        progress_bar=False,
     )
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     path = out_dir / "fit_spec.json"

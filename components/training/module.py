@@ -86,7 +86,9 @@ class ClassifierModule(L.LightningModule):
         self.cutmix = v2.CutMix(alpha=optim.get("cutmix_alpha", 1.0), num_classes=n)
         self.ema = None
         if optim.get("ema_decay", 0.0) > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(optim["ema_decay"]), use_buffers=True)
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(optim["ema_decay"]), use_buffers=True
+            )
             self.val_acc_ema = MulticlassAccuracy(num_classes=n, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         if self.extra_tasks:
             parts = split_logits(logits, self.spec.task_sizes())
-            for i, (task, metric) in enumerate(zip(self.extra_tasks, self.extra_val_acc), start=1):
+            for i, (task, metric) in enumerate(zip(self.extra_tasks, self.extra_val_acc, strict=False), start=1):
                 metric(parts[i], y[:, i])
                 self.log(f"val/{task}/acc", metric, on_epoch=True)
             logits, y = parts[0], y[:, 0]
@@ -167,7 +169,11 @@ class ClassifierModule(L.LightningModule):
             optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=0.0, weight_decay=o["weight_decay"])
         elif o["optimizer"] == "momentum":
             optimizer = torch.optim.SGD(
-                params, lr=o["lr"], momentum=o["momentum"], nesterov=o.get("nesterov", False), weight_decay=o["weight_decay"]
+                params,
+                lr=o["lr"],
+                momentum=o["momentum"],
+                nesterov=o.get("nesterov", False),
+                weight_decay=o["weight_decay"],
             )
         elif o["optimizer"] == "adamw":
             optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
@@ -208,8 +214,11 @@ def load_classifier(checkpoint_path: str) -> Classifier:
     spec = ModelSpec(**hparams["spec"])
     model = build_model(spec.model_copy(update={"pretrained": False}))
     prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
     return Classifier(
-        model.eval(), spec, list(hparams["classes"]), AugmentParams(**hparams["augment"]),
+        model.eval(),
+        spec,
+        list(hparams["classes"]),
+        AugmentParams(**hparams["augment"]),
         dict(hparams.get("task_classes") or {}),
     )

@@ -6,14 +6,17 @@ import os
 import subprocess
 import sys
 
-
 from tests.shapes import make_shapes
 
 
 def _visionflow(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=dict(os.environ, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=dict(os.environ, COLUMNS="200"),
     )
 
 

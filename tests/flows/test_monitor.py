@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from components import tracking
 from components.config import load_params
+from components.serving.predictor import Predictor
 from flows.cli import app
 from flows.monitor import (
     DRIFT_EVENT,
@@ -25,7 +26,6 @@ from flows.monitor import (
     monitor_flow,
     retrain_trigger,
 )
-from components.serving.predictor import Predictor
 from tests.unit.digits_bundle import digits_bundle, split
 from tests.unit.test_monitoring import _inverted, write_window
 
@@ -48,10 +48,15 @@ def _wait_for(fetch, timeout: float = 60.0, poll: float = 1.0):
 @pytest.fixture
 def monitor_params(tmp_path):
     tag = uuid.uuid4().hex[:8]
-    return load_params(None, [
-        f"run.experiment=test-monitor-{tag}", f"package.model_name=digits-{tag}", f"run.cache_dir={tmp_path / 'cache'}",
-        f"run.output_dir={tmp_path / 'runs'}",
-    ])
+    return load_params(
+        None,
+        [
+            f"run.experiment=test-monitor-{tag}",
+            f"package.model_name=digits-{tag}",
+            f"run.cache_dir={tmp_path / 'cache'}",
+            f"run.output_dir={tmp_path / 'runs'}",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +134,15 @@ def test_cli_reports_what_it_cannot_compute(prefect_harness, tmp_path, monitor_p
     bad_feedback = tmp_path / "feedback.csv"
     bad_feedback.write_text("id,label\nonly-one-column\nabc,not-a-digit\n")
     overrides = [f"run.{key}={getattr(monitor_params.run, key)}" for key in ("experiment", "cache_dir", "output_dir")]
-    args = ["monitor", "--log", str(tmp_path / "missing"), "--bundle", str(digits_bundle()), "--feedback", str(bad_feedback)]
+    args = [
+        "monitor",
+        "--log",
+        str(tmp_path / "missing"),
+        "--bundle",
+        str(digits_bundle()),
+        "--feedback",
+        str(bad_feedback),
+    ]
     result = CliRunner().invoke(app, [*args, *sum((["--set", o] for o in overrides), [])])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())  # undo rich's line wrapping

@@ -15,10 +15,10 @@ from mlflow import MlflowClient
 
 from components import tracking
 from components.config import load_params
+from components.monitoring.profile import read_reference_profile
 from components.packaging.bundle import verify_bundle
 from components.packaging.resolve import resolve_bundle
 from flows.package import promote_version, rollback_champion
-from components.monitoring.profile import read_reference_profile
 from flows.pipeline import pipeline
 from tests.flows.conftest import tiny_overrides
 
@@ -41,11 +41,20 @@ def test_bundle_is_verified_and_self_contained(two_runs):
     assert contents["labels"] == ["circle", "square", "triangle"]
     client = MlflowClient(tracking.tracking_uri())
     names = {Path(a.path).name for a in client.list_artifacts(result.run_id, "bundle")}
-    assert {"model.onnx", "labels.json", "preprocess.json", "MODEL_CARD.md", "metrics.json", "SHA256SUMS",
-            "reference_profile.json"} <= names
+    assert {
+        "model.onnx",
+        "labels.json",
+        "preprocess.json",
+        "MODEL_CARD.md",
+        "metrics.json",
+        "SHA256SUMS",
+        "reference_profile.json",
+    } <= names
     profile = read_reference_profile(Path(result.bundle).with_suffix("").with_suffix(""))
     assert profile.model_sha256 == contents["files"]["model.onnx"] and profile.labels == contents["labels"]
-    assert profile.num_images == result.split_counts["test"] and profile.accuracy == pytest.approx(result.challenger_accuracy)
+    assert profile.num_images == result.split_counts["test"] and profile.accuracy == pytest.approx(
+        result.challenger_accuracy
+    )
     assert not [n for n in names if n.endswith((".pt", ".pth", ".ckpt", ".pkl"))]
 
 
@@ -83,8 +92,19 @@ def test_serve_the_champion_over_http(two_runs, tmp_path, shapes_dir):
     params, _, _ = two_runs
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", f"models:/{params.package.model_name}@champion", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            f"models:/{params.package.model_name}@champion",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         deadline = time.monotonic() + 120
@@ -98,13 +118,18 @@ def test_serve_the_champion_over_http(two_runs, tmp_path, shapes_dir):
             assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.5)
         image = next((shapes_dir / "square").glob("*.png")).read_bytes()
-        response = httpx.post(f"http://127.0.0.1:{port}/predict", content=image,
-                              headers={"content-type": "image/png"}, timeout=30)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/predict", content=image, headers={"content-type": "image/png"}, timeout=30
+        )
         assert response.status_code == 200, response.text
         labels = [p["label"] for p in response.json()["predictions"][0]]
         assert set(labels) <= {"circle", "square", "triangle"}
-        bad = httpx.post(f"http://127.0.0.1:{port}/predict", content=b"not an image",
-                         headers={"content-type": "image/png"}, timeout=30)
+        bad = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            content=b"not an image",
+            headers={"content-type": "image/png"},
+            timeout=30,
+        )
         assert bad.status_code == 400 and bad.json()["kind"] == "bad_input"
         metadata = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json()
         assert metadata["labels"] == ["circle", "square", "triangle"]
@@ -142,8 +167,18 @@ def test_package_command_repackages_a_finished_run_under_a_child_run(two_runs):
     promote_version(name, "2")  # the weaker model is champion: the repackaged first model must be gated against it
     versions_before = {v.version for v in MlflowClient(tracking.tracking_uri()).search_model_versions(f"name='{name}'")}
 
-    out = CliRunner().invoke(app, ["package", "--from-run", first.run_id,
-                                   "--set", "package.torchscript=true", "--set", "package.executorch=true"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "package",
+            "--from-run",
+            first.run_id,
+            "--set",
+            "package.torchscript=true",
+            "--set",
+            "package.executorch=true",
+        ],
+    )
     assert out.exit_code == 0, out.output
     client = MlflowClient(tracking.tracking_uri())
     child = client.get_run(tracking.child_run(first.run_id, "package"))
@@ -167,7 +202,10 @@ def test_package_command_repackages_a_finished_run_under_a_child_run(two_runs):
     assert child.data.metrics["package/executorch_parity_top1_agreement"] == 1.0
     assert verify_bundle(Path(first.bundle).with_suffix("").with_suffix(""))  # the pipeline's own bundle untouched
     assert verify_bundle(resolve_bundle(f"models:/{name}/{version}", cache_dir=str(run_dir / "cache")))["labels"] == [
-        "circle", "square", "triangle"]
+        "circle",
+        "square",
+        "triangle",
+    ]
 
 
 def test_package_command_refuses_unknown_runs_and_bad_overrides(two_runs):

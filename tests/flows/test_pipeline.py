@@ -52,8 +52,17 @@ def test_pipeline_tracks_everything_in_mlflow(finished_run):
     assert "confusion_matrix.png" in _artifacts(client, parent.info.run_id, "evaluation")
     contexts = {i.tags[0].value for i in parent.inputs.dataset_inputs}
     assert contexts == {"train", "val", "test"}
-    for stage in ("ingest", "validate", "augment", "train", "evaluate", "package"):  # wall time and peak memory per stage
-        assert parent.data.metrics[f"stage/{stage}/seconds"] > 0 and parent.data.metrics[f"stage/{stage}/peak_rss_mb"] > 50
+    for stage in (
+        "ingest",
+        "validate",
+        "augment",
+        "train",
+        "evaluate",
+        "package",
+    ):  # wall time and peak memory per stage
+        assert (
+            parent.data.metrics[f"stage/{stage}/seconds"] > 0 and parent.data.metrics[f"stage/{stage}/peak_rss_mb"] > 50
+        )
     # the training process is a child of the flow process: its memory counts in the train stage's peak
     assert parent.data.metrics["stage/train/peak_rss_mb"] > parent.data.metrics["stage/ingest/peak_rss_mb"]
 
@@ -102,8 +111,12 @@ def test_evaluate_flow_on_another_data_set(finished_run, tmp_path):
     params, result = finished_run
     other = make_shapes(tmp_path / "other", per_class=6, bad_files=False, seed=5)
     evaluation = evaluate_flow(
-        result.checkpoint, params.data.model_copy(update={"path": str(other)}), "all",
-        experiment=params.run.experiment, output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+        result.checkpoint,
+        params.data.model_copy(update={"path": str(other)}),
+        "all",
+        experiment=params.run.experiment,
+        output_dir=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
     )
     assert evaluation.num_images == 18
     run = MlflowClient(tracking.tracking_uri()).get_run(evaluation.run_id)
@@ -154,9 +167,15 @@ def test_multitask_from_a_csv_manifest_logs_every_task(tmp_path, shapes_dir):
         writer.writerow(["path", "label", "family"])
         for image in sorted(shapes_dir.glob("*/*_*.png")):
             writer.writerow([image, image.parent.name, "round" if image.parent.name == "circle" else "angular"])
-    params = load_params(None, tiny_overrides(
-        tmp_path, manifest, multitask__mode="shared_weights", multitask__tasks="[family]",
-    ))
+    params = load_params(
+        None,
+        tiny_overrides(
+            tmp_path,
+            manifest,
+            multitask__mode="shared_weights",
+            multitask__tasks="[family]",
+        ),
+    )
     result = pipeline(params)
     client = MlflowClient(tracking.tracking_uri())
     children = _children(client, client.get_run(result.run_id))

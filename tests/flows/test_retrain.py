@@ -33,8 +33,17 @@ def test_retrain_promotes_then_finds_no_new_data_then_keeps_a_worse_challenger(t
     assert check_run.data.tags["visionflow.retrain.outcome"] == "no_new_data"
 
     new_data = make_shapes(tmp_path / "new-shapes", seed=7, bad_files=False)
-    worse = load_params(None, tiny_overrides(tmp_path, new_data, train__max_epochs=1, train__lr=1e-6,
-                                             package__model_name=name, run__experiment=params.run.experiment))
+    worse = load_params(
+        None,
+        tiny_overrides(
+            tmp_path,
+            new_data,
+            train__max_epochs=1,
+            train__lr=1e-6,
+            package__model_name=name,
+            run__experiment=params.run.experiment,
+        ),
+    )
     kept = retrain(worse, return_state=True)
     outcome = kept.result()
     assert kept.name == "KeptChampion" and outcome.outcome == "kept"

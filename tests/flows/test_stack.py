@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,11 +19,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import shutil
 import yaml
 
-from tests.flows.conftest import tiny_overrides
 from components.config import load_params
+from tests.flows.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,13 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(env, COLUMNS="200"))
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(env, COLUMNS="200"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +49,21 @@ def stack(tmp_path_factory, shapes_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env.update(VISIONFLOW_STACK_DIR=str(state), PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_WORKER_QUERY_SECONDS="2")
     prefect_port, mlflow_port = _free_port(), _free_port()
-    out = _cli("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port), "--timeout", "240", env=env)
+    out = _cli(
+        "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port), "--timeout", "240", env=env
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     params = load_params(None, tiny_overrides(tmp_path_factory.mktemp("work"), shapes_dir, package__enabled=False))
     params_file = state / "tiny.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     info = {
-        "env": env, "out": out.stdout, "state": state, "params": params, "params_file": str(params_file),
-        "prefect": f"http://127.0.0.1:{prefect_port}", "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        "env": env,
+        "out": out.stdout,
+        "state": state,
+        "params": params,
+        "params_file": str(params_file),
+        "prefect": f"http://127.0.0.1:{prefect_port}",
+        "mlflow": f"http://127.0.0.1:{mlflow_port}",
         "pids": [p["pid"] for p in yaml.safe_load((state / "stack.json").read_text())["processes"]],
     }
     yield info
@@ -89,25 +101,41 @@ def _deployment(prefect: str, name: str, timeout: float = 120) -> dict:
 
 
 def _mlflow_run_of(mlflow: str, experiment: str, flow_run_id: str) -> dict:
-    experiment_id = httpx.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
-                              params={"experiment_name": experiment}).json()["experiment"]["experiment_id"]
-    found = httpx.post(f"{mlflow}/api/2.0/mlflow/runs/search", json={
-        "experiment_ids": [experiment_id], "filter": f"tags.`prefect.flow_run_id` = '{flow_run_id}'"}).json()
+    experiment_id = httpx.get(
+        f"{mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
+    ).json()["experiment"]["experiment_id"]
+    found = httpx.post(
+        f"{mlflow}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [experiment_id], "filter": f"tags.`prefect.flow_run_id` = '{flow_run_id}'"},
+    ).json()
     return found["runs"][0]
 
 
 def _rendered(url: str) -> str:
     """The DOM of a page after its JavaScript ran, from headless Chromium."""
-    out = subprocess.run([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
-                          "--virtual-time-budget=20000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            shutil.which("chromium"),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout
 
 
 def test_up_answers_and_a_second_up_finds_it(stack):
     assert "export PREFECT_API_URL=" in stack["out"] and "export MLFLOW_TRACKING_URI=" in stack["out"]
     assert httpx.get(f"{stack['prefect']}/api/health").status_code == 200
-    assert httpx.get(f"{stack['mlflow']}/api/2.0/mlflow/experiments/search", params={"max_results": 5}).status_code == 200
+    assert (
+        httpx.get(f"{stack['mlflow']}/api/2.0/mlflow/experiments/search", params={"max_results": 5}).status_code == 200
+    )
     for url in (stack["prefect"], stack["mlflow"]):
         page = httpx.get(url + "/", follow_redirects=True)
         assert page.status_code == 200 and "<html" in page.text.lower()
@@ -130,9 +158,24 @@ def test_bad_cron_is_refused_before_anything_runs(stack):
 
 def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack):
     prefect, env = stack["prefect"], stack["env"]
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--params", stack["params_file"],
-                               "--set", "retrain.cron=30 4 * * 2", "--set", "retrain.timezone=Europe/Berlin"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "deploy",
+            "--params",
+            stack["params_file"],
+            "--set",
+            "retrain.cron=30 4 * * 2",
+            "--set",
+            "retrain.timezone=Europe/Berlin",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
         retrain = _deployment(prefect, "visionflow-retrain/retrain")
@@ -141,9 +184,11 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         monitor = _deployment(prefect, "visionflow-monitor/monitor")
         assert monitor["schedules"][0]["schedule"]["cron"] == stack["params"].monitor.cron
         automations = _api("POST", f"{prefect}/api/automations/filter", json={}).json()
-        assert any(a["trigger"]["expect"] == ["visionflow.drift.detected"]
-                   and any(action.get("deployment_id") == retrain["id"] for action in a["actions"])
-                   for a in automations), automations
+        assert any(
+            a["trigger"]["expect"] == ["visionflow.drift.detected"]
+            and any(action.get("deployment_id") == retrain["id"] for action in a["actions"])
+            for a in automations
+        ), automations
         schema = pipeline["parameter_openapi_schema"]
         assert "params" in schema["properties"] and "PipelineParams" in str(schema)
         assert "Number of passes over the training set" in str(schema) or "description" in str(schema)
@@ -153,9 +198,12 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         assert retrain["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
         flow_run = _api("POST", f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
-        late = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3)).isoformat()
-        late_run = _api("POST", f"{prefect}/api/deployments/{retrain['id']}/create_flow_run", json={
-            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": late}}})
+        late = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)).isoformat()
+        late_run = _api(
+            "POST",
+            f"{prefect}/api/deployments/{retrain['id']}/create_flow_run",
+            json={"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": late}}},
+        )
         assert late_run.status_code == 201, late_run.text
         late_run = late_run.json()
         finished = _wait_for_run(prefect, flow_run["id"])
@@ -168,8 +216,19 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         assert skipped["state"]["type"] == "COMPLETED" and skipped["state"]["name"] == "Skipped"
         stack["served_run"] = (finished, run)
 
-        sweep = _cli("sweep", "--params", stack["params_file"], "--grid", "train.optimizer=sgd,adam",
-                     "--mode", "deployment", "--timeout", "600", env=env, timeout=900)
+        sweep = _cli(
+            "sweep",
+            "--params",
+            stack["params_file"],
+            "--grid",
+            "train.optimizer=sgd,adam",
+            "--mode",
+            "deployment",
+            "--timeout",
+            "600",
+            env=env,
+            timeout=900,
+        )
         assert sweep.returncode == 0, sweep.stdout + sweep.stderr
         assert sweep.stdout.count("Completed") == 2 and "train.optimizer=sgd" in sweep.stdout
         assert "adam" in sweep.stdout.split("sweep ")[-1]  # the comparison table lists both runs
@@ -178,7 +237,9 @@ def test_served_deployments_run_from_the_api_and_log_to_the_mlflow_server(stack)
         server.wait(timeout=60)
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
+@pytest.mark.skipif(
+    not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)"
+)
 def test_both_uis_show_the_deployment_and_the_run_in_a_browser(stack):
     finished, run = stack["served_run"]
     assert "visionflow-retrain" in _rendered(f"{stack['prefect']}/deployments")
@@ -188,24 +249,39 @@ def test_both_uis_show_the_deployment_and_the_run_in_a_browser(stack):
 
 
 def test_deployments_on_a_process_work_pool_run_by_a_worker(stack):
-    prefect, env = stack["prefect"], dict(stack["env"], PREFECT_API_URL=stack["prefect"] + "/api",
-                                          MLFLOW_TRACKING_URI=stack["mlflow"])
+    prefect, env = (
+        stack["prefect"],
+        dict(stack["env"], PREFECT_API_URL=stack["prefect"] + "/api", MLFLOW_TRACKING_URI=stack["mlflow"]),
+    )
     missing = _cli("deploy", "--pool", "nope", env=env)
     assert missing.returncode == 2 and "no Prefect work pool 'nope'" in missing.stderr
-    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "vf-pool", "--type", "process"],
-                             env=env, capture_output=True, text=True, timeout=120)
+    created = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "vf-pool", "--type", "process"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stdout + created.stderr
     out = _cli("deploy", "--pool", "vf-pool", "--params", stack["params_file"], env=env)
     assert out.returncode == 0 and "sent to work pool vf-pool" in out.stdout, out.stdout + out.stderr
     pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
     assert pipeline["work_pool_name"] == "vf-pool"
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "vf-pool"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "vf-pool"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         flow_run = _api("POST", f"{prefect}/api/deployments/{pipeline['id']}/create_flow_run", json={}).json()
         finished = _wait_for_run(prefect, flow_run["id"])
         assert finished["state"]["type"] == "COMPLETED", finished["state"]
-        assert _mlflow_run_of(stack["mlflow"], stack["params"].run.experiment, flow_run["id"])["info"]["status"] == "FINISHED"
+        assert (
+            _mlflow_run_of(stack["mlflow"], stack["params"].run.experiment, flow_run["id"])["info"]["status"]
+            == "FINISHED"
+        )
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)

@@ -37,8 +37,11 @@ def test_sweep_runs_each_combination_in_one_experiment_and_compares(tmp_path, sh
     assert all("test/accuracy" in r["metrics"] for r in runs)
 
     plot = tmp_path / "cmp.png"
-    result = runner.invoke(app, ["compare", "--experiment", plan.experiment, "--sweep", plan.sweep_id,
-                                 "--plot", str(plot)], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        ["compare", "--experiment", plan.experiment, "--sweep", plan.sweep_id, "--plot", str(plot)],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "train.optimizer" in result.output and "test/accuracy" in result.output
     assert "adam" in result.output and "sgd" in result.output and plot.is_file()

@@ -35,14 +35,21 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
     report = validate(snapshot, params.data, tmp_path / "data")
     run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
     spec = FitSpec(
-        params=params, manifest_path=report.clean_manifest_path, classes=snapshot.classes,
-        run_dir=str(tmp_path / "train"), result_path=str(tmp_path / "result.json"),
-        mlflow_run_id=run_id, tracking_uri=tracking.tracking_uri(), progress_bar=False,
+        params=params,
+        manifest_path=report.clean_manifest_path,
+        classes=snapshot.classes,
+        run_dir=str(tmp_path / "train"),
+        result_path=str(tmp_path / "result.json"),
+        mlflow_run_id=run_id,
+        tracking_uri=tracking.tracking_uri(),
+        progress_bar=False,
     )
     (tmp_path / "spec.json").write_text(spec.model_dump_json())
     out = subprocess.run(
         [sys.executable, "-m", "components.training.fit", str(tmp_path / "spec.json")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = FitResult.model_validate_json((tmp_path / "result.json").read_text())
@@ -73,7 +80,10 @@ def test_sigterm_marks_runs_killed_and_resume_finishes_the_same_run(tmp_path, sh
     env = dict(os.environ, COLUMNS="200")
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     runs_dir = tmp_path / "runs"
     last = lambda: list(runs_dir.glob("*/train/checkpoints/last.ckpt"))  # noqa: E731
@@ -100,7 +110,10 @@ def test_sigterm_marks_runs_killed_and_resume_finishes_the_same_run(tmp_path, sh
 
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", "resume", parent.info.run_id],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     parent = client.get_run(parent.info.run_id)
@@ -117,18 +130,39 @@ def test_sigterm_marks_runs_killed_and_resume_finishes_the_same_run(tmp_path, sh
 def test_torchrun_two_cpu_processes_one_run_identical_weights(tmp_path, shapes_dir):
     """The entry point under torchrun (2 gloo processes): one MLflow run, the same final weights on both ranks
     (mobilenet_v3_small has BatchNorm: on CPUs DDP keeps its running statistics in step by broadcasting rank zero's)."""
-    params = load_params(None, tiny_overrides(
-        tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2,
-        model__name="mobilenet_v3_small", train__num_workers=0,
-    ))
+    params = load_params(
+        None,
+        tiny_overrides(
+            tmp_path,
+            shapes_dir,
+            trainer__strategy="ddp",
+            trainer__devices=2,
+            train__max_epochs=2,
+            model__name="mobilenet_v3_small",
+            train__num_workers=0,
+        ),
+    )
     spec_path = prepare_fit_spec(params, tmp_path / "job")  # what `visionflow fit-spec` writes
     spec = FitSpec.model_validate_json(spec_path.read_text())
     spec_path.write_text(spec.model_copy(update={"rank_results": True}).model_dump_json())
     run_id = spec.mlflow_run_id
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-         "-m", "components.training.fit", str(spec_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "components.training.fit",
+            str(spec_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     rank0 = FitResult.model_validate_json(Path(spec.result_path).read_text())

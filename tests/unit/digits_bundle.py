@@ -44,12 +44,17 @@ def _features(images: np.ndarray) -> np.ndarray:
 
 def _onnx_model(weights: np.ndarray, bias: np.ndarray, path: Path) -> Path:
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "W", "b"], ["logits"], transB=1)],
+        [
+            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+            helper.make_node("Gemm", ["flat", "W", "b"], ["logits"], transB=1),
+        ],
         "digits_logreg",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(weights.astype(np.float32), "W"), numpy_helper.from_array(bias.astype(np.float32), "b")],
+        [
+            numpy_helper.from_array(weights.astype(np.float32), "W"),
+            numpy_helper.from_array(bias.astype(np.float32), "b"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -73,7 +78,9 @@ def digits_bundle() -> Path:
     reference_x, reference_y = split("reference")
     accuracy = float(classifier.score(_features(reference_x), reference_y))
     metrics = {"accuracy": accuracy}
-    card = model_card("digits-logreg", "bundled:digits", "test", {"train": len(train_x), "test": len(reference_x)}, metrics)
+    card = model_card(
+        "digits-logreg", "bundled:digits", "test", {"train": len(train_x), "test": len(reference_x)}, metrics
+    )
     bundle = write_bundle(folder / "bundle", onnx_path, LABELS, preprocess, metrics, card)
     profile = build_reference_profile(Predictor(bundle), list(reference_x), [str(y) for y in reference_y])
     write_reference_profile(bundle, profile)

@@ -35,13 +35,20 @@ def _names(compose):
 def test_train_steps_follow_params():
     params = AugmentParams(crop_scale_min=0.5, hflip_p=0.5, vflip_p=0.0, rotate_p=0.3, color_jitter_p=0.2)
     assert _names(build_train_transform(params)) == [
-        "RandomResizedCrop", "HorizontalFlip", "Rotate", "ColorJitter", "Normalize", "ToTensorV2",
+        "RandomResizedCrop",
+        "HorizontalFlip",
+        "Rotate",
+        "ColorJitter",
+        "Normalize",
+        "ToTensorV2",
     ]
     assert _names(build_train_transform(AugmentParams(**QUIET), normalize=False)) == ["Resize"]
 
 
 def test_rotate_arguments_are_the_2_0_ones():
-    rotate = build_train_transform(AugmentParams(**{**QUIET, "rotate_p": 1.0, "rotate_limit": 15}), normalize=False).transforms[1]
+    rotate = build_train_transform(
+        AugmentParams(**{**QUIET, "rotate_p": 1.0, "rotate_limit": 15}), normalize=False
+    ).transforms[1]
     assert rotate.limit == (-15, 15)
     assert rotate.border_mode == cv2.BORDER_CONSTANT
     assert rotate.fill == 0
@@ -98,8 +105,14 @@ def test_output_shapes_and_dtypes(shape, ratio):
     channels = shape[2] if len(shape) == 3 else 1
     img = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     params = AugmentParams(
-        image_size=24, eval_resize_ratio=ratio, hflip_p=0.5, vflip_p=0.5, rotate_p=1.0,
-        color_jitter_p=1.0, mean=[0.5] * channels, std=[0.25] * channels,
+        image_size=24,
+        eval_resize_ratio=ratio,
+        hflip_p=0.5,
+        vflip_p=0.5,
+        rotate_p=1.0,
+        color_jitter_p=1.0,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
     )
     for transform in (build_train_transform(params, seed=0), build_eval_transform(params)):
         out = transform(image=img)["image"]
@@ -143,9 +156,16 @@ def test_preprocess_spec_reproduces_the_eval_transform():
     params = AugmentParams(image_size=20, eval_resize_ratio=1.3, mean=[0.1, 0.2, 0.3], std=[0.3, 0.2, 0.1])
     spec = eval_preprocess_spec(params, channels=3)
     assert spec == {
-        "image_size": 20, "resize": [26, 26], "crop": [20, 20], "interpolation": "bilinear",
-        "mean": [0.1, 0.2, 0.3], "std": [0.3, 0.2, 0.1], "channels": 3, "layout": "NCHW",
-        "dtype": "float32", "max_pixel_value": 255,
+        "image_size": 20,
+        "resize": [26, 26],
+        "crop": [20, 20],
+        "interpolation": "bilinear",
+        "mean": [0.1, 0.2, 0.3],
+        "std": [0.3, 0.2, 0.1],
+        "channels": 3,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "max_pixel_value": 255,
     }
     img = _image(50, 45)
     # Another runtime following the spec with plain OpenCV/numpy.
@@ -153,7 +173,9 @@ def test_preprocess_spec_reproduces_the_eval_transform():
     top = (spec["resize"][0] - spec["crop"][0]) // 2
     left = (spec["resize"][1] - spec["crop"][1]) // 2
     crop = resized[top : top + spec["crop"][0], left : left + spec["crop"][1]]
-    x = (crop.astype(np.float32) / spec["max_pixel_value"] - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    x = (crop.astype(np.float32) / spec["max_pixel_value"] - np.array(spec["mean"], np.float32)) / np.array(
+        spec["std"], np.float32
+    )
     expected = torch.from_numpy(x.transpose(2, 0, 1).copy())
     torch.testing.assert_close(build_eval_transform(params)(image=img)["image"], expected, rtol=1e-5, atol=1e-5)
 

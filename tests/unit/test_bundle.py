@@ -41,8 +41,14 @@ def tiny_onnx_model(path: Path, outputs: int = 3, seed: int = 0) -> Path:
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, input_names=["image"],
-            output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+            model,
+            (torch.zeros(1, 3, 16, 16),),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
         )
     return path
 
@@ -251,11 +257,19 @@ def test_not_an_archive_refused(tmp_path):
 
 
 def test_model_card_contents():
-    compression = [{"variant": "fp32", "size_mb": 1.5, "accuracy": 0.95}, {"variant": "int8", "size_mb": 0.4, "accuracy": 0.94}]
+    compression = [
+        {"variant": "fp32", "size_mb": 1.5, "accuracy": 0.95},
+        {"variant": "int8", "size_mb": 0.4, "accuracy": 0.94},
+    ]
     card = model_card(
-        "digits-cnn", "bundled:digits", "f00dfeed", {"train": 1257, "val": 270, "test": 270},
+        "digits-cnn",
+        "bundled:digits",
+        "f00dfeed",
+        {"train": 1257, "val": 270, "test": 270},
         {"accuracy": 0.9712, "per_class": {"0": {"f1": 1.0}}, "confusion": [[1, 0], [0, 1]], "n": np.int64(270)},
-        confusion_matrix_image="confusion_matrix.png", compression_table=compression, labels=["0", "1"],
+        confusion_matrix_image="confusion_matrix.png",
+        compression_table=compression,
+        labels=["0", "1"],
     )
     assert card.startswith("# Model card: digits-cnn")
     assert "`f00dfeed`" in card and "train 1257, val 270, test 270" in card

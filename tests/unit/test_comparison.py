@@ -35,22 +35,39 @@ def test_a_key_given_twice_is_refused():
 
 
 def _run(name, params, metrics):
-    return {"run_id": uuid.uuid4().hex, "run_name": name, "status": "FINISHED", "duration_s": 3.0,
-            "params": params, "metrics": metrics, "tags": {}}
+    return {
+        "run_id": uuid.uuid4().hex,
+        "run_name": name,
+        "status": "FINISHED",
+        "duration_s": 3.0,
+        "params": params,
+        "metrics": metrics,
+        "tags": {},
+    }
 
 
 def test_varying_params_leave_out_equal_and_run_params():
     runs = [
-        _run("a", {"model.name": "cnn", "train.lr": "0.1", "train.seed": "0", "run.run_name": "a"}, {"test/accuracy": 0.9}),
-        _run("b", {"model.name": "vit", "train.lr": "0.1", "train.seed": "0", "run.run_name": "b"}, {"test/accuracy": 0.8}),
+        _run(
+            "a",
+            {"model.name": "cnn", "train.lr": "0.1", "train.seed": "0", "run.run_name": "a"},
+            {"test/accuracy": 0.9},
+        ),
+        _run(
+            "b",
+            {"model.name": "vit", "train.lr": "0.1", "train.seed": "0", "run.run_name": "b"},
+            {"test/accuracy": 0.8},
+        ),
     ]
     assert varying_params(runs) == ["model.name"]
     assert metric_columns(runs, "train/loss") == ["train/loss", "test/accuracy"]
 
 
 def test_comparison_plot_is_an_image(tmp_path):
-    runs = [_run("a", {"model.name": "cnn"}, {"test/accuracy": 0.9}),
-            _run("b", {"model.name": "vit"}, {"test/accuracy": 0.8})]
+    runs = [
+        _run("a", {"model.name": "cnn"}, {"test/accuracy": 0.9}),
+        _run("b", {"model.name": "vit"}, {"test/accuracy": 0.8}),
+    ]
     path = comparison_plot(runs, "test/accuracy", tmp_path / "cmp.png")
     with Image.open(path) as image:
         assert image.size[0] > 100

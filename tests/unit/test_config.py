@@ -15,8 +15,17 @@ def test_shipped_params_files_are_valid(path):
 
 
 def test_overrides_are_parsed_like_yaml():
-    p = load_params(None, ["train.max_epochs=3", "train.lr=1e-3", "model.pretrained=true", "data.channels=1",
-                           "augment.mean=[0.1]", "augment.std=[0.2]"])
+    p = load_params(
+        None,
+        [
+            "train.max_epochs=3",
+            "train.lr=1e-3",
+            "model.pretrained=true",
+            "data.channels=1",
+            "augment.mean=[0.1]",
+            "augment.std=[0.2]",
+        ],
+    )
     assert p.train.max_epochs == 3 and p.train.lr == 1e-3 and p.model.pretrained is True
     assert p.augment.mean == [0.1]
 
@@ -27,7 +36,10 @@ def test_overrides_are_parsed_like_yaml():
         ("train.max_epochs=0", "invalid parameter train.max_epochs: Input should be greater than or equal to 1"),
         ("train.epochs=3", "invalid parameter train.epochs: unknown parameter"),
         ("model.name=vgg", "invalid parameter model.name:"),
-        ("data.val_fraction=0.45 data.test_fraction=0.4", "invalid parameter data: val_fraction + test_fraction must leave"),
+        (
+            "data.val_fraction=0.45 data.test_fraction=0.4",
+            "invalid parameter data: val_fraction + test_fraction must leave",
+        ),
         ("data.channels=1", "invalid parameters: augment.mean has 3 values but data.channels is 1"),
         ("model.name=vit augment.image_size=30", "invalid parameters: model.vit.patch_size 4 does not divide"),
         ("model.name=vit model.vit.heads=3", "invalid parameter model: vit.heads (3) must divide vit.width (128)"),

@@ -12,8 +12,18 @@ from components.errors import TrainingError
 from components.training.devices import DevicePlan, effective_batch_size, launcher_environment, plan_devices, scaled_lr
 
 LAUNCHER_VARIABLES = (
-    "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS",
-    "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_NAME", "MASTER_ADDR", "NODE_RANK", "LSB_JOBID",
+    "TORCHELASTIC_RUN_ID",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_NNODES",
+    "SLURM_JOB_NAME",
+    "MASTER_ADDR",
+    "NODE_RANK",
+    "LSB_JOBID",
 )
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without GPUs")
 
@@ -70,7 +80,9 @@ def test_gd_with_extra_accumulation_is_refused_at_validation():
 
 
 def test_several_nodes_without_a_launcher_is_refused():
-    with pytest.raises(TrainingError, match=r"num_nodes is 2 but no launcher environment was found: .*torchrun \(--nnodes 2"):
+    with pytest.raises(
+        TrainingError, match=r"num_nodes is 2 but no launcher environment was found: .*torchrun \(--nnodes 2"
+    ):
         plan_devices(TrainerParams(accelerator="cpu", num_nodes=2, strategy="ddp"))
 
 
@@ -95,8 +107,16 @@ def test_slurm_multi_node_is_a_launcher(monkeypatch):
 
 @pytest.mark.parametrize(("rule", "expected"), [("none", 0.001), ("linear", 0.004), ("sqrt", 0.002)])
 def test_effective_batch_size_and_lr_scaling(rule, expected):
-    params = load_params(None, [f"train.lr_scaling={rule}", "train.lr=0.001", "train.batch_size=32",
-                                "train.lr_base_batch_size=64", "trainer.accumulate_grad_batches=2"])
+    params = load_params(
+        None,
+        [
+            f"train.lr_scaling={rule}",
+            "train.lr=0.001",
+            "train.batch_size=32",
+            "train.lr_base_batch_size=64",
+            "trainer.accumulate_grad_batches=2",
+        ],
+    )
     plan = DevicePlan(accelerator="cpu", devices=2, num_nodes=2, launcher="torchrun")
     effective = effective_batch_size(params, plan, params.trainer.accumulate_grad_batches)
     assert effective == 32 * 4 * 2
@@ -107,9 +127,17 @@ def test_the_entry_point_reports_a_refused_request_as_its_error(tmp_path):
     from components.training.fit import FitResult, FitSpec, main
 
     params = load_params(None, ["trainer.accelerator=cpu", f"trainer.devices={_cores() + 1}", "trainer.strategy=ddp"])
-    spec = FitSpec(params=params, manifest_path=str(tmp_path / "none.csv"), classes=["a", "b"],
-                   run_dir=str(tmp_path / "train"), result_path=str(tmp_path / "result.json"))
+    spec = FitSpec(
+        params=params,
+        manifest_path=str(tmp_path / "none.csv"),
+        classes=["a", "b"],
+        run_dir=str(tmp_path / "train"),
+        result_path=str(tmp_path / "result.json"),
+    )
     (tmp_path / "spec.json").write_text(spec.model_dump_json())
     assert main([str(tmp_path / "spec.json")]) == 3
     result = FitResult.model_validate_json((tmp_path / "result.json").read_text())
-    assert result.error == f"trainer.devices is {_cores() + 1} but this machine has {_cores()} CPU core(s) available to this process"
+    assert (
+        result.error
+        == f"trainer.devices is {_cores() + 1} but this machine has {_cores()} CPU core(s) available to this process"
+    )

@@ -40,7 +40,7 @@ def test_loss_equals_a_hand_computed_value():
     t, alpha = 2.0, 0.5
     p_t = [math.exp(0) / (math.exp(0) + math.exp(0.5)), math.exp(0.5) / (math.exp(0) + math.exp(0.5))]
     p_s = [math.exp(0.5) / (math.exp(0.5) + math.exp(0)), math.exp(0) / (math.exp(0.5) + math.exp(0))]
-    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s, strict=False))
     ce = -math.log(math.exp(1) / (math.exp(1) + math.exp(0)))
     expected = alpha * t * t * kl + (1 - alpha) * ce
     assert distillation_loss(student, teacher, targets, t, alpha).item() == pytest.approx(expected, rel=1e-5)
@@ -60,14 +60,26 @@ def test_distilled_student_trains_and_its_checkpoint_loads_with_load_classifier(
     teacher = trained_cnn()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     module = DistillationModule(
-        STUDENT.model_dump(), TrainParams(lr=0.01, warmup_epochs=0).model_dump(), CLASSES,
-        AugmentParams(image_size=16, mean=[0.5], std=[0.5]).model_dump(), teacher=teacher, temperature=4.0, alpha=0.7,
+        STUDENT.model_dump(),
+        TrainParams(lr=0.01, warmup_epochs=0).model_dump(),
+        CLASSES,
+        AugmentParams(image_size=16, mean=[0.5], std=[0.5]).model_dump(),
+        teacher=teacher,
+        temperature=4.0,
+        alpha=0.7,
     )
     assert not any(k.startswith("teacher") or "_teacher" in k for k in module.state_dict())
     x, y = tiny_data(96)
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader, DataLoader(TensorDataset(x, y), batch_size=48))
     for key in ("train/loss", "train/kd", "train/ce", "val/loss", "val/acc"):
         assert key in trainer.callback_metrics
@@ -89,5 +101,12 @@ def test_distilled_student_trains_and_its_checkpoint_loads_with_load_classifier(
 
 def test_bad_distillation_settings_are_refused():
     with pytest.raises(ValueError, match="temperature"):
-        DistillationModule(STUDENT.model_dump(), TrainParams().model_dump(), CLASSES, AugmentParams().model_dump(),
-                           teacher=build_model(SPEC), temperature=0.0, alpha=0.5)
+        DistillationModule(
+            STUDENT.model_dump(),
+            TrainParams().model_dump(),
+            CLASSES,
+            AugmentParams().model_dump(),
+            teacher=build_model(SPEC),
+            temperature=0.0,
+            alpha=0.5,
+        )

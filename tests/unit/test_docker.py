@@ -34,8 +34,12 @@ def _hadolint() -> str:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile):
-    out = subprocess.run([_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(dockerfile)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
@@ -60,7 +64,9 @@ def test_compose_services_build_or_pull_and_depend_on_real_services(compose):
         for other in depends if isinstance(depends, list) else depends.keys():
             assert other in services, f"{name} depends on unknown service {other}"
             if isinstance(depends, dict) and depends[other].get("condition") == "service_healthy":
-                assert "healthcheck" in services[other], f"{name} waits for {other} to be healthy, which has no healthcheck"
+                assert "healthcheck" in services[other], (
+                    f"{name} waits for {other} to be healthy, which has no healthcheck"
+                )
     for name in SERVERS:
         test = services[name].get("healthcheck", {}).get("test")
         assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
@@ -85,7 +91,9 @@ def test_compose_ports_are_loopback_only_and_volumes_declared(compose):
             assert bind or source in declared, f"{name} uses undeclared volume {source!r}"
             if bind and not source.startswith("$"):
                 assert (COMPOSE.parent / source).exists(), f"{name} mounts missing file {source}"
-    used = {v.split(":", 1)[0] for s in compose["services"].values() for v in s.get("volumes", []) if isinstance(v, str)}
+    used = {
+        v.split(":", 1)[0] for s in compose["services"].values() for v in s.get("volumes", []) if isinstance(v, str)
+    }
     assert declared <= used, f"declared but unused volumes: {declared - used}"
 
 
@@ -143,8 +151,13 @@ def _requirement_closure(requirements: list[str]) -> set[str]:
 def test_slim_image_carries_everything_the_server_imports(server_modules):
     dockerfile = DOCKER / "Dockerfile.serve"
     copied = _copied_sources(dockerfile)
-    own_files = sorted({Path(f).resolve().relative_to(ROOT).as_posix() for n, f in server_modules.items()
-                        if f and (n == "components" or n.startswith("components."))})
+    own_files = sorted(
+        {
+            Path(f).resolve().relative_to(ROOT).as_posix()
+            for n, f in server_modules.items()
+            if f and (n == "components" or n.startswith("components."))
+        }
+    )
     missing = [f for f in own_files if not any(f == c or f.startswith(c.rstrip("/") + "/") for c in copied)]
     assert not missing, f"docker/Dockerfile.serve does not COPY {missing}"
 
@@ -161,16 +174,20 @@ def test_slim_image_carries_everything_the_server_imports(server_modules):
     owners = metadata.packages_distributions()
     for module in sorted(third_party):
         dists = {re.sub(r"[-_.]+", "-", d).lower() for d in owners.get(module, [])}
-        assert dists & installed, f"the server imports {module} ({dists or 'no distribution'}), not in docker/requirements-serve.txt"
+        assert dists & installed, (
+            f"the server imports {module} ({dists or 'no distribution'}), not in docker/requirements-serve.txt"
+        )
     for requirement in filter(None, requirements):
         assert Requirement(requirement).name.lower() not in HEAVY
 
 
 def test_visionflow_serve_of_a_local_bundle_loads_no_torch_prefect_or_mlflow():
-    code = ("import sys, flows.cli\n"
-            "from components.serving.app import serve\n"
-            "from components.packaging.resolve import resolve_bundle\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'prefect', 'mlflow', 'albumentations'}))")
+    code = (
+        "import sys, flows.cli\n"
+        "from components.serving.app import serve\n"
+        "from components.packaging.resolve import resolve_bundle\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'prefect', 'mlflow', 'albumentations'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"

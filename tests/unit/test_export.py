@@ -14,10 +14,26 @@ from components.packaging.export import check_onnx_file, export_onnx, export_tor
 # (checked by hand) but takes ~8 s, so resnet18 stands for the torchvision family here.
 FAMILIES = {
     "cnn": ModelSpec(name="cnn", num_classes=3, image_size=16),
-    "gru": ModelSpec(name="rnn", num_classes=3, image_size=16, rnn=RnnParams(hidden_size=8, num_layers=1, sequence="patches", patch_size=8)),
-    "lstm": ModelSpec(name="rnn", num_classes=3, image_size=16,
-                      rnn=RnnParams(cell="lstm", hidden_size=8, num_layers=1, bidirectional=False,
-                                    pooling="last", sequence="patches", patch_size=8)),
+    "gru": ModelSpec(
+        name="rnn",
+        num_classes=3,
+        image_size=16,
+        rnn=RnnParams(hidden_size=8, num_layers=1, sequence="patches", patch_size=8),
+    ),
+    "lstm": ModelSpec(
+        name="rnn",
+        num_classes=3,
+        image_size=16,
+        rnn=RnnParams(
+            cell="lstm",
+            hidden_size=8,
+            num_layers=1,
+            bidirectional=False,
+            pooling="last",
+            sequence="patches",
+            patch_size=8,
+        ),
+    ),
     "vit": ModelSpec(name="vit", num_classes=3, image_size=16, vit=VitParams(depth=1, heads=2, width=16)),
     "resnet18": ModelSpec(name="resnet18", num_classes=3, image_size=32),
 }
@@ -69,9 +85,11 @@ def _external_data_model(path, location):
     entry = weight.external_data.add()
     entry.key, entry.value = "location", location
     graph = helper.make_graph(
-        [helper.make_node("Add", ["image", "w"], ["logits"])], "g",
+        [helper.make_node("Add", ["image", "w"], ["logits"])],
+        "g",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])], [weight],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])],
+        [weight],
     )
     onnx.save(helper.make_model(graph), str(path))
     return path

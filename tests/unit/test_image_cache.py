@@ -74,7 +74,9 @@ def test_built_once_then_reused_and_other_data_gets_its_own_file(tmp_path):
     assert len(lines) == 1 and "building" in lines[0]
     again = ensure_image_cache(rows, tmp_path / "cache", 16, 3, MAX_PIXELS, log=lines.append)
     assert again == first and len(lines) == 1
-    other = ensure_image_cache(_rows(tmp_path / "other", seed=1), tmp_path / "cache", 16, 3, MAX_PIXELS, log=lines.append)
+    other = ensure_image_cache(
+        _rows(tmp_path / "other", seed=1), tmp_path / "cache", 16, 3, MAX_PIXELS, log=lines.append
+    )
     assert other.path != first.path and len(lines) == 2
     header = json.loads(Path(first.path).with_suffix(".json").read_text())
     assert header["key"] == content_key(rows, 16, 3) and header["shape"] == [len(rows), 16, 16, 3]
@@ -145,8 +147,16 @@ def test_datamodule_loaders_read_the_cache_in_workers(tmp_path):
         row["split"] = "train" if i < 6 else "val"
     params = AugmentParams(image_size=16)
     data = ImageDataModule(
-        rows, ["a", "b"], build_train_transform(params, seed=0), build_eval_transform(params), channels=3,
-        max_pixels=MAX_PIXELS, batch_size=4, num_workers=1, cache_dir=str(tmp_path / "cache"), cache_side=16,
+        rows,
+        ["a", "b"],
+        build_train_transform(params, seed=0),
+        build_eval_transform(params),
+        channels=3,
+        max_pixels=MAX_PIXELS,
+        batch_size=4,
+        num_workers=1,
+        cache_dir=str(tmp_path / "cache"),
+        cache_side=16,
     )
     data.prepare_data()
     assert len(list((tmp_path / "cache" / "images").glob("*.u8"))) == 2  # train and val
@@ -172,9 +182,16 @@ def test_datamodule_val_batches_equal_the_evaluation_loader_bit_for_bit(tmp_path
     params = AugmentParams(image_size=16, eval_resize_ratio=1.25, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     rows = _rows(tmp_path / "images")
     data = ImageDataModule(
-        rows, ["a", "b"], build_train_transform(params, normalize=False), build_eval_transform(params, normalize=False),
-        channels=3, max_pixels=MAX_PIXELS, batch_size=8, cache_dir=str(tmp_path / "cache") if cache else None,
-        cache_side=eval_resize_side(params), normalize=(params.mean, params.std),
+        rows,
+        ["a", "b"],
+        build_train_transform(params, normalize=False),
+        build_eval_transform(params, normalize=False),
+        channels=3,
+        max_pixels=MAX_PIXELS,
+        batch_size=8,
+        cache_dir=str(tmp_path / "cache") if cache else None,
+        cache_side=eval_resize_side(params),
+        normalize=(params.mean, params.std),
     )
     (raw,) = list(data.val_dataloader())
     assert raw[0].dtype == torch.uint8 and raw[0].shape == (8, 16, 16, 3)
@@ -192,16 +209,31 @@ def test_lightning_normalises_uint8_batches_through_the_datamodule_hook(tmp_path
     from components.training.fit import datamodule_from_params, model_spec_from_params
     from components.training.module import ClassifierModule
 
-    params = load_params(None, ["augment.image_size=16", "train.batch_size=4", "train.num_workers=0",
-                                f"run.cache_dir={tmp_path / 'cache'}", "trainer.accelerator=cpu"])
+    params = load_params(
+        None,
+        [
+            "augment.image_size=16",
+            "train.batch_size=4",
+            "train.num_workers=0",
+            f"run.cache_dir={tmp_path / 'cache'}",
+            "trainer.accelerator=cpu",
+        ],
+    )
     rows = _rows(tmp_path / "images")
     for i, row in enumerate(rows):
         row["split"] = "train" if i < 6 else "val"
     data = datamodule_from_params(params, rows, ["a", "b"])
     assert data.normalize is None  # CPU training: workers normalise
     data = ImageDataModule(
-        rows, ["a", "b"], build_train_transform(params.augment, normalize=False), build_eval_transform(params.augment, normalize=False),
-        channels=3, max_pixels=MAX_PIXELS, batch_size=4, cache_dir=str(tmp_path / "cache"), cache_side=16,
+        rows,
+        ["a", "b"],
+        build_train_transform(params.augment, normalize=False),
+        build_eval_transform(params.augment, normalize=False),
+        channels=3,
+        max_pixels=MAX_PIXELS,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+        cache_side=16,
         normalize=(params.augment.mean, params.augment.std),
     )
     seen = []
@@ -211,10 +243,20 @@ def test_lightning_normalises_uint8_batches_through_the_datamodule_hook(tmp_path
             seen.append(x.dtype)
             return super().forward(x)
 
-    module = Recording(spec=model_spec_from_params(params, 2).model_dump(), optim=params.train.model_dump(),
-                       classes=["a", "b"], augment=params.augment.model_dump())
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    module = Recording(
+        spec=model_spec_from_params(params, 2).model_dump(),
+        optim=params.train.model_dump(),
+        classes=["a", "b"],
+        augment=params.augment.model_dump(),
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     assert seen and set(seen) == {torch.float32}
 
@@ -230,9 +272,19 @@ def test_images_smaller_than_the_cache_side_are_not_cached_upsampled():
 
 def test_the_data_module_turns_the_cache_off_for_small_images(tmp_path, capsys):
     rows = [{"path": "a.png", "label": "a", "split": "train", "width": "8", "height": "8"}]
-    small = ImageDataModule(rows, ["a"], None, None, channels=1, max_pixels=10**6, batch_size=1,
-                            cache_dir=str(tmp_path), cache_side=32)
+    small = ImageDataModule(
+        rows, ["a"], None, None, channels=1, max_pixels=10**6, batch_size=1, cache_dir=str(tmp_path), cache_side=32
+    )
     assert small.cache_dir is None and "image cache off" in capsys.readouterr().out
-    large = ImageDataModule([{**rows[0], "width": "64", "height": "64"}], ["a"], None, None, channels=1,
-                            max_pixels=10**6, batch_size=1, cache_dir=str(tmp_path), cache_side=32)
+    large = ImageDataModule(
+        [{**rows[0], "width": "64", "height": "64"}],
+        ["a"],
+        None,
+        None,
+        channels=1,
+        max_pixels=10**6,
+        batch_size=1,
+        cache_dir=str(tmp_path),
+        cache_side=32,
+    )
     assert large.cache_dir == str(tmp_path)

@@ -145,14 +145,36 @@ def test_unidentifiable_files_are_kept(tmp_path):
     rows = read_manifest(_ingest(tmp_path, source).manifest_path)
     by_name = {Path(row["path"]).name: row for row in rows}
     assert len(rows) == 17
-    assert (by_name["broken.png"]["width"], by_name["broken.png"]["height"], by_name["broken.png"]["mode"]) == ("0", "0", "")
+    assert (by_name["broken.png"]["width"], by_name["broken.png"]["height"], by_name["broken.png"]["mode"]) == (
+        "0",
+        "0",
+        "",
+    )
     assert by_name["empty.png"]["sha256"] == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 def test_write_and_read_manifest_round_trip(tmp_path):
     rows = [
-        {"path": "/x/1.png", "sha256": "ab", "label": "a,b", "split": "train", "width": "1", "height": "2", "mode": "L", "task": "q"},
-        {"path": "/x/2.png", "sha256": "cd", "label": "b", "split": "test", "width": "3", "height": "4", "mode": "RGB", "task": ""},
+        {
+            "path": "/x/1.png",
+            "sha256": "ab",
+            "label": "a,b",
+            "split": "train",
+            "width": "1",
+            "height": "2",
+            "mode": "L",
+            "task": "q",
+        },
+        {
+            "path": "/x/2.png",
+            "sha256": "cd",
+            "label": "b",
+            "split": "test",
+            "width": "3",
+            "height": "4",
+            "mode": "RGB",
+            "task": "",
+        },
     ]
     write_manifest(rows, tmp_path / "m.csv")
     assert read_manifest(tmp_path / "m.csv") == rows

@@ -13,9 +13,20 @@ from .tiny import CLASSES, tiny_data, trained_cnn_onnx
 
 
 def _variant(name, accuracy, size, latency, **extra):
-    return VariantResult(name=name, method=name, artifact=f"{name}.onnx", size_bytes=size, params=1000, macs=None,
-                         accuracy=accuracy, macro_f1=accuracy, latency_b1_ms=latency, latency_b32_ms=latency * 10,
-                         threads=1, **extra)
+    return VariantResult(
+        name=name,
+        method=name,
+        artifact=f"{name}.onnx",
+        size_bytes=size,
+        params=1000,
+        macs=None,
+        accuracy=accuracy,
+        macro_f1=accuracy,
+        latency_b1_ms=latency,
+        latency_b32_ms=latency * 10,
+        threads=1,
+        **extra,
+    )
 
 
 def test_measure_onnx_reports_accuracy_size_and_latency():
@@ -25,7 +36,7 @@ def test_measure_onnx_reports_accuracy_size_and_latency():
     assert set(figures) == {"accuracy", "macro_f1", "size_bytes", "latency_b1_ms", "latency_b32_ms"}
     assert figures["accuracy"] >= 0.9 and 0 < figures["macro_f1"] <= 1
     assert figures["size_bytes"] == path.stat().st_size
-    assert 0 < figures["latency_b1_ms"] and 0 < figures["latency_b32_ms"]
+    assert figures["latency_b1_ms"] > 0 and figures["latency_b32_ms"] > 0
     result = VariantResult(name="fp32", method="onnx", artifact=str(path), threads=1, **figures)
     assert result.params is None
 
@@ -41,7 +52,8 @@ def test_measure_counts_only_the_primary_task_of_a_multitask_model(tmp_path):
     weight[np.arange(3), np.arange(3)] = 10.0
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("Gemm", ["flat", "w", "b"], ["logits"])],
-        "multitask", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 16, 16])],
+        "multitask",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 7])],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )
@@ -64,16 +76,31 @@ def test_gate_rejects_a_variant_that_drops_too_much():
 
 
 def test_best_variant_by_objective_among_accepted_only():
-    gated = gate([_variant("fp32", 0.95, 1000, 2.0), _variant("int8", 0.95, 300, 1.5),
-                  _variant("pruned", 0.945, 500, 0.8), _variant("bad", 0.5, 100, 0.1)], "fp32", 0.01)
+    gated = gate(
+        [
+            _variant("fp32", 0.95, 1000, 2.0),
+            _variant("int8", 0.95, 300, 1.5),
+            _variant("pruned", 0.945, 500, 0.8),
+            _variant("bad", 0.5, 100, 0.1),
+        ],
+        "fp32",
+        0.01,
+    )
     assert best_variant(gated, "smallest").name == "int8"
     assert best_variant(gated, "fastest").name == "pruned"
     assert best_variant([v.model_copy(update={"accepted": False}) for v in gated], "smallest") is None
 
 
 def test_write_comparison_writes_table_and_plot(tmp_path):
-    variants = gate([_variant("fp32", 0.95, 1_000_000, 2.0), _variant("int8-static", 0.94, 260_000, 0.9),
-                     _variant("bad|name", 0.4, 100_000, 0.4, note="deliberately bad")], "fp32", 0.02)
+    variants = gate(
+        [
+            _variant("fp32", 0.95, 1_000_000, 2.0),
+            _variant("int8-static", 0.94, 260_000, 0.9),
+            _variant("bad|name", 0.4, 100_000, 0.4, note="deliberately bad"),
+        ],
+        "fp32",
+        0.02,
+    )
     csv_path, md_path, png_path = write_comparison(variants, tmp_path / "cmp")
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["name"] for r in rows] == ["fp32", "int8-static", "bad|name"]

@@ -24,7 +24,7 @@ def test_tiny_case_by_hand():
     assert m["confusion_matrix"] == confusion
     precision = [1 / 2, 2 / 3, 1 / 1]  # column-wise: tp / predicted
     recall = [1 / 2, 2 / 2, 1 / 2]  # row-wise: tp / support
-    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]  # 0.5, 0.8, 0.6667
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=False)]  # 0.5, 0.8, 0.6667
     s = m["summary"]
     assert s["accuracy"] == pytest.approx(4 / 6)
     assert s["top1_accuracy"] == pytest.approx(4 / 6)
@@ -34,7 +34,7 @@ def test_tiny_case_by_hand():
     assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert s["num_samples"] == 6 and isinstance(s["num_samples"], int)
     assert [row["class"] for row in m["per_class"]] == CLASSES
-    for row, p, r, f in zip(m["per_class"], precision, recall, f1):
+    for row, p, r, f in zip(m["per_class"], precision, recall, f1, strict=False):
         assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p, r, f))
         assert row["support"] == 2
     assert all(isinstance(v, float) for k, v in s.items() if k != "num_samples")

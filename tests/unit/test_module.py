@@ -11,9 +11,21 @@ from components.training.module import ClassifierModule, load_classifier, warmup
 
 
 def _module(**optim) -> ClassifierModule:
-    spec = {"name": "cnn", "num_classes": 2, "in_channels": 1, "image_size": 8, "dropout": 0.0,
-            "mean": [0.5], "std": [0.5]}
-    return ClassifierModule(spec, TrainParams(**optim).model_dump(), ["a", "b"], AugmentParams(mean=[0.5], std=[0.5], image_size=8).model_dump())
+    spec = {
+        "name": "cnn",
+        "num_classes": 2,
+        "in_channels": 1,
+        "image_size": 8,
+        "dropout": 0.0,
+        "mean": [0.5],
+        "std": [0.5],
+    }
+    return ClassifierModule(
+        spec,
+        TrainParams(**optim).model_dump(),
+        ["a", "b"],
+        AugmentParams(mean=[0.5], std=[0.5], image_size=8).model_dump(),
+    )
 
 
 def _data(n=64):
@@ -24,8 +36,14 @@ def _data(n=64):
 
 
 def _trainer(tmp_path, epochs=3):
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
 
 
 def test_learns_a_separable_problem_and_checkpoint_loads_safely(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,12 @@ import pytest
 
 from components.config import MonitorParams
 from components.monitoring.drift import compare_window, population_stability_index, read_feedback
-from components.monitoring.image_stats import IMAGE_STATISTICS, PREDICTION_STATISTICS, image_statistics, prediction_statistics
+from components.monitoring.image_stats import (
+    IMAGE_STATISTICS,
+    PREDICTION_STATISTICS,
+    image_statistics,
+    prediction_statistics,
+)
 from components.monitoring.prediction_log import LOG_FILE, PredictionLog, new_record_id, read_prediction_log, utc_now
 from components.monitoring.profile import PROFILE_FILE, read_reference_profile
 from components.monitoring.report import write_drift_report
@@ -46,11 +51,17 @@ def write_window(predictor: Predictor, images, folder: Path, sha: str | None = N
     log = PredictionLog(folder, 10_000_000, 3)
     probabilities = predictor.probabilities(np.stack([predictor.preprocess_image(image) for image in images]))
     pairs = []
-    for image, row in zip(images, probabilities):
+    for image, row in zip(images, probabilities, strict=False):
         record = {
-            "event": "prediction", "id": new_record_id(), "ts": utc_now(), "model": "digits", "version": "1",
-            "model_sha256": sha or predictor.files["model.onnx"], "predicted": LABELS[int(np.argmax(row))],
-            **prediction_statistics(row), **image_statistics(image),
+            "event": "prediction",
+            "id": new_record_id(),
+            "ts": utc_now(),
+            "model": "digits",
+            "version": "1",
+            "model_sha256": sha or predictor.files["model.onnx"],
+            "predicted": LABELS[int(np.argmax(row))],
+            **prediction_statistics(row),
+            **image_statistics(image),
         }
         log.append(record)
         pairs.append(f"{record['id']}:{record['predicted']}")
@@ -98,7 +109,7 @@ def test_reference_profile_from_bundled_digits(bundle, profile, predictor):
     assert all(len(values) == profile.num_images for values in profile.samples.values())
     # the profile's accuracy is the bundle's own accuracy on those images
     predictions = predictor.predict(list(reference_images), top_k=1)
-    accuracy = np.mean([p[0]["label"] == str(y) for p, y in zip(predictions, reference_labels)])
+    accuracy = np.mean([p[0]["label"] == str(y) for p, y in zip(predictions, reference_labels, strict=False)])
     assert profile.accuracy == pytest.approx(accuracy)
 
 
@@ -146,7 +157,9 @@ def _noisy(images):
     ],
     ids=["inverted", "rotated90", "heavy-noise"],
 )
-def test_transformed_images_drift_on_the_right_statistics(tmp_path, profile, predictor, transform, expected, unaffected):
+def test_transformed_images_drift_on_the_right_statistics(
+    tmp_path, profile, predictor, transform, expected, unaffected
+):
     images, _ = split("heldout")
     write_window(predictor, list(transform(images)), tmp_path)
     report = compare(tmp_path, profile, predictor)
@@ -175,7 +188,9 @@ def test_drift_is_flagged_exactly_when_a_threshold_is_crossed(tmp_path, profile,
     assert not above.drift_detected and above.triggered == []
     assert below.drift_detected and below.triggered == ["class_distribution"]
     # a KS test needs both the p-value and the distance: a distance above the statistic is not drift
-    report = compare(tmp_path, profile, predictor, psi_threshold=10, ks_min_statistic=0.0, ks_pvalue=1e-300, confidence_drop=1.0)
+    report = compare(
+        tmp_path, profile, predictor, psi_threshold=10, ks_min_statistic=0.0, ks_pvalue=1e-300, confidence_drop=1.0
+    )
     assert not report.drift_detected
 
 
@@ -195,27 +210,34 @@ def test_feedback_labels_give_the_live_accuracy(tmp_path, profile, predictor):
     ids = [p.split(":")[0] for p in pairs]
     predicted = [p.split(":")[1] for p in pairs]
     truth = [str(y) for y in labels]
-    rows = ["id,label"] + [f"{i},{t}" for i, t in zip(ids[:200], truth[:200])]
+    rows = ["id,label"] + [f"{i},{t}" for i, t in zip(ids[:200], truth[:200], strict=False)]
     rows += [
-        "only-one-column",                        # wrong column count
-        f"{ids[200]},",                           # empty label
-        f"{ids[201]},cat",                        # unknown label
+        "only-one-column",  # wrong column count
+        f"{ids[200]},",  # empty label
+        f"{ids[201]},cat",  # unknown label
         f"{ids[202]},1",
-        f"{ids[202]},2",                          # same id again with another label: both dropped
-        "not-a-logged-id,3",                      # valid row, joins nothing
-        f"{ids[203]},4,extra",                    # too many columns
+        f"{ids[202]},2",  # same id again with another label: both dropped
+        "not-a-logged-id,3",  # valid row, joins nothing
+        f"{ids[203]},4,extra",  # too many columns
     ]
     feedback = tmp_path / "feedback.csv"
     feedback.write_text("\n".join(rows) + "\n")
-    report = compare_window(tmp_path / "log", profile, MonitorParams(), predictor.files["model.onnx"], feedback, labels=LABELS)
-    expected = np.mean([p == t for p, t in zip(predicted[:200], truth[:200])])
+    report = compare_window(
+        tmp_path / "log", profile, MonitorParams(), predictor.files["model.onnx"], feedback, labels=LABELS
+    )
+    expected = np.mean([p == t for p, t in zip(predicted[:200], truth[:200], strict=False)])
     assert report.feedback.matched == 200 and report.feedback.unmatched == 1
     assert report.metrics()["live/accuracy"] == pytest.approx(expected)
     check = report.check("live_accuracy")
     assert check.computed and check.value == pytest.approx(profile.accuracy - expected) and not check.drifted
     problems = "\n".join(report.feedback.problems)
-    for text in ("line 202: expected 2 columns", "line 203: empty id or label", "line 204: unknown label 'cat'",
-                 "line 206: id", "line 208: expected 2 columns"):
+    for text in (
+        "line 202: expected 2 columns",
+        "line 203: empty id or label",
+        "line 204: unknown label 'cat'",
+        "line 206: id",
+        "line 208: expected 2 columns",
+    ):
         assert text in problems
     assert report.feedback.skipped == 5 and any("feedback: 5 of" in n for n in report.notes)
 
@@ -281,9 +303,15 @@ def test_malformed_log_lines_and_old_records_are_skipped(tmp_path, profile, pred
     images, _ = split("heldout")
     write_window(predictor, list(images[:150]), tmp_path)
     with open(tmp_path / LOG_FILE, "a") as handle:
-        handle.write("not json\n[1,2]\n{\"no\": \"ts\"}\n")
-        old = {"event": "prediction", "id": "old", "ts": (datetime.now(timezone.utc) - timedelta(days=3)).isoformat(),
-               "model_sha256": predictor.files["model.onnx"], "predicted": "1", "confidence": 0.1}
+        handle.write('not json\n[1,2]\n{"no": "ts"}\n')
+        old = {
+            "event": "prediction",
+            "id": "old",
+            "ts": (datetime.now(UTC) - timedelta(days=3)).isoformat(),
+            "model_sha256": predictor.files["model.onnx"],
+            "predicted": "1",
+            "confidence": 0.1,
+        }
         handle.write(json.dumps(old) + "\n")
     report = compare(tmp_path, profile, predictor, window_hours=24)
     assert report.window.malformed_lines == 3 and report.window.predictions == 150
@@ -294,7 +322,9 @@ def test_malformed_log_lines_and_old_records_are_skipped(tmp_path, profile, pred
 def test_bundle_without_profile_reports_what_it_cannot_compute(tmp_path, predictor):
     images, _ = split("heldout")
     write_window(predictor, list(images), tmp_path)
-    report = compare_window(tmp_path, None, MonitorParams(), predictor.files["model.onnx"], labels=LABELS, reference_accuracy=0.9)
+    report = compare_window(
+        tmp_path, None, MonitorParams(), predictor.files["model.onnx"], labels=LABELS, reference_accuracy=0.9
+    )
     assert report.window.predictions == len(images) and not report.drift_detected
     assert all(not c.computed and "no usable reference profile" in c.reason for c in report.checks)
 

@@ -49,10 +49,11 @@ class _ServerProcess:
         settings = settings.model_copy(update={"port": port})
         self.process = subprocess.Popen(
             [sys.executable, "-c", _LAUNCH, str(digits_bundle()), settings.model_dump_json()],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
-    def __enter__(self) -> "_ServerProcess":
+    def __enter__(self) -> _ServerProcess:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
@@ -73,8 +74,14 @@ class _ServerProcess:
 def logged_server(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("prediction-log")
     settings = ServeSettings(
-        max_body_bytes=100_000, max_pixels=10_000, batch_timeout_ms=2, model_name="digits", model_version="3",
-        prediction_log_dir=str(log_dir), prediction_log_max_bytes=MAX_BYTES, prediction_log_files=MAX_FILES,
+        max_body_bytes=100_000,
+        max_pixels=10_000,
+        batch_timeout_ms=2,
+        model_name="digits",
+        model_version="3",
+        prediction_log_dir=str(log_dir),
+        prediction_log_max_bytes=MAX_BYTES,
+        prediction_log_files=MAX_FILES,
     )
     with _ServerProcess(settings) as live:
         yield live, log_dir
@@ -126,9 +133,11 @@ def test_failed_requests_are_counted_and_logged_without_content(logged_server):
         assert client.post("/predict", content=_png(big), headers={"content-type": "image/png"}).status_code == 413
         assert client.post("/predict", content=b"", headers={"content-type": "image/png"}).status_code == 400
         after = _metrics(client)
+
     def delta(kind: str) -> float:
         key = ("visionflow_errors_total", (("kind", kind),))
         return after.get(key, 0) - before.get(key, 0)
+
     assert delta("bad_input") == 2 and delta("too_large") == 1
     assert after[("process_resident_memory_bytes", ())] > 10_000_000
     assert after[("process_cpu_seconds_total", ())] > 0
@@ -143,7 +152,9 @@ def test_images_are_stored_only_when_enabled(tmp_path):
     settings = ServeSettings(prediction_log_dir=str(tmp_path), store_images=True)
     image = split("heldout")[0][0]
     with _LiveServer(create_app(digits_bundle(), settings)) as live:
-        response = httpx.post(live.url + "/predict", content=_png(image), headers={"content-type": "image/png"}, timeout=30)
+        response = httpx.post(
+            live.url + "/predict", content=_png(image), headers={"content-type": "image/png"}, timeout=30
+        )
     assert response.status_code == 200
     (record,) = read_prediction_log(tmp_path).records
     assert record["id"] == response.json()["ids"][0]

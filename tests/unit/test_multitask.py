@@ -55,13 +55,22 @@ def test_multitask_module_trains_every_task():
     targets = torch.stack([y, y % 2, (y >= 2).long()], dim=1)
     loader = DataLoader(TensorDataset(x, targets), batch_size=16)
     module = ClassifierModule(
-        _spec("shared_weights").model_dump(), TrainParams(lr=0.01, warmup_epochs=0).model_dump(), list("abcd"),
+        _spec("shared_weights").model_dump(),
+        TrainParams(lr=0.01, warmup_epochs=0).model_dump(),
+        list("abcd"),
         AugmentParams(mean=[0.5], std=[0.5], image_size=8).model_dump(),
-        task_classes={"parity": ["0", "1"], "big": ["no", "yes"]}, task_weights={"parity": 0.5},
+        task_classes={"parity": ["0", "1"], "big": ["no", "yes"]},
+        task_weights={"parity": 0.5},
     )
     assert module.task_weights == [1.0, 0.5, 1.0]
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader, loader)
     metrics = trainer.callback_metrics
     assert {"val/acc", "val/parity/acc", "val/big/acc", "train/parity/loss"} <= set(metrics)
@@ -73,9 +82,18 @@ def test_multitask_module_trains_every_task():
     [
         (["multitask.mode=shared_features"], "needs at least one extra task"),
         (["multitask.tasks=[parity]"], "multitask.mode is off"),
-        (["multitask.mode=shared_features", "multitask.tasks=[parity]", "model.name=resnet18"], "built for model.name cnn"),
-        (["multitask.mode=shared_weights", "multitask.tasks=[parity]", "train.mixup_p=0.5"], "not available with multitask"),
-        (["multitask.mode=shared_weights", "multitask.tasks=[parity]", "multitask.loss_weights={size: 2}"], "unknown tasks: size"),
+        (
+            ["multitask.mode=shared_features", "multitask.tasks=[parity]", "model.name=resnet18"],
+            "built for model.name cnn",
+        ),
+        (
+            ["multitask.mode=shared_weights", "multitask.tasks=[parity]", "train.mixup_p=0.5"],
+            "not available with multitask",
+        ),
+        (
+            ["multitask.mode=shared_weights", "multitask.tasks=[parity]", "multitask.loss_weights={size: 2}"],
+            "unknown tasks: size",
+        ),
         (["train.optimizer=gd", "train.class_balance=sampler"], "weighted sampler does not apply"),
     ],
 )

@@ -21,7 +21,9 @@ CNN = ModelSpec(name="cnn", num_classes=3, image_size=16)
 
 
 def _x(spec, n=2):
-    return torch.randn(n, spec.in_channels, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(
+        n, spec.in_channels, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0)
+    )
 
 
 @pytest.mark.parametrize("importance,global_pruning", [("l2", False), ("l1", True), ("random", False)])

@@ -111,7 +111,13 @@ def test_many_classes(tmp_path):
     preds = (targets + (torch.arange(100) % 7 == 0).long()) % 50
     paths = _images(tmp_path / "images", 100)
     report = write_report(
-        torch.randn(100, 50) + _logits(preds, 50), targets, classes, paths, tmp_path / "out", EvaluateParams(), channels=3
+        torch.randn(100, 50) + _logits(preds, 50),
+        targets,
+        classes,
+        paths,
+        tmp_path / "out",
+        EvaluateParams(),
+        channels=3,
     )
     _assert_png(report.confusion_png_path)
     with Image.open(report.confusion_png_path) as im:

@@ -27,8 +27,14 @@ from tests.unit.bad_images import png_with_declared_size
 from tests.unit.test_bundle import LABELS, preprocess_16, tiny_onnx_model
 
 SETTINGS = ServeSettings(
-    max_body_bytes=300_000, max_pixels=1_000_000, max_images=4, top_k=3, max_batch=32, batch_timeout_ms=50,
-    model_name="shapes", model_version="7",
+    max_body_bytes=300_000,
+    max_pixels=1_000_000,
+    max_images=4,
+    top_k=3,
+    max_batch=32,
+    batch_timeout_ms=50,
+    model_name="shapes",
+    model_version="7",
 )
 
 
@@ -64,7 +70,7 @@ class _LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "_LiveServer":
+    def __enter__(self) -> _LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -131,7 +137,9 @@ def test_predict_raw_png(client):
     assert body["model"] == {"name": "shapes", "version": "7"}
     assert len(body["predictions"]) == 1
     _check_predictions(body["predictions"][0], 3)
-    octet = client.post("/predict?top_k=2", content=_png(_image(1)), headers={"Content-Type": "application/octet-stream"})
+    octet = client.post(
+        "/predict?top_k=2", content=_png(_image(1)), headers={"Content-Type": "application/octet-stream"}
+    )
     assert octet.status_code == 200
     _check_predictions(octet.json()["predictions"][0], 2)
     assert octet.json()["predictions"][0] == body["predictions"][0][:2]
@@ -164,7 +172,9 @@ def test_predictor_matches_training_eval_transform(bundle, client):
         logits = session.run(None, {"image": expected_input})[0][:, : len(LABELS)]
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         expected = exp / exp.sum(axis=1, keepdims=True)
-        np.testing.assert_allclose(predictor.probabilities(predictor.preprocess_image(image)[None]), expected, atol=1e-4)
+        np.testing.assert_allclose(
+            predictor.probabilities(predictor.preprocess_image(image)[None]), expected, atol=1e-4
+        )
         top = predictor.predict([image], top_k=3)[0]
         for entry in top:
             assert entry["probability"] == pytest.approx(expected[0, LABELS.index(entry["label"])], abs=1e-4)
@@ -206,9 +216,19 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(client, caplog):
         ("declared 2000x2000", 413, "too_large", dict(content=png_with_declared_size(2000, 2000), headers=raw)),
         ("body over limit", 413, "too_large", dict(content=b"\x89PNG" + b"\0" * 400_000, headers=raw)),
         ("chunked body over limit", 413, "too_large", dict(content=chunked(b"\0" * 400_000), headers=raw)),
-        ("too many images", 413, "too_large", dict(files=[("files", (f"{i}.png", png, "image/png")) for i in range(5)])),
+        (
+            "too many images",
+            413,
+            "too_large",
+            dict(files=[("files", (f"{i}.png", png, "image/png")) for i in range(5)]),
+        ),
         ("empty file part", 400, "bad_input", dict(files={"file": ("a.png", b"", "image/png")})),
-        ("one bad part", 400, "bad_input", dict(files=[("files", ("a.png", png, "image/png")), ("files", ("b.png", b"junk", "image/png"))])),
+        (
+            "one bad part",
+            400,
+            "bad_input",
+            dict(files=[("files", ("a.png", png, "image/png")), ("files", ("b.png", b"junk", "image/png"))]),
+        ),
         ("wrong field", 400, "bad_input", dict(files={"image": ("a.png", png, "image/png")})),
         ("unsupported type", 415, "bad_input", dict(content=png, headers={"Content-Type": "text/plain"})),
         ("bad top_k", 400, "bad_input", dict(content=png, headers=raw, params={"top_k": "many"})),
@@ -268,7 +288,9 @@ def test_concurrent_requests_are_batched(client):
     after = _metrics(client)
     batches = after[("visionflow_batch_size_count", ())] - before.get(("visionflow_batch_size_count", ()), 0)
     images_run = after[("visionflow_batch_size_sum", ())] - before.get(("visionflow_batch_size_sum", ()), 0)
-    singles = after[("visionflow_batch_size_bucket", (("le", "1.0"),))] - before.get(("visionflow_batch_size_bucket", (("le", "1.0"),)), 0)
+    singles = after[("visionflow_batch_size_bucket", (("le", "1.0"),))] - before.get(
+        ("visionflow_batch_size_bucket", (("le", "1.0"),)), 0
+    )
     assert images_run == 20
     assert batches < 20 and singles < batches, "no batch held more than one image"
 
@@ -313,7 +335,9 @@ def _load(client: httpx.Client, pngs: list[bytes], clients: int, total: int):
             barrier.wait()
             for n in range(index, total, clients):
                 response = own.post("/predict", content=pngs[n % len(pngs)], headers={"Content-Type": "image/png"})
-                answers.append((n, response.status_code, response.json() if response.status_code == 200 else response.text))
+                answers.append(
+                    (n, response.status_code, response.json() if response.status_code == 200 else response.text)
+                )
         return answers
 
     with ThreadPoolExecutor(max_workers=clients) as pool:

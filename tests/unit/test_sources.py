@@ -40,14 +40,20 @@ def test_image_folder(tmp_path):
     _png(root / "loose.png")  # not in a class folder
     items = resolve_source(str(root), tmp_path / "cache")
     assert [Path(i.path).relative_to(root).as_posix() for i in items] == [
-        "a/0.png", "a/1.png", "a/2.png", "a/nested/deep.PNG", "b/0.png", "b/1.png", "b/2.png",
+        "a/0.png",
+        "a/1.png",
+        "a/2.png",
+        "a/nested/deep.PNG",
+        "b/0.png",
+        "b/1.png",
+        "b/2.png",
     ]
     assert [i.label for i in items] == ["a"] * 4 + ["b"] * 3
     assert all(Path(i.path).is_absolute() and i.split is None and i.extra_labels == {} for i in items)
 
 
 def test_split_folders_are_honoured(tmp_path):
-    for split, folder in (("train", "train"), ("val", "Valid"), ("test", "test")):
+    for _split, folder in (("train", "train"), ("val", "Valid"), ("test", "test")):
         _folder(tmp_path / "data" / folder, per_class=2)
     items = resolve_source(str(tmp_path / "data"), tmp_path / "cache")
     assert sorted({i.split for i in items}) == ["test", "train", "val"]
@@ -209,7 +215,9 @@ def test_torchvision_offline_gives_one_line_error(tmp_path):
 
 
 def test_torchvision_unknown_name(tmp_path):
-    with pytest.raises(DataError, match="supported are torchvision:CIFAR10, torchvision:FashionMNIST, torchvision:MNIST"):
+    with pytest.raises(
+        DataError, match="supported are torchvision:CIFAR10, torchvision:FashionMNIST, torchvision:MNIST"
+    ):
         resolve_source("torchvision:ImageNet", tmp_path / "cache")
 
 

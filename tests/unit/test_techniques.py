@@ -33,8 +33,15 @@ def _loader(n=48, batch_size=16, channels=1, size=8, seed=0):
 
 def _fit(module, epochs=2, loader=None, **trainer_kwargs):
     loader = loader or _loader()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, loader, loader)
     return trainer
 
@@ -53,7 +60,9 @@ def test_l1_is_in_the_logged_loss_and_shrinks_the_weights():
     metrics = trainer.callback_metrics
     assert metrics["train/l1"] > 0
     # loss = ce + l1 * penalty, logged as such (epoch means of the same steps)
-    assert float(metrics["train/loss"]) == pytest.approx(float(metrics["train/ce"]) + 1e-3 * float(metrics["train/l1"]), rel=1e-3)
+    assert float(metrics["train/loss"]) == pytest.approx(
+        float(metrics["train/ce"]) + 1e-3 * float(metrics["train/l1"]), rel=1e-3
+    )
     assert _weight_norm(penalised) < _weight_norm(plain)
 
 
@@ -106,7 +115,7 @@ def test_weight_decay_shrinks_weights_with_zero_gradient(optimizer, cls):
     for p in module.model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
-    assert all(float(p.detach().abs().sum()) < b for p, b in zip(weights, before))
+    assert all(float(p.detach().abs().sum()) < b for p, b in zip(weights, before, strict=False))
 
 
 def test_mixup_and_cutmix_change_the_targets():
@@ -174,8 +183,15 @@ def test_every_family_learns_exports_to_onnx_and_matches(name):
     assert losses[-1] < losses[0]
     model = module.model.eval()
     buffer = io.BytesIO()
-    torch.onnx.export(model, (x[:2],), buffer, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(
+        model,
+        (x[:2],),
+        buffer,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}},
+        dynamo=False,
+    )
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = model(x[:5]).numpy()
