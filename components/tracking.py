@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ STAGE_TAG = "visionflow.stage"
 RUN_DIR_TAG = "visionflow.run_dir"
 FAILED_STAGE_TAG = "visionflow.failed_stage"
 PARENT_TAG = "mlflow.parentRunId"
+
+
+class RunStatus(StrEnum):
+    """The MLflow run statuses the pipeline sets (members compare equal to MLflow's status strings)."""
+
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
 
 
 def tracking_uri() -> str:
@@ -64,10 +74,10 @@ def start_run(experiment: str, name: str | None, tags: dict[str, str], parent_ru
 
 def reopen_run(run_id: str) -> None:
     """Mark an ended run RUNNING again (resume re-attaches to the same run)."""
-    client().update_run(run_id, status="RUNNING")
+    client().update_run(run_id, status=RunStatus.RUNNING)
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
+def end_run(run_id: str, status: RunStatus = RunStatus.FINISHED) -> None:
     """End a run with status FINISHED, FAILED or KILLED."""
     client().set_terminated(run_id, status=status)
 
