@@ -72,7 +72,7 @@ def evaluate_flow(
         {"accuracy": f"{evaluation.metrics['accuracy']:.4f}", "macro F1": f"{evaluation.metrics['macro_f1']:.4f}"},
         tracking.run_link(run_id),
     )
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     return EvaluationResult(
         run_id=run_id,
         run_dir=str(run_dir),

@@ -105,9 +105,10 @@ def drift_task(
         tracking.log_metrics(run_id, report.metrics())
         tracking.log_artifacts(run_id, [files.markdown_path, files.html_path, files.json_path, *files.plots], "drift")
     except BaseException as err:
-        tracking.end_run(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        killed = isinstance(err, KeyboardInterrupt)
+        tracking.end_run(run_id, tracking.RunStatus.KILLED if killed else tracking.RunStatus.FAILED)
         raise
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     create_markdown_artifact(
         key="drift-report",
         markdown=drift_markdown(report)

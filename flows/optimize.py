@@ -66,7 +66,7 @@ def _variant_run(parent_run_id: str, experiment: str, name: str, params: dict):
     except BaseException as err:
         tracking.end_run(run_id, end_status(err))
         raise
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
 
 
 def _measured(
@@ -400,7 +400,7 @@ def optimize_flow(
         if isinstance(err, ValueError):
             raise StageError("optimize", str(err)) from err
         raise
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     return result
 
 

@@ -266,7 +266,7 @@ def package_flow(source_run_id: str, overrides: list[str] | None = None) -> Pack
         if isinstance(err, VisionflowError) and not isinstance(err, StageError):
             raise StageError("package", str(err)) from err
         raise
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     return result
 
 

@@ -211,5 +211,5 @@ def pipeline(
         },
         tracking.run_link(run_id),
     )
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     return result

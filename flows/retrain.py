@@ -65,7 +65,7 @@ def _record(result: RetrainResult, params: PipelineParams) -> None:
                 "visionflow.data_fingerprint": result.data_fingerprint or "",
             },
         )
-        tracking.end_run(run_id, "FINISHED")
+        tracking.end_run(run_id, tracking.RunStatus.FINISHED)
         result.run_id = run_id
     publish_summary(
         "retrain-decision",

@@ -35,9 +35,10 @@ from components.evaluation.report import EvalReport
 from components.training.fit import FitResult, FitSpec
 
 
-def end_status(error: BaseException) -> str:
+def end_status(error: BaseException) -> tracking.RunStatus:
     """The MLflow status a run ends with after `error`: KILLED for Ctrl-C / SIGTERM, else FAILED."""
-    return "KILLED" if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
+    killed = isinstance(error, (KeyboardInterrupt, TerminationSignal))
+    return tracking.RunStatus.KILLED if killed else tracking.RunStatus.FAILED
 
 
 class TrainedModel(BaseModel):
@@ -267,11 +268,11 @@ def train_task(
         tracking.end_run(run_id, end_status(err))
         raise
     if not result.best_checkpoint:
-        tracking.end_run(run_id, "FAILED")
+        tracking.end_run(run_id, tracking.RunStatus.FAILED)
         raise TrainingError("training produced no checkpoint (was the validation set empty?)")
     tracking.log_artifacts(run_id, [result.best_checkpoint], "checkpoints")
     tracking.log_metrics(run_id, {"best_val_acc": result.best_val_acc or 0.0, "epochs": result.epochs})
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     logger.info("trained %d epochs, best val/acc %.4f", result.epochs, result.best_val_acc or 0.0)
     return TrainedModel(
         checkpoint=result.best_checkpoint,
@@ -322,7 +323,7 @@ def evaluate_task(
     except BaseException as err:
         tracking.end_run(run_id, end_status(err))
         raise
-    tracking.end_run(run_id, "FINISHED")
+    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])
     return report, run_id
 
