@@ -5,8 +5,12 @@ artifacts, data set inputs. Every MLflow call of the pipeline goes through here 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -80,6 +84,77 @@ def reopen_run(run_id: str) -> None:
 def end_run(run_id: str, status: RunStatus = RunStatus.FINISHED) -> None:
     """End a run with status FINISHED, FAILED or KILLED."""
     client().set_terminated(run_id, status=status)
+
+
+def ended_status(error: BaseException | None) -> RunStatus:
+    """The status a run ends with: FINISHED without error, FAILED on an exception, KILLED on what is not an
+    Exception (Ctrl-C, SIGTERM turned into KeyboardInterrupt, an orchestrator's termination signal)."""
+    if error is None:
+        return RunStatus.FINISHED
+    return RunStatus.FAILED if isinstance(error, Exception) else RunStatus.KILLED
+
+
+@dataclass
+class ScopedRun:
+    """The run a `run_scope` holds. Set `stage` to the stage now running: if the scope ends in an error,
+    that stage is tagged as the failed one."""
+
+    run_id: str
+    stage: str | None = None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """In the main thread, turn SIGTERM into KeyboardInterrupt while the block runs (unless a handler is set)."""
+    installed = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+    )
+    if installed:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def run_scope(
+    experiment: str | None = None,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    *,
+    reopen: str | None = None,
+    stage: str | None = None,
+) -> Iterator[ScopedRun]:
+    """The one owner of an MLflow run's life: start it (or `reopen` an ended one) with `tags`, nested under
+    `parent_run_id`; end it FINISHED when the block returns, FAILED on an exception and KILLED on Ctrl-C or
+    SIGTERM, tagging the failed stage and the error first. The error is re-raised unchanged."""
+    if reopen:
+        reopen_run(reopen)
+        if tags:
+            set_tags(reopen, tags)
+        run = ScopedRun(reopen, stage)
+    else:
+        run = ScopedRun(start_run(experiment or "Default", name, tags or {}, parent_run_id), stage)
+    with _sigterm_as_interrupt():
+        try:
+            yield run
+        except BaseException as err:
+            try:
+                failure = {"visionflow.error": (str(err) or type(err).__name__)[:500]}
+                if run.stage:
+                    failure[FAILED_STAGE_TAG] = run.stage
+                set_tags(run.run_id, failure)
+            finally:
+                end_run(run.run_id, ended_status(err))
+            raise
+        end_run(run.run_id, RunStatus.FINISHED)
 
 
 def get_run(run_id: str):
