@@ -5,6 +5,7 @@ import torch
 
 from components.errors import VisionflowError
 from components.models import MODELS, ModelSpec, build_model
+from tests.network import reachable
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -31,6 +32,8 @@ def test_unknown_model_and_bad_size():
 
 
 def test_pretrained_weights_offline_is_one_clear_line(monkeypatch, tmp_path):
+    if reachable("https://download.pytorch.org"):
+        pytest.skip("torchvision's weights server answers: the offline error cannot happen here")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: a download is attempted and fails offline
     with pytest.raises(VisionflowError) as info:
         build_model(ModelSpec(name="mobilenet_v3_small", num_classes=2, pretrained=True))
