@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from components import tracking
 from components.config import DataParams, EvaluateParams
 from components.training.module import load_classifier
-from flows.tasks import end_status, evaluate_task, ingest_task, publish_summary, validate_task
+from flows.tasks import evaluate_task, ingest_task, publish_summary, validate_task
 
 
 class EvaluationResult(BaseModel):
@@ -40,15 +40,12 @@ def evaluate_flow(
     Images are converted to the checkpoint's channel count. Returns an EvaluationResult.
     """
     data = data.model_copy(update={"channels": load_classifier(checkpoint).spec.in_channels})
-    run_id = tracking.start_run(
-        experiment,
-        f"evaluate-{Path(data.path).name or data.path}",
-        {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or "")},
-    )
-    run_dir = (Path(output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}").resolve()
-    tracking.set_tags(run_id, {tracking.RUN_DIR_TAG: str(run_dir)})
-    tracking.log_params(run_id, {"checkpoint": checkpoint, "data.path": data.path, "split": split})
-    try:
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or "")}
+    with tracking.run_scope(experiment, f"evaluate-{Path(data.path).name or data.path}", tags) as run:
+        run_id = run.run_id
+        run_dir = (Path(output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}").resolve()
+        tracking.set_tags(run_id, {tracking.RUN_DIR_TAG: str(run_dir)})
+        tracking.log_params(run_id, {"checkpoint": checkpoint, "data.path": data.path, "split": split})
         snapshot = ingest_task(data, cache_dir)
         report = validate_task(snapshot, data, str(run_dir), run_id)
         evaluation, _ = evaluate_task(
@@ -61,18 +58,14 @@ def evaluate_flow(
             experiment,
             run_id,
         )
-    except BaseException as err:
-        tracking.end_run(run_id, end_status(err))
-        raise
-    metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
-    tracking.log_metrics(run_id, metrics)
-    publish_summary(
-        "evaluation-summary",
-        f"evaluation of {Path(checkpoint).name} on {data.path}",
-        {"accuracy": f"{evaluation.metrics['accuracy']:.4f}", "macro F1": f"{evaluation.metrics['macro_f1']:.4f}"},
-        tracking.run_link(run_id),
-    )
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
+        metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
+        tracking.log_metrics(run_id, metrics)
+        publish_summary(
+            "evaluation-summary",
+            f"evaluation of {Path(checkpoint).name} on {data.path}",
+            {"accuracy": f"{evaluation.metrics['accuracy']:.4f}", "macro F1": f"{evaluation.metrics['macro_f1']:.4f}"},
+            tracking.run_link(run_id),
+        )
     return EvaluationResult(
         run_id=run_id,
         run_dir=str(run_dir),

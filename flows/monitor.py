@@ -81,17 +81,14 @@ def drift_task(
     )
     for note in report.notes:
         logger.warning(note)
-    run_id = tracking.start_run(
-        params.run.experiment,
-        MONITOR_STAGE,
-        {
-            tracking.STAGE_TAG: MONITOR_STAGE,
-            "visionflow.model_name": params.package.model_name,
-            "visionflow.model_sha256": report.model_sha256 or "",
-            "visionflow.drift": str(report.drift_detected).lower(),
-        },
-    )
-    try:
+    tags = {
+        tracking.STAGE_TAG: MONITOR_STAGE,
+        "visionflow.model_name": params.package.model_name,
+        "visionflow.model_sha256": report.model_sha256 or "",
+        "visionflow.drift": str(report.drift_detected).lower(),
+    }
+    with tracking.run_scope(params.run.experiment, MONITOR_STAGE, tags) as run:
+        run_id = run.run_id
         files = write_drift_report(report, Path(out_dir))
         tracking.log_params(
             run_id,
@@ -104,11 +101,6 @@ def drift_task(
         )
         tracking.log_metrics(run_id, report.metrics())
         tracking.log_artifacts(run_id, [files.markdown_path, files.html_path, files.json_path, *files.plots], "drift")
-    except BaseException as err:
-        killed = isinstance(err, KeyboardInterrupt)
-        tracking.end_run(run_id, tracking.RunStatus.KILLED if killed else tracking.RunStatus.FAILED)
-        raise
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     create_markdown_artifact(
         key="drift-report",
         markdown=drift_markdown(report)
@@ -146,8 +138,9 @@ def monitor_flow(
 ) -> MonitorResult:
     """Drift report of a prediction-log window against a bundle's reference profile.
 
-    Writes the report under <run.output_dir>/monitor/<time>-<id>/. Takes the log folder (default monitor.log_dir), the bundle (a folder, a .tar.gz or models:/NAME@ALIAS;
-    default monitor.bundle, else the champion of package.model_name), an optional feedback CSV of id,label
+    Writes the report under <run.output_dir>/monitor/<time>-<id>/. Takes the log folder (default
+    monitor.log_dir), the bundle (a folder, a .tar.gz or models:/NAME@ALIAS; default monitor.bundle,
+    else the champion of package.model_name), an optional feedback CSV of id,label
     (default monitor.feedback) and the params (monitor.* thresholds, run.experiment, package.model_name).
     Emits `visionflow.drift.detected` for resource visionflow.model.<package.model_name> exactly when a
     check drifted. Returns the MonitorResult. Raises VisionflowError when the bundle cannot be found.
@@ -242,5 +235,8 @@ def monitor_deployment(params: PipelineParams, name: str = MONITOR_STAGE):
         schedules=[Cron(params.monitor.cron, timezone=params.monitor.timezone)],
         entrypoint_type=EntrypointType.MODULE_PATH,
         tags=["visionflow"],
-        description="Drift report of the prediction log against the bundle's reference profile; emits visionflow.drift.detected.",
+        description=(
+            "Drift report of the prediction log against the bundle's reference profile; "
+            "emits visionflow.drift.detected."
+        ),
     )
