@@ -332,7 +332,8 @@ def main() -> None:
             f"int8-static batch-32 re-timed interleaved with fp32 ({args.rounds} rounds, "
             f"{found['fp32'].threads} thread(s)): best {ref_best:.2f} → {q_best:.2f} ms = {ref_best / q_best:.2f}×, "
             f"median {ref_median:.2f} → {q_median:.2f} ms = {ref_median / q_median:.2f}× "
-            f"(target ≥ {INT8_SPEEDUP_B32}×: {'PASS' if ref_best / q_best >= INT8_SPEEDUP_B32 else 'MISS'} on the best, "
+            f"(target ≥ {INT8_SPEEDUP_B32}×: "
+            f"{'PASS' if ref_best / q_best >= INT8_SPEEDUP_B32 else 'MISS'} on the best, "
             f"{'PASS' if ref_median / q_median >= INT8_SPEEDUP_B32 else 'MISS'} on the median)",
             highlight=False,
         )

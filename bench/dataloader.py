@@ -178,11 +178,16 @@ def main() -> None:
             rows = make_jpegs(root, args.images, size)
             results = {}
             results["torchvision ImageFolder + v2"] = epochs_per_second(
-                lambda: torchvision_loader(root, size, args.batch_size, workers), args.epochs, args.images
+                lambda root=root, size=size: torchvision_loader(root, size, args.batch_size, workers),
+                args.epochs,
+                args.images,
             )
             plain = visionflow_loader(rows, size, args.batch_size, workers, Path(tmp) / "cache", cache=False)
             results["visionflow, data.cache=false"] = epochs_per_second(
-                plain.train_dataloader, args.epochs, args.images, finish=lambda b: to_device(b, plain.normalize_batch)
+                plain.train_dataloader,
+                args.epochs,
+                args.images,
+                finish=lambda b, plain=plain: to_device(b, plain.normalize_batch),
             )
             cached = visionflow_loader(rows, size, args.batch_size, workers, Path(tmp) / "cache", cache=True)
             results["visionflow (cache built in epoch 1)"] = epochs_per_second(
@@ -190,7 +195,7 @@ def main() -> None:
                 args.epochs,
                 args.images,
                 before_first=cached.prepare_data,
-                finish=lambda b: to_device(b, cached.normalize_batch),
+                finish=lambda b, cached=cached: to_device(b, cached.normalize_batch),
             )
             if not torch.cuda.is_available():
                 uint8 = visionflow_loader(

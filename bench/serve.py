@@ -294,11 +294,12 @@ def main() -> None:
             jobs = [[images[(i * batch + j) % len(images)] for j in range(batch)] for i in range(args.requests)]
             bodies = {id(job): encode_request(job) for job in jobs}
             warm = jobs[: max(args.clients, args.requests // 20)]
-            run_clients(lambda: http_call(url, bodies), warm, args.clients, server_cpu)
+            run_clients(lambda bodies=bodies: http_call(url, bodies), warm, args.clients, server_cpu)
             run_clients(lambda: inprocess_call(predictor, 3), warm, args.clients, time.process_time)
             rounds_http, rounds_local = [], []
             for _ in range(args.repeats):
-                rounds_http.append(run_clients(lambda: http_call(url, bodies), jobs, args.clients, server_cpu))
+                call = lambda bodies=bodies: http_call(url, bodies)  # noqa: E731
+                rounds_http.append(run_clients(call, jobs, args.clients, server_cpu))
                 rounds_local.append(
                     run_clients(lambda: inprocess_call(predictor, 3), jobs, args.clients, time.process_time)
                 )
@@ -310,7 +311,8 @@ def main() -> None:
     table = Table(
         title=(
             f"model server vs onnxruntime in-process: {Predictor(bundle).input_shape} input, {args.clients} clients, "
-            f"median of {args.repeats} rounds of {args.requests} requests, {args.threads} onnxruntime thread(s); {cpu_model()}, "
+            f"median of {args.repeats} rounds of {args.requests} requests, {args.threads} onnxruntime thread(s); "
+            f"{cpu_model()}, "
             f"{os.cpu_count()} CPUs"
         ),
         title_justify="left",

@@ -97,7 +97,10 @@ def main() -> None:
     stage = (train_run.end_time - train_run.start_time) / 1000
 
     table = Table(
-        title=f"train overhead: {params.model.name}, {params.train.max_epochs} epochs, batch {params.train.batch_size}, {os.cpu_count()} CPUs"
+        title=(
+            f"train overhead: {params.model.name}, {params.train.max_epochs} epochs, "
+            f"batch {params.train.batch_size}, {os.cpu_count()} CPUs"
+        )
     )
     for column in ("what", "wall s", "× plain loop"):
         table.add_column(column)

@@ -88,7 +88,8 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def comparison_plot(runs: list[dict[str, Any]], metric: str, path: Path) -> Path:
-    """A horizontal bar chart of `metric` per run (oldest at the top), labelled by the differing params; returns path."""
+    """A horizontal bar chart of `metric` per run (oldest at the top), labelled by the differing params;
+    returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")

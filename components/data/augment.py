@@ -46,8 +46,9 @@ def build_train_transform(params: AugmentParams, normalize: bool = True, seed: i
 
     Steps, each left out when its probability is 0: RandomResizedCrop to image_size (a plain
     Resize when crop_scale_min is 1.0), HorizontalFlip, VerticalFlip, Rotate (constant 0
-    border), ColorJitter, GaussianBlur, CoarseDropout (1-3 holes of 10-25% of each side). On 1-channel images albumentations' ColorJitter applies only
-    brightness and contrast (saturation and hue are no-ops on grayscale), so it is safe there.
+    border), ColorJitter, GaussianBlur, CoarseDropout (1-3 holes of 10-25% of each side). On 1-channel
+    images albumentations' ColorJitter applies only brightness and contrast (saturation and hue are
+    no-ops on grayscale), so it is safe there.
 
     Returns an A.Compose; its output "image" is a float32 CxHxW tensor when normalize is True,
     otherwise an HxWxC uint8 array.

@@ -131,7 +131,8 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         if cache_dir is not None and cache_would_upsample(rows, cache_side):
             print(
-                f"[visionflow] image cache off: some images are smaller than {cache_side}px and would be cached upsampled",
+                f"[visionflow] image cache off: some images are smaller than {cache_side}px "
+                "and would be cached upsampled",
                 flush=True,
             )
             cache_dir = None

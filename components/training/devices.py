@@ -100,7 +100,8 @@ def plan_devices(trainer: TrainerParams) -> DevicePlan:
         raise TrainingError(f"trainer.strategy fsdp needs CUDA GPUs but training would run on {accelerator}; use ddp")
     if trainer.precision == "16-mixed" and accelerator == "cpu":
         raise TrainingError(
-            "trainer.precision 16-mixed needs a GPU (Lightning would silently use bf16 on CPU); use bf16-mixed or 32-true"
+            "trainer.precision 16-mixed needs a GPU (Lightning would silently use bf16 on CPU); "
+            "use bf16-mixed or 32-true"
         )
     if trainer.precision == "bf16-mixed" and accelerator == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainingError("trainer.precision bf16-mixed: this GPU has no bfloat16 support; use 16-mixed")

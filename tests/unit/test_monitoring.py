@@ -117,7 +117,7 @@ def test_bundle_without_profile_still_loads(bundle, tmp_path):
     copy = shutil.copytree(bundle, tmp_path / "old")
     (copy / PROFILE_FILE).unlink()
     sums = copy / CHECKSUMS_FILE
-    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if not l.endswith(PROFILE_FILE)))
+    sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if not line.endswith(PROFILE_FILE)))
     Predictor(copy)
     assert read_reference_profile(copy) is None
 

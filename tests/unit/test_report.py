@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def test_report_files(tmp_path):
     assert report.metrics == pytest.approx(expected["summary"])
     assert report.metrics["accuracy"] == pytest.approx(4 / 6)
 
-    metrics = json.loads(open(report.metrics_path).read())
+    metrics = json.loads(Path(report.metrics_path).read_text())
     assert metrics["summary"] == pytest.approx(expected["summary"])
     assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert metrics["classes"] == CLASSES
