@@ -8,12 +8,16 @@ errors, every field has a default and a description.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.errors import VisionflowError
+
+
+Auto = Literal["auto"]
+AUTO_NOTE = " auto (the default in a pipeline): the plan decides from the data (see `visionflow plan`)."
 
 
 class ParamsError(VisionflowError):
@@ -35,7 +39,9 @@ class DataParams(_Section):
         "'torchvision:FashionMNIST' / 'torchvision:CIFAR10' (downloaded when online).",
     )
     label_column: str = Field("label", description="Label column of a CSV manifest.")
-    channels: Literal[1, 3] = Field(3, description="Channels every image is converted to (1 = L, 3 = RGB).")
+    channels: Literal[1, 3] | Auto = Field(
+        3, description="Channels every image is converted to (1 = L, 3 = RGB)." + AUTO_NOTE
+    )
     val_fraction: float = Field(
         0.15,
         gt=0,
@@ -55,6 +61,27 @@ class DataParams(_Section):
     min_images_per_class: int = Field(
         3, ge=3, description="A class with fewer valid images cannot be split into train/val/test and is refused."
     )
+    archive_max_bytes: int = Field(
+        16 * 1024**3,
+        gt=0,
+        description="An archive given as data.path may unpack to at most this many bytes (checked on its headers "
+        "before extraction and on the bytes written during it); a bigger one is refused and nothing is kept. "
+        "Larger data sets belong in a folder.",
+    )
+    archive_max_members: int = Field(
+        1_000_000, gt=0, description="An archive given as data.path may hold at most this many files and folders."
+    )
+    archive_max_ratio: float = Field(
+        200.0,
+        ge=0,
+        description="An archive may unpack to at most this many times its own size once more than 16 MiB are "
+        "written (images barely compress; zip and gzip bombs expand about 1000 times). 0 turns the check off.",
+    )
+    label_conflicts: Literal["quarantine", "keep"] = Field(
+        "quarantine",
+        description="The same file content under two classes: quarantine every copy (reason 'same image labelled "
+        "A and B') or keep them all with their labels. Either way they are counted in the validation report.",
+    )
     cache: bool = Field(
         True,
         description="Training decodes each image once into a memory-mapped uint8 cache under run.cache_dir/images "
@@ -73,12 +100,12 @@ class DataParams(_Section):
 class AugmentParams(_Section):
     """Albumentations pipelines: random train transform and deterministic eval transform."""
 
-    image_size: int = Field(32, ge=8, le=1024, description="Side of the square image the model sees.")
-    eval_resize_ratio: float = Field(
+    image_size: Annotated[int, Field(ge=8, le=1024)] | Auto = Field(
+        32, description="Side of the square image the model sees." + AUTO_NOTE
+    )
+    eval_resize_ratio: Annotated[float, Field(ge=1.0, le=2.0)] | Auto = Field(
         1.0,
-        ge=1.0,
-        le=2.0,
-        description="Eval: resize to image_size*ratio, then center-crop image_size (1.0 = plain resize).",
+        description="Eval: resize to image_size*ratio, then center-crop image_size (1.0 = plain resize)." + AUTO_NOTE,
     )
     crop_scale_min: float = Field(
         0.8,
@@ -86,8 +113,9 @@ class AugmentParams(_Section):
         le=1.0,
         description="Train: RandomResizedCrop's smallest area fraction (1.0 turns the random crop off).",
     )
-    hflip_p: float = Field(
-        0.0, ge=0, le=1, description="Train: probability of a horizontal flip (keep 0 for digits and text)."
+    hflip_p: Annotated[float, Field(ge=0, le=1)] | Auto = Field(
+        0.0,
+        description="Train: probability of a horizontal flip (keep 0 for digits and text)." + AUTO_NOTE,
     )
     vflip_p: float = Field(0.0, ge=0, le=1, description="Train: probability of a vertical flip.")
     rotate_limit: float = Field(10.0, ge=0, le=180, description="Train: largest rotation in degrees.")
@@ -99,18 +127,18 @@ class AugmentParams(_Section):
     coarse_dropout_p: float = Field(
         0.0, ge=0, le=1, description="Train: probability of cutting out 1-3 rectangles (coarse dropout)."
     )
-    mean: list[float] = Field(
-        [0.5, 0.5, 0.5], description="Normalization mean per channel (one value per data.channels)."
+    mean: list[float] | Auto = Field(
+        [0.5, 0.5, 0.5], description="Normalization mean per channel (one value per data.channels)." + AUTO_NOTE
     )
-    std: list[float] = Field(
-        [0.5, 0.5, 0.5], description="Normalization std per channel (one value per data.channels)."
+    std: list[float] | Auto = Field(
+        [0.5, 0.5, 0.5], description="Normalization std per channel (one value per data.channels)." + AUTO_NOTE
     )
     preview_images: int = Field(
         16, ge=0, le=64, description="Augmented samples drawn in the preview grid logged to MLflow (0 = none)."
     )
 
 
-TORCHVISION_MODELS = (
+TorchvisionName = Literal[
     "resnet18",
     "resnet34",
     "resnet50",
@@ -118,7 +146,12 @@ TORCHVISION_MODELS = (
     "mobilenet_v3_large",
     "efficientnet_b0",
     "convnext_tiny",
-)
+]
+TORCHVISION_MODELS: tuple[str, ...] = get_args(TorchvisionName)
+# Names the build_model, optimizer and scheduler tables are keyed by (each table covers exactly these).
+ModelName = Literal["cnn", "rnn", "vit", TorchvisionName]
+OptimizerName = Literal["gd", "sgd", "momentum", "adam", "adamw"]
+SchedulerName = Literal["cosine", "step", "onecycle", "none"]
 
 
 class RnnParams(_Section):
@@ -146,16 +179,27 @@ class VitParams(_Section):
 class ModelParams(_Section):
     """The network, built by components.models.build_model."""
 
-    name: Literal["cnn", "rnn", "vit", *TORCHVISION_MODELS] = Field(  # type: ignore[valid-type]
+    name: ModelName | Auto = Field(
         "cnn",
         description="Architecture: cnn (the small CNN: conv32-pool-conv64-pool-dense128), rnn (GRU/LSTM over rows "
-        "or patches), vit (Vision Transformer), or a torchvision model: " + ", ".join(TORCHVISION_MODELS) + ".",
+        "or patches), vit (Vision Transformer), or a torchvision model: " + ", ".join(TORCHVISION_MODELS) + "."
+        + AUTO_NOTE,
     )
-    pretrained: bool = Field(
-        False, description="Load torchvision's ImageNet weights (downloads once; fails with a clear error offline)."
+    pretrained: bool | Auto = Field(
+        False,
+        description="Start from torchvision's ImageNet weights (read from $TORCH_HOME/hub/checkpoints, downloaded "
+        "there once when online; offline without that file: one line naming it). auto: when the weights are in "
+        "that cache and the images are photo-like (see `visionflow plan`).",
+    )
+    weights: str | None = Field(
+        None,
+        description="A local weights file for model.name: a state dict or a torchvision weight file (loaded with "
+        "weights_only=True; the classifier head is replaced for the data's classes). Implies fine-tuning.",
     )
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before the classifier.")
-    width: float = Field(1.0, gt=0, le=4, description="cnn only: scales its 32/64 channels and 128 dense units.")
+    width: Annotated[float, Field(gt=0, le=4)] | Auto = Field(
+        1.0, description="cnn only: scales its 32/64 channels and 128 dense units." + AUTO_NOTE
+    )
     rnn: RnnParams = Field(default_factory=RnnParams, description="Options of the rnn family.")
     vit: VitParams = Field(default_factory=VitParams, description="Options of the vit family.")
 
@@ -169,20 +213,24 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     """Optimisation, regularization and the training loop."""
 
-    max_epochs: int = Field(30, ge=1, description="Upper bound on epochs.")
-    batch_size: int = Field(
-        64, ge=1, description="Batch size per device (with gd: the chunk size gradients are accumulated over)."
+    max_epochs: Annotated[int, Field(ge=1)] | Auto = Field(30, description="Upper bound on epochs." + AUTO_NOTE)
+    batch_size: Annotated[int, Field(ge=1)] | Auto = Field(
+        64,
+        description="Batch size per device (with gd: the chunk size gradients are accumulated over). auto: the plan "
+        "bounds it by the data and the memory; on a GPU Lightning's Tuner then finds the largest batch that fits.",
     )
-    optimizer: Literal["gd", "sgd", "momentum", "adam", "adamw"] = Field(
+    optimizer: OptimizerName = Field(
         "adam",
         description="gd: full-batch gradient descent (one step per epoch, gradients accumulated over the whole "
         "training set); sgd: mini-batch SGD without momentum; momentum: SGD with momentum (see nesterov); "
         "adam: Adam (weight_decay is an L2 term); adamw: Adam with decoupled weight decay.",
     )
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    lr: Annotated[float, Field(gt=0)] | Auto = Field(
+        2e-3, description="Peak learning rate. auto: found by Lightning's learning-rate finder in the training process."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the momentum optimizer.")
     nesterov: bool = Field(False, description="Nesterov momentum (momentum optimizer).")
-    scheduler: Literal["cosine", "step", "onecycle", "none"] = Field(
+    scheduler: SchedulerName = Field(
         "cosine",
         description="Learning-rate schedule after the warm-up: cosine decay, step decay, one-cycle, or constant.",
     )
@@ -206,12 +254,29 @@ class TrainParams(_Section):
         lt=1,
         description="Exponential moving average of the weights, evaluated beside the raw weights as val/acc_ema (0 = off).",
     )
-    class_balance: Literal["none", "loss", "sampler"] = Field(
+    class_balance: Literal["none", "loss", "sampler"] | Auto = Field(
         "none",
-        description="Class imbalance: none, loss (inverse-frequency class weights) or sampler (weighted random sampler).",
+        description="Class imbalance: none, loss (inverse-frequency class weights) or sampler (weighted random "
+        "sampler)." + AUTO_NOTE,
     )
-    early_stopping_patience: int = Field(
-        8, ge=0, description="Epochs without val accuracy improvement before stopping (0 = off)."
+    early_stopping_patience: Annotated[int, Field(ge=0)] | Auto = Field(
+        8, description="Epochs without val accuracy improvement before stopping (0 = off)." + AUTO_NOTE
+    )
+    freeze_backbone_epochs: Annotated[int, Field(ge=0)] | Auto = Field(
+        0,
+        description="Fine-tuning: epochs that train the new classifier head alone before the backbone is unfrozen "
+        "(Lightning's BaseFinetuning)." + AUTO_NOTE,
+    )
+    backbone_lr_mult: Annotated[float, Field(gt=0, le=1)] | Auto = Field(
+        1.0, description="Fine-tuning: the backbone's learning rate is train.lr times this." + AUTO_NOTE
+    )
+    find: list[Literal["batch_size", "lr"]] = Field(
+        default_factory=list,
+        description="Set by the plan from auto values: what Lightning's Tuner finds in the training process "
+        "(batch_size: scale_batch_size from train.batch_size up to batch_size_max; lr: lr_find).",
+    )
+    batch_size_max: int = Field(
+        8192, ge=1, description="The largest batch size the Tuner may pick (set by the plan from the data)."
     )
     seed: int = Field(7, description="Seed for weights, shuffling and augmentation.")
     num_workers: int | Literal["auto"] = Field(
@@ -313,7 +378,7 @@ class DistillParams(_Section):
     """Knowledge distillation of the trained model (the teacher) into a smaller student."""
 
     enabled: bool = Field(False, description="Train a student with the Hinton loss from the pipeline's trained model.")
-    student: Literal["cnn", "rnn", "vit", *TORCHVISION_MODELS] = Field("cnn", description="Student architecture.")  # type: ignore[valid-type]
+    student: ModelName = Field("cnn", description="Student architecture.")
     student_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout of the student.")
     student_width: float = Field(
         0.25, gt=0, le=4, description="Width multiplier of a cnn student (0.25: a quarter of the channels)."
@@ -496,6 +561,23 @@ class MonitorParams(_Section):
     timezone: TimeZone = Field("UTC", description="IANA time zone of the monitor's cron schedule.")
 
 
+# Fields that are `auto` by default in a pipeline's params (decided by components.planning from the data); a
+# section built on its own keeps the concrete default written in its field.
+AUTO_FIELDS: dict[str, tuple[str, ...]] = {
+    "data": ("channels",),
+    "augment": ("image_size", "eval_resize_ratio", "hflip_p", "mean", "std"),
+    "model": ("name", "width", "pretrained"),
+    "train": (
+        "max_epochs",
+        "batch_size",
+        "early_stopping_patience",
+        "class_balance",
+        "freeze_backbone_epochs",
+        "backbone_lr_mult",
+    ),
+}
+
+
 class PipelineParams(_Section):
     """All parameters of one pipeline run."""
 
@@ -518,9 +600,24 @@ class PipelineParams(_Section):
         default_factory=MonitorParams, description="Drift monitoring of the served model (visionflow monitor)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_by_default(cls, raw: Any) -> Any:
+        """In a pipeline, the fields of AUTO_FIELDS that the input does not set are `auto` (the plan decides them);
+        a section given as a model object keeps its own values."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for section, names in AUTO_FIELDS.items():
+            given = raw.get(section, {})
+            if not isinstance(given, dict):
+                continue
+            raw[section] = {**{name: "auto" for name in names}, **given}
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> PipelineParams:
-        size = self.augment.image_size
+        size = self.augment.image_size if isinstance(self.augment.image_size, int) else 0
         if self.model.name == "vit" and size % self.model.vit.patch_size:
             raise ValueError(
                 f"model.vit.patch_size {self.model.vit.patch_size} does not divide augment.image_size {size}"
@@ -549,18 +646,33 @@ class PipelineParams(_Section):
             raise ValueError(f"augment.image_size must be a multiple of 4 for the cnn (got {size})")
         for name in ("mean", "std"):
             values = getattr(self.augment, name)
-            if len(values) != self.data.channels:
+            if values != "auto" and self.data.channels != "auto" and len(values) != self.data.channels:
                 raise ValueError(f"augment.{name} has {len(values)} values but data.channels is {self.data.channels}")
         return self
 
 
+def unresolved_fields(params: PipelineParams) -> list[str]:
+    """The dotted names of params still set to `auto` among AUTO_FIELDS (empty once a plan resolved them)."""
+    return [
+        f"{section}.{name}"
+        for section, names in AUTO_FIELDS.items()
+        for name in names
+        if getattr(getattr(params, section), name) == "auto"
+    ]
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"])
+    # Union members (int | "auto") add their type tag to the location: keep the field names only.
+    field = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown parameter"
     return f"invalid parameter {field}: {message}" if field else f"invalid parameters: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-") or part in {"int", "float", "bool", "str"})
 
 
 def _parse_value(text: str) -> Any:

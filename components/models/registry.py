@@ -13,7 +13,7 @@ import torchvision
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from components.config import TORCHVISION_MODELS, RnnParams, VitParams
+from components.config import TORCHVISION_MODELS, ModelName, RnnParams, VitParams
 from components.errors import VisionflowError
 from components.models.cnn import small_cnn, small_cnn_stages
 from components.models.multitask import CrossStitchNet, SharedBackbone, detach_head
@@ -65,22 +65,31 @@ def _replace_last_linear(head: nn.Sequential, num_classes: int) -> None:
     head[index] = nn.Linear(head[index].in_features, num_classes)
 
 
-def _torchvision(spec: ModelSpec) -> nn.Module:
-    weights = torchvision.models.get_model_weights(spec.name).DEFAULT if spec.pretrained else None
-    family = spec.name.split("_")[0].rstrip("0123456789")
-    if family == "resnet":
-        model = torchvision.models.get_model(spec.name, weights=weights)
-        model.conv1 = _adapt_first_conv(model.conv1, spec.in_channels)
-        model.fc = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(model.fc.in_features, spec.num_classes))
-    elif family in ("mobilenet", "efficientnet"):
-        model = torchvision.models.get_model(spec.name, weights=weights, dropout=spec.dropout)
-        model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
-        _replace_last_linear(model.classifier, spec.num_classes)
-    else:  # convnext
-        model = torchvision.models.get_model(spec.name, weights=weights)
-        model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
-        model.classifier.insert(len(model.classifier) - 1, nn.Dropout(spec.dropout))
-        _replace_last_linear(model.classifier, spec.num_classes)
+def _torchvision_weights(spec: ModelSpec):
+    """torchvision's default (ImageNet) weights of spec.name when spec.pretrained, else None."""
+    return torchvision.models.get_model_weights(spec.name).DEFAULT if spec.pretrained else None
+
+
+def _resnet(spec: ModelSpec) -> nn.Module:
+    model = torchvision.models.get_model(spec.name, weights=_torchvision_weights(spec))
+    model.conv1 = _adapt_first_conv(model.conv1, spec.in_channels)
+    model.fc = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(model.fc.in_features, spec.num_classes))
+    return model
+
+
+def _mobilenet(spec: ModelSpec) -> nn.Module:
+    """MobileNet and EfficientNet: the builder takes the dropout of their classifier head."""
+    model = torchvision.models.get_model(spec.name, weights=_torchvision_weights(spec), dropout=spec.dropout)
+    model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
+    _replace_last_linear(model.classifier, spec.num_classes)
+    return model
+
+
+def _convnext(spec: ModelSpec) -> nn.Module:
+    model = torchvision.models.get_model(spec.name, weights=_torchvision_weights(spec))
+    model.features[0][0] = _adapt_first_conv(model.features[0][0], spec.in_channels)
+    model.classifier.insert(len(model.classifier) - 1, nn.Dropout(spec.dropout))
+    _replace_last_linear(model.classifier, spec.num_classes)
     return model
 
 
@@ -110,11 +119,18 @@ def _vit(spec: ModelSpec) -> nn.Module:
     return SmallViT(spec.in_channels, spec.num_classes, spec.image_size, dropout=spec.dropout, **spec.vit.model_dump())
 
 
-MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
+# model.name -> builder: exactly the names config's ModelName allows (a test checks they agree).
+MODELS: dict[ModelName, Callable[[ModelSpec], nn.Module]] = {
     "cnn": _cnn,
     "rnn": _rnn,
     "vit": _vit,
-    **{name: _torchvision for name in TORCHVISION_MODELS},
+    "resnet18": _resnet,
+    "resnet34": _resnet,
+    "resnet50": _resnet,
+    "mobilenet_v3_small": _mobilenet,
+    "mobilenet_v3_large": _mobilenet,
+    "efficientnet_b0": _mobilenet,
+    "convnext_tiny": _convnext,
 }
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -12,13 +16,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from components.config import AugmentParams
-from components.errors import TrainingError
+from components.config import AugmentParams, OptimizerName, SchedulerName
+from components.errors import CheckpointError, TrainingError
 from components.models import ModelSpec, build_model
 from components.models.multitask import split_logits
 
 
-def warmup_then(total_steps: int, warmup_steps: int, after) -> callable:
+def warmup_then(total_steps: int, warmup_steps: int, after: Callable[[float], float]) -> Callable[[int], float]:
     """A LambdaLR factor: linear warm-up over `warmup_steps`, then `after(progress in [0, 1])`."""
 
     def factor(step: int) -> float:
@@ -29,9 +33,93 @@ def warmup_then(total_steps: int, warmup_steps: int, after) -> callable:
     return factor
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to 0 at `total_steps` (a LambdaLR factor)."""
     return warmup_then(total_steps, warmup_steps, lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+OptimizerBuilder = Callable[[Iterable[nn.Parameter], dict[str, Any]], torch.optim.Optimizer]
+
+
+def _sgd(params: Iterable[nn.Parameter], o: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=o["lr"], momentum=0.0, weight_decay=o["weight_decay"])
+
+
+def _momentum(params: Iterable[nn.Parameter], o: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=o["lr"], momentum=o["momentum"], nesterov=o.get("nesterov", False), weight_decay=o["weight_decay"]
+    )
+
+
+def _adam(params: Iterable[nn.Parameter], o: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+
+
+def _adamw(params: Iterable[nn.Parameter], o: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+
+
+# train.optimizer -> builder taking the parameters and the TrainParams dict ("gd" is plain SGD on
+# gradients accumulated over the whole training set: the accumulation is the trainer's business).
+OPTIMIZERS: dict[OptimizerName, OptimizerBuilder] = {
+    "gd": _sgd,
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "adam": _adam,
+    "adamw": _adamw,
+}
+
+
+class ScheduleSteps(NamedTuple):
+    """Optimizer steps of a fit: in total, per epoch (may be fractional) and of linear warm-up."""
+
+    total: int
+    per_epoch: float
+    warmup: int
+
+
+SchedulerBuilder = Callable[
+    [torch.optim.Optimizer, dict[str, Any], ScheduleSteps], torch.optim.lr_scheduler.LRScheduler
+]
+
+
+def _cosine(
+    optimizer: torch.optim.Optimizer, o: dict[str, Any], steps: ScheduleSteps
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps.total, steps.warmup))
+
+
+def _step(
+    optimizer: torch.optim.Optimizer, o: dict[str, Any], steps: ScheduleSteps
+) -> torch.optim.lr_scheduler.LRScheduler:
+    decay_steps = steps.per_epoch * o["step_epochs"]
+    span = steps.total - steps.warmup
+
+    def after(progress: float) -> float:
+        return o["step_gamma"] ** int(progress * span / decay_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(steps.total, steps.warmup, after))
+
+
+def _constant(
+    optimizer: torch.optim.Optimizer, o: dict[str, Any], steps: ScheduleSteps
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(steps.total, steps.warmup, lambda p: 1.0))
+
+
+def _onecycle(
+    optimizer: torch.optim.Optimizer, o: dict[str, Any], steps: ScheduleSteps
+) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=o["lr"], total_steps=steps.total)
+
+
+# train.scheduler -> builder of a per-step scheduler (linear warm-up first, except one-cycle's own).
+SCHEDULERS: dict[SchedulerName, SchedulerBuilder] = {
+    "cosine": _cosine,
+    "step": _step,
+    "onecycle": _onecycle,
+    "none": _constant,
+}
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -164,34 +252,11 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        params = self.parameters()
-        if o["optimizer"] in ("gd", "sgd"):
-            optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=0.0, weight_decay=o["weight_decay"])
-        elif o["optimizer"] == "momentum":
-            optimizer = torch.optim.SGD(
-                params,
-                lr=o["lr"],
-                momentum=o["momentum"],
-                nesterov=o.get("nesterov", False),
-                weight_decay=o["weight_decay"],
-            )
-        elif o["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        else:
-            optimizer = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        optimizer = OPTIMIZERS[o["optimizer"]](self.parameters(), o)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total / max(1, self.trainer.max_epochs)
-        warmup = int(steps_per_epoch * o["warmup_epochs"])
-        schedule = o.get("scheduler", "cosine")
-        if schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=o["lr"], total_steps=total)
-        else:
-            after = {
-                "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
-                "step": lambda p: o["step_gamma"] ** int(p * (total - warmup) / (steps_per_epoch * o["step_epochs"])),
-                "none": lambda p: 1.0,
-            }[schedule]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(total, warmup, after))
+        per_epoch = total / max(1, self.trainer.max_epochs)
+        steps = ScheduleSteps(total, per_epoch, int(per_epoch * o["warmup_epochs"]))
+        scheduler = SCHEDULERS[o.get("scheduler", "cosine")](optimizer, o, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -205,20 +270,54 @@ class Classifier(NamedTuple):
     task_classes: dict[str, list[str]]
 
 
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a Lightning checkpoint; CheckpointError (one line) for anything else."""
+
+    def refuse(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a visionflow checkpoint ({reason})")
+
+    file = Path(path)
+    if not file.is_file():
+        raise refuse("a directory" if file.is_dir() else "no such file")
+    if file.stat().st_size == 0:
+        raise refuse("empty file")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not found:
+            raise refuse(f"not a PyTorch file: {type(err).__name__}") from None
+        safe_loader = "the safe loader, torch.load(weights_only=True), refuses"
+        raise refuse(f"it holds a Python object, {found.group(1)}, that {safe_loader}") from None
+    except OSError as err:
+        raise refuse(f"cannot read it: {err.strerror or err}") from None
+    except Exception as err:  # the unpickler's KeyError / IndexError / EOFError, the zip reader's RuntimeError
+        raise refuse(f"not a PyTorch file: {type(err).__name__}") from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "spec" not in hparams or "classes" not in hparams:
+        kind = "a Lightning checkpoint" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise refuse(f"{kind} without a visionflow model spec and classes")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise refuse("no state_dict")
+    return ckpt
+
+
 def load_classifier(checkpoint_path: str) -> Classifier:
-    """Load a visionflow checkpoint safely (weights_only=True); returns a Classifier in eval mode."""
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    hparams = ckpt.get("hyper_parameters") or {}
-    if "spec" not in hparams or "classes" not in hparams:
-        raise TrainingError(f"{checkpoint_path} is not a visionflow checkpoint (no model spec inside)")
-    spec = ModelSpec(**hparams["spec"])
-    model = build_model(spec.model_copy(update={"pretrained": False}))
+    """Load a visionflow checkpoint safely (weights_only=True); returns a Classifier in eval mode.
+
+    Raises CheckpointError, one line naming the file and why, for a file that is not one (missing, empty,
+    text, another PyTorch file, weights that do not fit the spec inside)."""
+    ckpt = _read_checkpoint(checkpoint_path)
+    hparams = ckpt["hyper_parameters"]
     prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    return Classifier(
-        model.eval(),
-        spec,
-        list(hparams["classes"]),
-        AugmentParams(**hparams["augment"]),
-        dict(hparams.get("task_classes") or {}),
-    )
+    try:
+        spec = ModelSpec(**hparams["spec"])
+        model = build_model(spec.model_copy(update={"pretrained": False}))
+        model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+        augment = AugmentParams(**hparams["augment"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(
+            f"{checkpoint_path} is not a visionflow checkpoint (its model spec and weights do not fit: {first})"
+        ) from None
+    return Classifier(model.eval(), spec, list(hparams["classes"]), augment, dict(hparams.get("task_classes") or {}))

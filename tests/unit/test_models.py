@@ -1,11 +1,18 @@
 """build_model: every architecture, both channel counts, clear errors."""
 
+from typing import get_args
+
 import pytest
 import torch
 
+from components.config import ModelName
 from components.errors import VisionflowError
 from components.models import MODELS, ModelSpec, build_model
 from tests.network import reachable
+
+
+def test_model_table_covers_exactly_the_config_names():
+    assert set(MODELS) == set(get_args(ModelName))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import get_args
 
 import lightning as L
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from components.config import AugmentParams, TrainParams, load_params
+from components.config import AugmentParams, OptimizerName, SchedulerName, TrainParams, load_params
 from components.models import MODELS, ModelSpec, build_model
-from components.training.module import ClassifierModule, l1_penalty
+from components.training.module import OPTIMIZERS, SCHEDULERS, ClassifierModule, l1_penalty, warmup_cosine
 
 SPEC = {"name": "cnn", "num_classes": 3, "in_channels": 1, "image_size": 8, "dropout": 0.0, "mean": [0.5], "std": [0.5]}
 AUGMENT = AugmentParams(mean=[0.5], std=[0.5], image_size=8).model_dump()
@@ -158,6 +159,29 @@ def test_schedules_change_the_learning_rate(schedule):
     trainer = _fit(module, epochs=3)
     final = trainer.optimizers[0].param_groups[0]["lr"]
     assert final < 0.1
+
+
+def test_optimizer_and_scheduler_tables_cover_exactly_the_config_names():
+    assert set(OPTIMIZERS) == set(get_args(OptimizerName))
+    assert set(SCHEDULERS) == set(get_args(SchedulerName))
+
+
+class _LearningRates(L.Callback):
+    """The learning rate each optimizer step uses."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_training_follows_warmup_cosine():
+    # 48 images in batches of 16, 3 epochs: 9 steps, the first 3 of warm-up
+    rates = _LearningRates()
+    _fit(_module(scheduler="cosine", warmup_epochs=1, lr=0.1), epochs=3, callbacks=[rates])
+    factor = warmup_cosine(total_steps=9, warmup_steps=3)
+    assert rates.seen == pytest.approx([0.1 * factor(step) for step in range(9)])
 
 
 FAMILIES = ["cnn", "rnn", "vit", "resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"]
