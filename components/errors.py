@@ -21,6 +21,10 @@ class ImageDecodeError(DataError):
         self.reason = reason
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than allowed (read from its header, before decoding)."""
+
+
 class TrainingError(VisionflowError):
     """Training stopped on a problem the user must fix (non-finite loss, bad device request)."""
 

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.errors import ImageDecodeError
+from components.errors import ImageDecodeError, ImageTooLargeError
 
 # Modes converted straight to RGB by PIL.
 _TO_RGB = {"CMYK", "YCbCr", "HSV", "LAB", "RGBX"}
@@ -104,7 +104,8 @@ def load_image(path: str | os.PathLike, channels: int, max_pixels: int) -> np.nd
     count accepted (checked from the header, before decoding). Returns a HxWxC uint8 array (always
     3-D), EXIF orientation applied, alpha composited on white, 16-bit/float scaled to 8 bits.
     Raises ImageDecodeError(path, reason) with reason one of: "file not found", "empty file",
-    "not an image", "truncated", "corrupt image data", "too many pixels (...)", "unsupported mode X".
+    "not an image", "truncated", "corrupt image data", "too many pixels (...)" (as its subclass
+    ImageTooLargeError), "unsupported mode X".
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -124,11 +125,11 @@ def load_image(path: str | os.PathLike, channels: int, max_pixels: int) -> np.nd
     with img:
         width, height = img.size
         if width * height > max_pixels:
-            raise ImageDecodeError(path, _too_many(width, height, max_pixels))
+            raise ImageTooLargeError(path, _too_many(width, height, max_pixels))
         try:
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageDecodeError(path, _too_many(width, height, max_pixels)) from None
+            raise ImageTooLargeError(path, _too_many(width, height, max_pixels)) from None
         except EOFError:
             raise ImageDecodeError(path, "truncated") from None
         except Exception as err:  # OSError, SyntaxError, ValueError, struct.error ... from decoders

@@ -32,7 +32,7 @@ def decode_image_bytes(data: bytes, channels: int, max_pixels: int) -> np.ndarra
     (checked from the header before decoding). Returns a HxWxC uint8 array (EXIF orientation applied,
     alpha on white, 16-bit scaled, palettes expanded). Raises ImageDecodeError("upload", reason) with
     the reasons of load_image: "empty file", "not an image", "truncated", "corrupt image data",
-    "too many pixels (...)", "unsupported mode X".
+    "too many pixels (...)" (as ImageTooLargeError), "unsupported mode X".
     """
     if not data:
         raise ImageDecodeError(UPLOAD_NAME, "empty file")
@@ -43,8 +43,8 @@ def decode_image_bytes(data: bytes, channels: int, max_pixels: int) -> np.ndarra
             handle.write(data)
         try:
             return load_image(name, channels=channels, max_pixels=max_pixels)
-        except ImageDecodeError as err:  # keep the temp path out of messages and logs
-            raise ImageDecodeError(UPLOAD_NAME, err.reason) from None
+        except ImageDecodeError as err:  # keep the temp path out of messages and logs (and the error's type)
+            raise type(err)(UPLOAD_NAME, err.reason) from None
     finally:
         os.unlink(name)
 
