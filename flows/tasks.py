@@ -80,10 +80,15 @@ def snapshot_dir(data: DataParams, cache_dir: str) -> Path:
 
 
 def _ingest_cache_key(context, parameters) -> str:
+    """The snapshot folder's name and a token kept in it: the same files and data params give the same key
+    for as long as their snapshot exists (the first run stores its result under the key the next run
+    computes); a deleted snapshot gets a new token, so a result pointing at it is never served."""
     directory = snapshot_dir(parameters["data"], parameters["cache_dir"])
-    # A snapshot whose files were deleted must not be served from the cache.
-    present = (directory / "manifest.csv").is_file()
-    return directory.name if present else f"{directory.name}-{uuid.uuid4().hex}"
+    token = directory / "cache_token"
+    if not (directory / "manifest.csv").is_file() or not token.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        token.write_text(uuid.uuid4().hex)
+    return f"{directory.name}-{token.read_text()}"
 
 
 def _retry_io_errors(task, task_run, state) -> bool:
