@@ -46,6 +46,18 @@ def tiny_overrides(tmp_path, data_path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory, shapes_dir, prefect_harness):
+    """One finished 4-epoch pipeline run on the shapes (packaged and registered as version 1 of its own model),
+    shared by the modules that read it or run commands on it: (params, PipelineResult). Tests must leave its
+    files and its run.cache_dir as they are (give commands their own output and cache folders)."""
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("shapes-run")
+    params = load_params(None, tiny_overrides(tmp, shapes_dir, train__max_epochs=4))
+    return params, pipeline(params)
+
+
 @pytest.fixture
 def tiny_params(tmp_path, shapes_dir):
     """PipelineParams for a 3-epoch run on the shapes data in tmp_path."""

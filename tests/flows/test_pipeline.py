@@ -30,10 +30,9 @@ def _artifacts(client: MlflowClient, run_id: str, path: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, shapes_dir, prefect_harness):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    params = load_params(None, tiny_overrides(tmp, shapes_dir, train__max_epochs=4))
-    return params, pipeline(params)
+def finished_run(shapes_run):
+    """The session's shared 4-epoch run on the shapes (tests/flows/conftest.py)."""
+    return shapes_run
 
 
 def test_pipeline_tracks_everything_in_mlflow(finished_run):
@@ -86,7 +85,8 @@ def test_pipeline_result_and_run_directory(finished_run):
     params, result = finished_run
     run_dir = Path(result.run_dir)
     assert run_dir.parent == Path(params.run.output_dir).resolve()
-    assert (run_dir / "params.yaml").is_file() and (run_dir / "result.json").is_file()
+    assert load_params(run_dir / "params.yaml") == params  # the run's params, as resume will read them
+    assert json.loads((run_dir / "result.json").read_text())["run_id"] == result.run_id
     assert sorted(result.quarantined)[0].endswith("empty file")
     assert sum(result.split_counts.values()) == 3 * 24  # the two bad files are quarantined, nothing else lost
     # Three clearly different shapes: far above chance (1/3) after 4 epochs.
@@ -124,14 +124,29 @@ def test_evaluate_flow_on_another_data_set(finished_run, tmp_path):
     assert run.data.metrics["test/accuracy"] == evaluation.metrics["test/accuracy"]
 
 
-def test_ingest_is_cached_on_the_data(finished_run, tmp_path):
-    from flows.tasks import _ingest_cache_key, snapshot_dir
+def test_ingest_is_a_cache_hit_on_the_same_files_and_a_miss_when_a_file_is_added(tmp_path):
+    """Two flow runs on unchanged files: the second takes the first's snapshot from Prefect's cache; one
+    image more and the source is ingested again."""
+    from prefect import flow
 
-    params, _ = finished_run
-    key = _ingest_cache_key(None, {"data": params.data, "cache_dir": params.run.cache_dir})
-    assert key == snapshot_dir(params.data, params.run.cache_dir).name  # the snapshot exists: a stable key
-    changed = params.data.model_copy(update={"seed": 1})
-    assert snapshot_dir(changed, params.run.cache_dir) != snapshot_dir(params.data, params.run.cache_dir)
+    from flows.tasks import ingest_task
+    from tests.shapes import make_shapes
+
+    data_dir = make_shapes(tmp_path / "data", per_class=4, bad_files=False)
+    params = load_params(None, tiny_overrides(tmp_path, data_dir))
+
+    @flow(name="ingest-once")
+    def ingest_once() -> tuple[str, int, str]:
+        state = ingest_task(params.data, params.run.cache_dir, return_state=True)
+        snapshot = state.result()
+        return state.name, snapshot.num_images, snapshot.manifest_path
+
+    first, again = ingest_once(), ingest_once()
+    assert first[:2] == ("Completed", 12) and again == ("Cached", 12, first[2])
+    make_shapes(tmp_path / "more", per_class=1, bad_files=False, seed=3)
+    (tmp_path / "more" / "square" / "square_000.png").rename(data_dir / "square" / "square_added.png")
+    added = ingest_once()
+    assert added[:2] == ("Completed", 13) and added[2] != first[2]
 
 
 def test_nan_loss_fails_the_run_and_names_the_stage(tmp_path, shapes_dir):
