@@ -226,7 +226,10 @@ def population_stability_index(reference: dict[str, int], current: dict[str, int
 def _class_check(profile: ReferenceProfile, counts: dict[str, int], params: MonitorParams) -> Check:
     psi = population_stability_index(profile.predicted_counts, counts, profile.labels)
     table = np.array(
-        [[profile.predicted_counts.get(l, 0) for l in profile.labels], [counts.get(l, 0) for l in profile.labels]]
+        [
+            [profile.predicted_counts.get(label, 0) for label in profile.labels],
+            [counts.get(label, 0) for label in profile.labels],
+        ]
     )
     table = table[:, table.sum(axis=0) > 0]
     p_value = float(stats.chi2_contingency(table).pvalue) if table.shape[1] > 1 else 1.0
@@ -334,6 +337,10 @@ def _accuracy_check(
     return check
 
 
+_STATISTICS = (*IMAGE_STATISTICS, *PREDICTION_STATISTICS)
+_DRIFT_CHECKS = ("class_distribution", "confidence_drop", *(f"ks:{n}" for n in _STATISTICS))
+
+
 def compare_window(
     log_dir: Path,
     profile: ReferenceProfile | None,
@@ -365,8 +372,24 @@ def compare_window(
         reference_images=profile.num_images if profile else None,
         reference_accuracy=reference_accuracy,
     )
-    notes = report.notes
-    if not Path(log_dir).is_dir():
+    report.notes.extend(_window_notes(Path(log_dir), window, model_sha256))
+    if profile is not None and model_sha256 is not None and profile.model_sha256 != model_sha256:
+        report.notes.append("the bundle's reference profile was computed with another model.onnx: drift tests skipped")
+        profile = None
+    report.predicted_counts = _predicted_counts(records)
+    report.window_samples = _window_samples(records)
+    report.checks.extend(_drift_checks(profile, records, report, params))
+    if feedback_path is not None:
+        report.checks.append(_feedback_check(Path(feedback_path), labels, records, reference_accuracy, params, report))
+    report.triggered = [c.name for c in report.checks if c.drifted]
+    report.drift_detected = bool(report.triggered)
+    return report
+
+
+def _window_notes(log_dir: Path, window: WindowSummary, model_sha256: str | None) -> list[str]:
+    """What the reader of the report should know about the log window: missing log, bad lines, other models."""
+    notes = []
+    if not log_dir.is_dir():
         notes.append(f"no prediction log folder at {log_dir} (serve with --prediction-log {log_dir})")
     elif window.files == 0:
         notes.append(f"no prediction log files in {log_dir}")
@@ -378,68 +401,81 @@ def compare_window(
             f"{window.excluded_other_model} predictions of another model than the reference ({str(model_sha256)[:12]}) "
             f"left out ({seen})"
         )
-    if profile is not None and model_sha256 is not None and profile.model_sha256 != model_sha256:
-        notes.append("the bundle's reference profile was computed with another model.onnx: drift tests skipped")
-        profile = None
+    return notes
 
+
+def _predicted_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
     for record in records:
         label = record.get("predicted")
         if isinstance(label, str):
-            report.predicted_counts[label] = report.predicted_counts.get(label, 0) + 1
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _window_samples(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per statistic, the finite numeric values the window's records hold."""
     samples: dict[str, list[float]] = {}
     for record in records:
-        for name in (*IMAGE_STATISTICS, *PREDICTION_STATISTICS):
+        for name in _STATISTICS:
             value = record.get(name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 samples.setdefault(name, []).append(float(value))
-    report.window_samples = samples
+    return samples
 
-    drift_names = [
-        "class_distribution",
-        "confidence_drop",
-        *(f"ks:{n}" for n in (*IMAGE_STATISTICS, *PREDICTION_STATISTICS)),
-    ]
-    reason = None
+
+def _not_computed_reason(profile: ReferenceProfile | None, records: list, params: MonitorParams) -> str | None:
     if profile is None:
-        reason = "the bundle has no usable reference profile (package it again to add reference_profile.json)"
-    elif len(records) == 0:
-        reason = "the log window holds no predictions of this model"
-    elif len(records) < params.min_records:
-        reason = f"the log window holds {len(records)} predictions, fewer than min_records {params.min_records}"
-    if reason:
-        notes.append(f"drift tests not computed: {reason}")
-        kinds = {"class_distribution": "class_distribution", "confidence_drop": "confidence"}
-        for name in drift_names:
-            kind = kinds.get(name) or (
-                "image_statistic" if name.removeprefix("ks:") in IMAGE_STATISTICS else "prediction_statistic"
-            )
-            report.checks.append(Check(name=name, kind=kind, computed=False, reason=reason))
-    else:
-        assert profile is not None
-        report.checks.append(_class_check(profile, report.predicted_counts, params))
-        if samples.get("confidence") and profile.samples.get("confidence"):
-            report.checks.append(_confidence_check(profile, samples["confidence"], params))
-        else:
-            report.checks.append(
-                Check(name="confidence_drop", kind="confidence", computed=False, reason="no confidence values")
-            )
-        report.checks.extend(_ks_checks(profile, samples, params))
+        return "the bundle has no usable reference profile (package it again to add reference_profile.json)"
+    if len(records) == 0:
+        return "the log window holds no predictions of this model"
+    if len(records) < params.min_records:
+        return f"the log window holds {len(records)} predictions, fewer than min_records {params.min_records}"
+    return None
 
-    if feedback_path is not None:
-        feedback, report.feedback = read_feedback(Path(feedback_path), labels)
-        if report.feedback.problems:
-            skipped = (
-                f"{report.feedback.skipped} of {report.feedback.rows} rows skipped"
-                if report.feedback.rows
-                else "no rows used"
-            )
-            notes.append(f"feedback: {skipped}; first problem: {report.feedback.problems[0]}")
-        if feedback:
-            report.checks.append(_accuracy_check(feedback, report.feedback, records, reference_accuracy, params))
-        else:
-            report.checks.append(
-                Check(name="live_accuracy", kind="accuracy", computed=False, reason="no usable feedback rows")
-            )
-    report.triggered = [c.name for c in report.checks if c.drifted]
-    report.drift_detected = bool(report.triggered)
-    return report
+
+def _check_kind(name: str) -> CheckKind:
+    kinds: dict[str, CheckKind] = {"class_distribution": "class_distribution", "confidence_drop": "confidence"}
+    if name in kinds:
+        return kinds[name]
+    return "image_statistic" if name.removeprefix("ks:") in IMAGE_STATISTICS else "prediction_statistic"
+
+
+def _drift_checks(
+    profile: ReferenceProfile | None, records: list[dict[str, Any]], report: DriftReport, params: MonitorParams
+) -> list[Check]:
+    """The class-distribution, confidence and KS checks, or all of them as not computed (with a note why)."""
+    reason = _not_computed_reason(profile, records, params)
+    if reason:
+        report.notes.append(f"drift tests not computed: {reason}")
+        return [Check(name=name, kind=_check_kind(name), computed=False, reason=reason) for name in _DRIFT_CHECKS]
+    assert profile is not None
+    samples = report.window_samples
+    checks = [_class_check(profile, report.predicted_counts, params)]
+    if samples.get("confidence") and profile.samples.get("confidence"):
+        checks.append(_confidence_check(profile, samples["confidence"], params))
+    else:
+        checks.append(Check(name="confidence_drop", kind="confidence", computed=False, reason="no confidence values"))
+    return checks + _ks_checks(profile, samples, params)
+
+
+def _feedback_check(
+    feedback_path: Path,
+    labels: list[str],
+    records: list[dict[str, Any]],
+    reference_accuracy: float | None,
+    params: MonitorParams,
+    report: DriftReport,
+) -> Check:
+    """The live-accuracy check from a feedback CSV; sets report.feedback and notes its problems."""
+    feedback, report.feedback = read_feedback(feedback_path, labels)
+    if report.feedback.problems:
+        skipped = (
+            f"{report.feedback.skipped} of {report.feedback.rows} rows skipped"
+            if report.feedback.rows
+            else "no rows used"
+        )
+        report.notes.append(f"feedback: {skipped}; first problem: {report.feedback.problems[0]}")
+    if not feedback:
+        return Check(name="live_accuracy", kind="accuracy", computed=False, reason="no usable feedback rows")
+    return _accuracy_check(feedback, report.feedback, records, reference_accuracy, params)

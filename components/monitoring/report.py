@@ -103,7 +103,8 @@ def _summary(report: DriftReport) -> list[str]:
     items = [
         f"model.onnx SHA-256: {(report.model_sha256 or '?')[:16]}",
         f"reference: {report.reference_images or 0} images, accuracy {_fmt(report.reference_accuracy)}",
-        f"window: {w.predictions} predictions ({w.first or '-'} to {w.last or '-'}) from {w.files} log file(s) in {w.log_dir}",
+        f"window: {w.predictions} predictions ({w.first or '-'} to {w.last or '-'}) "
+        f"from {w.files} log file(s) in {w.log_dir}",
         f"left out: {w.excluded_other_model} predictions of other models, {w.malformed_lines} malformed lines",
         "failed requests in the log: " + (", ".join(f"{k} {v}" for k, v in sorted(w.errors_by_kind.items())) or "none"),
     ]
@@ -196,7 +197,6 @@ def _html(report: DriftReport, plots: list[str]) -> str:
         data = base64.b64encode(Path(plot).read_bytes()).decode()
         body.append(f"<p><img alt='{html.escape(Path(plot).stem)}' src='data:image/png;base64,{data}'></p>")
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>visionflow drift report</title></head><body style='font-family:sans-serif'>"
-        + "".join(body)
-        + "</body></html>\n"
+        "<!doctype html><html><head><meta charset='utf-8'><title>visionflow drift report</title></head>"
+        "<body style='font-family:sans-serif'>" + "".join(body) + "</body></html>\n"
     )
