@@ -18,15 +18,29 @@ from pydantic import BaseModel
 
 from components.config import DataParams
 from components.data.images import probe_image
-from components.data.sources import SourceItem, resolve_source
+from components.data.sources import SourceItem, archive_limits, resolve_source
 from components.errors import DataError
+from components.safety import file_sha256
 
 MANIFEST_COLUMNS = ["path", "sha256", "label", "split", "width", "height", "mode"]
 SPLITS = ("train", "val", "test")
 
 
+class QuarantinedFile(BaseModel):
+    """A file left out of training, and why."""
+
+    path: str
+    label: str
+    split: str
+    reason: str
+
+
 class DatasetSnapshot(BaseModel):
-    """What ingest produced: the manifest and class list files and a content fingerprint."""
+    """What ingest produced: the manifest and class list files and a content fingerprint.
+
+    `quarantined` lists the files refused before they were opened (links out of the data set; they are
+    not in the manifest) and `empty_classes` the class folders that hold no image.
+    """
 
     source: str
     root: str
@@ -38,6 +52,8 @@ class DatasetSnapshot(BaseModel):
     split_counts: dict[str, int]
     class_counts: dict[str, int]
     extra_label_columns: list[str]
+    quarantined: list[QuarantinedFile] = []
+    empty_classes: list[str] = []
 
 
 # --- manifest files -------------------------------------------------------------------------------
@@ -71,15 +87,6 @@ def write_manifest(rows: list[dict], path: str | os.PathLike, columns: list[str]
 
 
 # --- hashing and probing -------------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, read in 1 MiB chunks. Takes a path; returns the hex string."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _describe(item: SourceItem) -> tuple[str, int, int, str]:
@@ -136,7 +143,7 @@ def _carve(
     for key, label in group_labels.items():
         groups_of_class[label].append(key)
     split_of_group: dict[str, str] = {}
-    for label, keys in groups_of_class.items():
+    for keys in groups_of_class.values():
         keys.sort(key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
         n_val, n_test = _holdout_counts(len(keys), val_fraction, test_fraction, need_val, need_test)
         for i, key in enumerate(keys):
@@ -202,11 +209,13 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
 
     Takes the data params (source, split fractions, seed), the folder to write manifest.csv and
     classes.json into, and the cache folder for materialized/extracted data. Every listed file is kept
-    (unidentifiable files get width 0, height 0, mode "" and are quarantined by validate).
+    (unidentifiable files get width 0, height 0, mode "" and are quarantined by validate), except links
+    out of the data set, which are never opened and go to `snapshot.quarantined`.
     Returns a DatasetSnapshot; raises DataError when the source cannot be used.
     """
     out_dir = Path(out_dir)
-    items = resolve_source(params.path, Path(cache_dir), params.label_column)
+    listing = resolve_source(params.path, Path(cache_dir), params.label_column, archive_limits(params))
+    items = listing.items
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         described = list(pool.map(_describe, items))
@@ -246,4 +255,9 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
         split_counts={split: split_counter.get(split, 0) for split in SPLITS},
         class_counts=dict(sorted(Counter(item.label for item in items).items())),
         extra_label_columns=extra_columns,
+        quarantined=[
+            QuarantinedFile(path=q.path, label=q.label, split=q.split or "", reason=q.reason)
+            for q in listing.quarantined
+        ],
+        empty_classes=listing.empty_classes,
     )

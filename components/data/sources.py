@@ -9,20 +9,17 @@ temporary folder first, then renamed, so a crash never leaves a half-written set
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
-import re
 import shutil
 import socket
-import stat
-import tarfile
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from components import safety
+from components.config import DataParams
 from components.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -43,14 +40,19 @@ class SourceItem(BaseModel):
     label: str
     split: str | None = None
     extra_labels: dict[str, str] = {}
+    reason: str = ""  # set on an item refused before it was opened (listed in SourceListing.quarantined)
 
 
-def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> list[SourceItem]:
+def resolve_source(
+    path: str, cache_dir: Path, label_column: str = "label", limits: safety.ArchiveLimits | None = None
+) -> SourceListing:
     """List the labelled images of a data source.
 
     Takes `DataParams.path` ("bundled:digits", "torchvision:NAME", a folder, a .csv manifest or an
-    archive), the cache folder for materialized/extracted data and the CSV label column. Returns the
-    items sorted by path. Raises DataError (one line) when the source cannot be used.
+    archive), the cache folder for materialized/extracted data, the CSV label column and the archive
+    limits (default: DataParams' defaults). Returns a SourceListing: items sorted by path, files refused
+    before opening (links out of the data set) and empty class folders. Raises DataError (one line)
+    when the source cannot be used.
     """
     cache_dir = Path(cache_dir).expanduser().resolve()  # item paths must be absolute
     if path.startswith("bundled:"):
@@ -60,10 +62,12 @@ def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> l
                 f"unknown bundled data set {name!r}: supported are "
                 + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
             )
-        items = _from_folder(materialize_digits(cache_dir))
+        listing = _from_folder(materialize_digits(cache_dir))
         if name == "digits-multitask":
-            items = [item.model_copy(update={"extra_labels": digit_tasks(item.label)}) for item in items]
-        return items
+            listing.items = [
+                item.model_copy(update={"extra_labels": digit_tasks(item.label)}) for item in listing.items
+            ]
+        return listing
     if path.startswith("torchvision:"):
         return _from_folder(materialize_torchvision(path.split(":", 1)[1], cache_dir))
     target = Path(path).expanduser()
@@ -73,9 +77,9 @@ def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> l
     if target.is_dir():
         return _from_folder(target)
     if target.suffix.lower() == ".csv":
-        return _from_csv(target, label_column)
+        return SourceListing(items=_from_csv(target, label_column))
     if target.name.lower().endswith(ARCHIVE_SUFFIXES):
-        return _from_extracted(extract_archive(target, cache_dir), label_column)
+        return _from_extracted(extract_archive(target, cache_dir, limits), label_column)
     raise DataError(
         f"unsupported data source {path}: expected a folder, a .csv manifest, a .zip/.tar.gz/.tgz/.tar "
         "archive, bundled:digits or torchvision:MNIST|FashionMNIST|CIFAR10"
@@ -83,6 +87,17 @@ def resolve_source(path: str, cache_dir: Path, label_column: str = "label") -> l
 
 
 # --- folders --------------------------------------------------------------------------------------
+
+LINK_OUTSIDE = "link outside the data set"
+
+
+class SourceListing(BaseModel):
+    """What a data source holds: the usable items, the files refused before opening them (each with its
+    `reason`, e.g. a link out of the data set) and the class folders that hold no image."""
+
+    items: list[SourceItem]
+    quarantined: list[SourceItem] = []
+    empty_classes: list[str] = []
 
 
 def _hidden(name: str) -> bool:
@@ -93,42 +108,117 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files below `folder` (recursive), hidden files and folders skipped, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for name in filenames:
-            if not _hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
-
-
-def _from_folder(root: Path) -> list[SourceItem]:
-    """Items of an ImageFolder: class sub-folders, or train/val/test folders holding class sub-folders."""
+def _class_folders(root: Path) -> list[tuple[str, str | None, Path]]:
+    """(label, split, folder) of an ImageFolder: class sub-folders, or train/val/test folders holding them."""
     folders = _visible_dirs(root)
     split_folders = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
-    items: list[SourceItem] = []
-    if split_folders:
-        others = [d.name for d in folders if d.name.lower() not in SPLIT_FOLDERS]
-        if others:
-            raise DataError(
-                f"folder {root} mixes split folders ({', '.join(d.name for d in split_folders)}) with other "
-                f"folders ({', '.join(others[:5])}): put the class folders inside the split folders"
-            )
-        for split_dir in split_folders:
-            split = SPLIT_FOLDERS[split_dir.name.lower()]
-            for class_dir in _visible_dirs(split_dir):
-                items += [SourceItem(path=str(p), label=class_dir.name, split=split) for p in _images_under(class_dir)]
-    else:
-        for class_dir in folders:
-            items += [SourceItem(path=str(p), label=class_dir.name) for p in _images_under(class_dir)]
-    if not items:
+    if not split_folders:
+        return [(d.name, None, d) for d in folders]
+    others = [d.name for d in folders if d.name.lower() not in SPLIT_FOLDERS]
+    if others:
+        raise DataError(
+            f"folder {root} mixes split folders ({', '.join(d.name for d in split_folders)}) with other "
+            f"folders ({', '.join(others[:5])}): put the class folders inside the split folders"
+        )
+    return [(d.name, SPLIT_FOLDERS[s.name.lower()], d) for s in split_folders for d in _visible_dirs(s)]
+
+
+class _Walk:
+    """One walk of an ImageFolder under the link rule (see `_from_folder`)."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.owners: dict[Path, tuple[str, str | None]] = {}  # real class folder -> (label, split)
+        self.blocked: set[Path] = {self.root}  # the root and the folders above class folders
+        self.visited: set[Path] = set()  # real folders walked
+        self.seen: set[tuple[Path, str]] = set()  # (real file, label) taken
+        self.items: list[SourceItem] = []
+        self.quarantined: list[SourceItem] = []
+
+    def owner(self, real: Path) -> tuple[str, str | None] | None:
+        for folder in real.parents:
+            if folder in self.owners:
+                return self.owners[folder]
+        return None
+
+    def refuse(self, path: Path, label: str, split: str | None) -> None:
+        self.quarantined.append(SourceItem(path=str(path), label=label, split=split, reason=LINK_OUTSIDE))
+
+    def claim(self, folders: list[tuple[str, str | None, Path]]) -> list[tuple[str, str | None, Path]]:
+        """Give each real class folder its label (plain folders before links); returns the ones to walk."""
+        walks = []
+        for label, split, folder in sorted(folders, key=lambda f: f[2].is_symlink()):
+            real = safety.follow_link(folder, self.root)
+            if real is None:
+                self.refuse(folder, label, split)
+            elif real not in self.owners and real != self.root:  # else an alias of a class folder, or a cycle
+                self.owners[real] = (label, split)
+                self.blocked.update(p for p in real.parents if safety.is_inside(p, self.root))
+                walks.append((label, split, folder))
+        return walks
+
+    def file(self, path: Path, real: Path, label: str, split: str | None) -> None:
+        owner = self.owner(real)
+        if owner is not None:  # an image's label is the class folder it really lives in
+            label, split, path = owner[0], owner[1], real
+        if (real, label) not in self.seen:
+            self.seen.add((real, label))
+            self.items.append(SourceItem(path=str(path), label=label, split=split))
+
+    def folder(self, folder: Path, label: str, split: str | None, linked: bool) -> None:
+        """Walk `folder` (reached through a link when `linked`), taking images and following links inside."""
+        real_folder = Path(os.path.realpath(folder)) if linked else folder
+        if real_folder in self.visited:
+            return
+        self.visited.add(real_folder)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if _hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            is_image = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+            if entry.is_symlink():
+                real = safety.follow_link(path, self.root)
+                if real is None:
+                    if is_image or os.path.isdir(path):
+                        self.refuse(path, label, split)
+                elif real.is_dir():
+                    if real not in self.blocked and real not in self.owners and real not in self.visited:
+                        self.folder(path, label, split, linked=True)
+                elif is_image:
+                    self.file(path, real, label, split)
+            elif entry.is_dir():
+                self.folder(path, label, split, linked)
+            elif is_image:
+                self.file(path, Path(os.path.realpath(path)) if linked else path, label, split)
+
+
+def _from_folder(root: Path) -> SourceListing:
+    """Items of an ImageFolder: class sub-folders, or train/val/test folders holding class sub-folders.
+
+    Links: a link whose real target lies inside the root is followed once (real folders already walked,
+    the root and the folders above class folders are not entered again, so a cycle adds nothing), and
+    an image reached twice counts once. An image's label (and split) is the class folder it really lives
+    in; an image inside the root but in no class folder (e.g. a hidden store) takes the class folder it
+    was linked from. A link (file or folder) whose target lies outside the root is never opened: it is
+    listed in `quarantined` with the reason "link outside the data set". Class folders without images
+    are listed in `empty_classes`.
+    """
+    walk = _Walk(root)
+    folders = _class_folders(root)
+    for label, split, folder in walk.claim(folders):
+        walk.folder(folder, label, split, linked=Path(os.path.realpath(folder)) != folder)
+    if not walk.items and not walk.quarantined:
         raise DataError(
             f"no images found in {root}: expected class sub-folders of images (e.g. {root}/cat/001.png), "
             "optionally under train/val/test folders"
         )
-    return sorted(items, key=lambda item: item.path)
+    claimed = {label for label, _ in walk.owners.values()}
+    taken = {item.label for item in walk.items + walk.quarantined}
+    return SourceListing(
+        items=sorted(walk.items, key=lambda item: item.path),
+        quarantined=sorted(walk.quarantined, key=lambda item: item.path),
+        empty_classes=sorted(claimed - taken),
+    )
 
 
 # --- CSV manifests --------------------------------------------------------------------------------
@@ -191,14 +281,6 @@ def _from_csv(csv_path: Path, label_column: str) -> list[SourceItem]:
 # --- archives -------------------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _materialize(final: Path, build: Callable[[Path], None]) -> Path:
     """Run build(tmp) into a temporary sibling folder, then rename it to `final`; reuse `final` if present."""
     if final.is_dir():
@@ -218,46 +300,35 @@ def _materialize(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def _check_zip_member(info: zipfile.ZipInfo, archive: Path) -> None:
-    name = info.filename.replace("\\", "/")
-    parts = name.split("/")
-    is_link = stat.S_ISLNK(info.external_attr >> 16)
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts or is_link:
-        kind = "a link" if is_link else "a path outside the archive folder"
-        raise DataError(f"unsafe archive member {info.filename!r} in {archive} ({kind}); nothing was extracted")
-
-
-def _extract_into(archive: Path, dest: Path) -> None:
-    name = archive.name.lower()
-    try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                members = zf.infolist()
-                for info in members:
-                    _check_zip_member(info, archive)
-                zf.extractall(dest)
-        else:
-            with tarfile.open(archive) as tf:
-                tf.extractall(dest, filter="data")
-    except tarfile.FilterError as err:
-        member = getattr(err, "tarinfo", None)
-        label = member.name if member is not None else "?"
-        raise DataError(f"unsafe archive member {label!r} in {archive} ({err}); extraction stopped") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
-        raise DataError(f"cannot read archive {archive}: {err}") from None
-
-
-def extract_archive(archive: Path, cache_dir: Path) -> Path:
+def extract_archive(archive: Path, cache_dir: Path, limits: safety.ArchiveLimits | None = None) -> Path:
     """Extract an archive once, safely, into cache_dir/extracted/<sha256[:16]>/.
 
-    Takes the archive path and the cache folder; returns the extracted folder. Zip members with
-    absolute paths, `..` or links are refused, tar uses the "data" filter. Raises DataError.
+    Takes the archive path, the cache folder and the extraction limits (default: DataParams' defaults);
+    returns the extracted folder. Members with absolute paths, `..`, links or devices are refused (zip
+    and tar alike), and so is an archive that passes a limit (on its headers or on the bytes written);
+    nothing is left behind then. Raises DataError (one line).
     """
-    final = Path(cache_dir) / "extracted" / _file_sha256(archive)[:16]
-    return _materialize(final, lambda tmp: _extract_into(archive, tmp))
+    limits = limits or default_archive_limits()
+    final = Path(cache_dir) / "extracted" / safety.file_sha256(archive)[:16]
+    return _materialize(final, lambda tmp: safety.extract_archive_into(archive, tmp, limits, DataError))
 
 
-def _from_extracted(folder: Path, label_column: str) -> list[SourceItem]:
+def default_archive_limits() -> safety.ArchiveLimits:
+    """The archive limits of the default data params (data.archive_max_bytes / _max_members / _max_ratio)."""
+    return archive_limits(DataParams())
+
+
+def archive_limits(params: DataParams) -> safety.ArchiveLimits:
+    """The archive limits of DataParams `params`."""
+    return safety.ArchiveLimits(
+        max_bytes=params.archive_max_bytes,
+        max_members=params.archive_max_members,
+        max_ratio=params.archive_max_ratio,
+        params="data.archive_",
+    )
+
+
+def _from_extracted(folder: Path, label_column: str) -> SourceListing:
     """Items of an extracted archive: one wrapping folder is descended; a single CSV is a manifest."""
     entries = [p for p in folder.iterdir() if not _hidden(p.name)]
     if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in SPLIT_FOLDERS:
@@ -265,7 +336,7 @@ def _from_extracted(folder: Path, label_column: str) -> list[SourceItem]:
         entries = [p for p in folder.iterdir() if not _hidden(p.name)]
     csvs = [p for p in entries if p.is_file() and p.suffix.lower() == ".csv"]
     if len(csvs) == 1:
-        return _from_csv(csvs[0], label_column)
+        return SourceListing(items=_from_csv(csvs[0], label_column))
     return _from_folder(folder)
 
 

@@ -1,5 +1,9 @@
 """Validate: decode every image once, quarantine the bad ones (a list, never a move), report the data set.
 
+Quarantined: files that do not decode, links out of the data set (refused by ingest before opening),
+and, unless data.label_conflicts=keep, every copy of a content found under more than one label.
+Exact duplicates with one label are kept and reported. Empty class folders are reported and warned of.
+
 Writes manifest.clean.csv (the usable rows), quarantine.csv and validation.json into the output folder,
 then refuses a data set that cannot be trained on (one clear DataError line).
 """
@@ -16,17 +20,10 @@ from pydantic import BaseModel
 
 from components.config import DataParams
 from components.data.images import load_image
-from components.data.ingest import SPLITS, DatasetSnapshot, read_manifest, write_manifest
+from components.data.ingest import SPLITS, DatasetSnapshot, QuarantinedFile, read_manifest, write_manifest
 from components.errors import DataError, ImageDecodeError
 
-
-class QuarantinedFile(BaseModel):
-    """A file left out of training, and why."""
-
-    path: str
-    label: str
-    split: str
-    reason: str
+__all__ = ["QuarantinedFile", "ValidationReport", "format_report", "validate"]
 
 
 class ValidationReport(BaseModel):
@@ -37,6 +34,9 @@ class ValidationReport(BaseModel):
     quarantined: list[QuarantinedFile]
     class_counts: dict[str, dict[str, int]]
     duplicate_groups: list[list[str]]
+    label_conflicts: list[list[str]] = []  # groups of paths holding the same content under different labels
+    empty_classes: list[str] = []  # class folders without any image (dropped)
+    warnings: list[str] = []  # lines for the run log
     leakage: list[str]
     size_histogram: dict[str, int]
     mode_histogram: dict[str, int]
@@ -57,6 +57,46 @@ def _check(row: dict[str, str], channels: int, max_pixels: int) -> str | None:
     return None
 
 
+def conflict_reason(labels: set[str]) -> str:
+    """The quarantine reason of one image found under several labels: "same image labelled a, b and c"."""
+    names = sorted(labels)
+    return f"same image labelled {', '.join(names[:-1])} and {names[-1]}"
+
+
+def _label_conflicts(
+    rows: list[dict[str, str]], reasons: list[str | None], policy: str
+) -> tuple[list[str | None], list[list[str]]]:
+    """Find the contents that decode under more than one label.
+
+    Takes the manifest rows, their decode results (None = decodes) and data.label_conflicts. Returns the
+    reasons with every conflicting copy quarantined (policy "quarantine"; unchanged for "keep") and the
+    conflict groups (sorted paths of each content).
+    """
+    labels: dict[str, set[str]] = defaultdict(set)
+    paths: dict[str, list[str]] = defaultdict(list)
+    for row, reason in zip(rows, reasons, strict=True):
+        if reason is None and row["sha256"]:
+            labels[row["sha256"]].add(row["label"])
+            paths[row["sha256"]].append(row["path"])
+    conflicts = {sha: names for sha, names in labels.items() if len(names) > 1}
+    groups = sorted(sorted(paths[sha]) for sha in conflicts)
+    if policy == "quarantine":
+        reasons = [
+            reason or (conflict_reason(conflicts[row["sha256"]]) if row["sha256"] in conflicts else None)
+            for row, reason in zip(rows, reasons, strict=True)
+        ]
+    return reasons, groups
+
+
+def _warnings(snapshot: DatasetSnapshot, conflicts: list[list[str]], policy: str) -> list[str]:
+    lines = [f"class folder {name!r} holds no image: the class is left out" for name in snapshot.empty_classes]
+    if conflicts:
+        files = sum(len(group) for group in conflicts)
+        what = "quarantined" if policy == "quarantine" else "kept with their labels (data.label_conflicts=keep)"
+        lines.append(f"{len(conflicts)} image(s) labelled with more than one class ({files} files): {what}")
+    return lines
+
+
 def _write_quarantine(quarantined: list[QuarantinedFile], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "reason"])
@@ -74,7 +114,8 @@ def _refusal(report: ValidationReport, classes: list[str], params: DataParams, s
     totals = {c: sum(report.class_counts.get(s, {}).get(c, 0) for s in report.class_counts) for c in classes}
     with_images = [c for c in classes if totals[c] > 0]
     if len(with_images) < 2:
-        return f"need at least 2 classes with valid images, found {len(with_images)} ({', '.join(with_images) or 'none'}) in {source}"
+        found = ", ".join(with_images) or "none"
+        return f"need at least 2 classes with valid images, found {len(with_images)} ({found}) in {source}"
     problems = []
     for name in classes:
         per_split = ", ".join(f"{s} {report.class_counts.get(s, {}).get(name, 0)}" for s in SPLITS)
@@ -109,8 +150,9 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(lambda row: _check(row, params.channels, params.max_pixels), rows))
 
+    reasons, conflict_groups = _label_conflicts(rows, reasons, params.label_conflicts)
     clean = [row for row, reason in zip(rows, reasons, strict=False) if reason is None]
-    quarantined = [
+    quarantined = list(snapshot.quarantined) + [
         QuarantinedFile(path=row["path"], label=row["label"], split=row["split"], reason=reason)
         for row, reason in zip(rows, reasons, strict=False)
         if reason is not None
@@ -135,11 +177,14 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
     quarantine_path = out_dir / "quarantine.csv"
     report_path = out_dir / "validation.json"
     report = ValidationReport(
-        num_checked=len(rows),
+        num_checked=len(rows) + len(snapshot.quarantined),
         num_valid=len(clean),
         quarantined=quarantined,
         class_counts=counts,
         duplicate_groups=duplicate_groups,
+        label_conflicts=conflict_groups,
+        empty_classes=snapshot.empty_classes,
+        warnings=_warnings(snapshot, conflict_groups, params.label_conflicts),
         leakage=leakage,
         size_histogram=dict(Counter(f"{row['width']}x{row['height']}" for row in clean).most_common()),
         mode_histogram=dict(Counter(row["mode"] for row in clean).most_common()),
@@ -188,6 +233,14 @@ def format_report(report: ValidationReport, max_listed: int = 20) -> str:
             lines.append(f"  ... and {len(report.duplicate_groups) - max_listed} more")
     else:
         lines.append("exact duplicates: none")
+    if report.label_conflicts:
+        lines.append(f"label conflicts: {len(report.label_conflicts)} image(s) under more than one class")
+        for group in report.label_conflicts[:max_listed]:
+            lines.append("  " + " = ".join(group))
+    else:
+        lines.append("label conflicts: none")
+    if report.empty_classes:
+        lines.append(f"empty class folders (left out): {', '.join(report.empty_classes)}")
     if report.leakage:
         lines.append(f"leakage: {len(report.leakage)} image(s) appear in more than one split")
     else:

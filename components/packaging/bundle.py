@@ -24,6 +24,7 @@ from typing import Any
 
 import onnx
 
+from components import safety
 from components.errors import VisionflowError
 
 MODEL_FILE = "model.onnx"
@@ -374,14 +375,11 @@ def _check_members(members: list[tarfile.TarInfo], max_bytes: int) -> str:
     for member in members:
         name = member.name
         pure = PurePosixPath(name)
-        if name.startswith(("/", "\\")) or pure.is_absolute() or re.match(r"^[A-Za-z]:", name):
-            raise BundleError(f"unsafe archive member (absolute path): {name!r}")
-        if ".." in pure.parts or "\\" in name:
-            raise BundleError(f"unsafe archive member (path traversal): {name!r}")
-        if member.issym() or member.islnk():
-            raise BundleError(f"unsafe archive member (link): {name!r}")
-        if member.isdev() or not (member.isfile() or member.isdir()):
-            raise BundleError(f"unsafe archive member (device or special file): {name!r}")
+        problem = safety.member_problem(name, safety.tar_member_kind(member))
+        if problem is None and "\\" in name:  # bundles are written with "/" only
+            problem = safety.TRAVERSAL
+        if problem:
+            raise BundleError(f"unsafe archive member ({problem}): {name!r}")
         parts = [p for p in pure.parts if p != "."]
         if not parts:
             continue
@@ -435,7 +433,8 @@ def unpack_bundle(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_UNPACK
             dest.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
             try:
-                tar.extractall(staging, members=members, filter="data")
+                limits = safety.ArchiveLimits(max_bytes=max_bytes, max_members=len(members), max_ratio=0)
+                safety.extract_tar(tar, staging, limits, BundleError, members)  # counts the bytes written
                 verify_bundle(staging / top)
                 if target.exists() or target.is_symlink():
                     if not _same_bundle(target, staging / top):

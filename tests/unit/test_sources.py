@@ -39,7 +39,7 @@ def test_image_folder(tmp_path):
     _png(root / ".cache" / "x.png")
     (root / "a" / "notes.txt").write_text("not an image")
     _png(root / "loose.png")  # not in a class folder
-    items = resolve_source(str(root), tmp_path / "cache")
+    items = resolve_source(str(root), tmp_path / "cache").items
     assert [Path(i.path).relative_to(root).as_posix() for i in items] == [
         "a/0.png",
         "a/1.png",
@@ -56,7 +56,7 @@ def test_image_folder(tmp_path):
 def test_split_folders_are_honoured(tmp_path):
     for _split, folder in (("train", "train"), ("val", "Valid"), ("test", "test")):
         _folder(tmp_path / "data" / folder, per_class=2)
-    items = resolve_source(str(tmp_path / "data"), tmp_path / "cache")
+    items = resolve_source(str(tmp_path / "data"), tmp_path / "cache").items
     assert sorted({i.split for i in items}) == ["test", "train", "val"]
     assert sorted({i.label for i in items}) == ["a", "b"]
     assert sum(i.split == "val" for i in items) == 4
@@ -93,7 +93,7 @@ def test_csv_manifest_with_extra_labels_and_split(tmp_path):
         f"img/2.png,dog,white,validation\n"
         f"{absolute},cat,white,\n".replace(",\n", ",test\n")
     )
-    items = resolve_source(str(root / "labels.csv"), tmp_path / "cache", label_column="species")
+    items = resolve_source(str(root / "labels.csv"), tmp_path / "cache", label_column="species").items
     by_name = {Path(i.path).name: i for i in items}
     assert by_name["1.png"].label == "cat" and by_name["1.png"].split == "train"
     assert by_name["2.png"].split == "val" and by_name["2.png"].extra_labels == {"colour": "white"}
@@ -125,13 +125,13 @@ def test_zip_of_image_folder_extracted_once(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         for file in sorted(source.rglob("*.png")):
             zf.write(file, Path("shapes") / file.relative_to(source))  # one wrapping folder
-    items = resolve_source(str(archive), tmp_path / "cache")
+    items = resolve_source(str(archive), tmp_path / "cache").items
     assert len(items) == 6 and sorted({i.label for i in items}) == ["a", "b"]
     extracted = list((tmp_path / "cache" / "extracted").iterdir())
     assert len(extracted) == 1 and len(extracted[0].name) == 16
     mtime = Path(items[0].path).stat().st_mtime_ns
     time.sleep(0.01)
-    again = resolve_source(str(archive), tmp_path / "cache")
+    again = resolve_source(str(archive), tmp_path / "cache").items
     assert [i.path for i in again] == [i.path for i in items]
     assert Path(items[0].path).stat().st_mtime_ns == mtime
 
@@ -144,7 +144,7 @@ def test_tar_gz_of_csv_manifest(tmp_path):
     archive = tmp_path / "set.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(root, arcname="set")
-    items = resolve_source(str(archive), tmp_path / "cache")
+    items = resolve_source(str(archive), tmp_path / "cache").items
     assert [i.label for i in items] == ["one", "two"]
     assert all(str(tmp_path / "cache" / "extracted") in i.path for i in items)
 
@@ -185,7 +185,7 @@ def test_tar_with_dotdot_refused(tmp_path):
 
 def test_bundled_digits_materialized_once(tmp_path):
     cache = tmp_path / "cache"
-    items = resolve_source("bundled:digits", cache)
+    items = resolve_source("bundled:digits", cache).items
     assert len(items) == 1797
     assert sorted({i.label for i in items}) == [str(d) for d in range(10)]
     first = Path(items[0].path)
@@ -199,7 +199,7 @@ def test_bundled_digits_materialized_once(tmp_path):
     assert np.array_equal(pixels, expected)
     mtimes = {i.path: os.stat(i.path).st_mtime_ns for i in items}
     time.sleep(0.01)
-    again = resolve_source("bundled:digits", cache)
+    again = resolve_source("bundled:digits", cache).items
     assert {i.path: os.stat(i.path).st_mtime_ns for i in again} == mtimes
     assert not [p for p in (cache / "bundled").iterdir() if p.name != "digits"]  # no temp folder left
 
@@ -230,12 +230,12 @@ def test_relative_cache_dir_gives_absolute_paths(tmp_path, monkeypatch):
     archive = tmp_path / "data.tar"
     with tarfile.open(archive, "w") as tf:
         tf.add(source, arcname="data")
-    items = resolve_source("data.tar", Path(".cache"))
+    items = resolve_source("data.tar", Path(".cache")).items
     assert len(items) == 6 and all(Path(i.path).is_absolute() and Path(i.path).is_file() for i in items)
 
 
 def test_bundled_digits_multitask_derives_parity_and_ge5(tmp_path):
-    items = resolve_source("bundled:digits-multitask", tmp_path / "cache")
+    items = resolve_source("bundled:digits-multitask", tmp_path / "cache").items
     assert len(items) == 1797
     by_label = {item.label: item.extra_labels for item in items}
     assert by_label["4"] == {"parity": "even", "ge5": "no"}
