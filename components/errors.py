@@ -29,6 +29,11 @@ class TrainingError(VisionflowError):
     """Training stopped on a problem the user must fix (non-finite loss, bad device request)."""
 
 
+class CheckpointError(VisionflowError):
+    """A file given as a checkpoint is not a visionflow checkpoint (missing, not a PyTorch file, refused by
+    the safe loader, or without the model spec, classes and weights visionflow writes)."""
+
+
 class StageError(VisionflowError):
     """A pipeline stage failed; names the stage."""
 

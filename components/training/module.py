@@ -286,13 +286,13 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if not found:
-            raise refuse(f"not a PyTorch file: {type(err).__name__}") from None
+            raise refuse("not a PyTorch file") from None
         safe_loader = "the safe loader, torch.load(weights_only=True), refuses"
         raise refuse(f"it holds a Python object, {found.group(1)}, that {safe_loader}") from None
     except OSError as err:
         raise refuse(f"cannot read it: {err.strerror or err}") from None
-    except Exception as err:  # the unpickler's KeyError / IndexError / EOFError, the zip reader's RuntimeError
-        raise refuse(f"not a PyTorch file: {type(err).__name__}") from None
+    except Exception:  # the unpickler's KeyError / IndexError / EOFError, the zip reader's RuntimeError
+        raise refuse("not a PyTorch file") from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or "spec" not in hparams or "classes" not in hparams:
         kind = "a Lightning checkpoint" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"

@@ -56,3 +56,18 @@ def test_validate_data_on_a_missing_folder_is_one_line(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "nope" in out.stderr
+
+
+def test_evaluate_and_optimize_refuse_a_file_that_is_not_a_checkpoint(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=4)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("this is a text file, not a checkpoint\n")
+    cache = f"run.cache_dir={tmp_path / 'cache'}"
+    expected = f"{text} is not a visionflow checkpoint (not a PyTorch file"
+    optimize = _visionflow("optimize", "--checkpoint", str(text), "--data", str(data), "--set", cache)
+    assert optimize.returncode == 2, optimize.stdout[-2000:] + optimize.stderr[-2000:]
+    assert len(optimize.stderr.strip().splitlines()) == 1 and expected in optimize.stderr
+    evaluate = _visionflow("evaluate", "--checkpoint", str(text), "--data", str(data), "--set", cache)
+    assert evaluate.returncode == 2, evaluate.stdout[-2000:] + evaluate.stderr[-2000:]
+    assert [line for line in evaluate.stderr.splitlines() if line.startswith("error:") and expected in line]
+    assert "IndexError" not in evaluate.stderr and "KeyError" not in evaluate.stderr

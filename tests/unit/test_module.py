@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from components.config import AugmentParams, TrainParams
-from components.errors import TrainingError
+from components.errors import CheckpointError, TrainingError
 from components.training.module import ClassifierModule, load_classifier, warmup_cosine
 
 
@@ -71,7 +71,67 @@ def test_warmup_then_cosine():
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
 
 
-def test_not_a_visionflow_checkpoint(tmp_path):
-    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
-    with pytest.raises(TrainingError, match="not a visionflow checkpoint"):
-        load_classifier(str(tmp_path / "x.ckpt"))
+class _NotAllowed:
+    """A class the safe loader (weights_only=True) refuses to unpickle."""
+
+
+def _write_bad(kind: str, path):
+    if kind == "text":
+        path.write_text("epoch,loss\n1,0.5\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random binary":
+        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "a tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "a plain state dict":
+        torch.save({"state_dict": {}}, path)
+    elif kind == "a pickled object":
+        torch.save({"x": _NotAllowed()}, path)
+    elif kind == "a directory":
+        path.mkdir()
+    # "missing": nothing written
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("text", "not a PyTorch file"),
+        ("empty", "empty file"),
+        ("random binary", "not a PyTorch file"),
+        ("truncated", "not a PyTorch file"),
+        ("a tensor", "a Tensor without a visionflow model spec"),
+        ("a plain state dict", "a Lightning checkpoint without a visionflow model spec"),
+        ("a pickled object", "test_module._NotAllowed, that the safe loader, torch.load(weights_only=True), refuses"),
+        ("a directory", "a directory"),
+        ("missing", "no such file"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_is_one_clear_line(tmp_path, kind, reason):
+    path = tmp_path / "model.ckpt"
+    _write_bad(kind, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_classifier(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a visionflow checkpoint (") and reason in message
+    assert "\n" not in message
+
+
+def test_weights_that_do_not_fit_the_spec_are_not_a_checkpoint(tmp_path):
+    module = _module()
+    _trainer(tmp_path, epochs=1).fit(module, _data(16), _data(16))
+    ckpt = torch.load(_trainer_checkpoint(tmp_path, module), weights_only=True)
+    ckpt["hyper_parameters"]["spec"]["num_classes"] = 5  # a spec the saved weights do not fit
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(
+        CheckpointError, match=r"edited.ckpt is not a visionflow checkpoint \(its model spec and weights"
+    ):
+        load_classifier(str(tmp_path / "edited.ckpt"))
+
+
+def _trainer_checkpoint(tmp_path, module):
+    module.trainer.save_checkpoint(tmp_path / "m.ckpt")
+    return tmp_path / "m.ckpt"
