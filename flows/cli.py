@@ -139,21 +139,12 @@ def resume(
     run_id: str = typer.Argument(..., help="MLflow run id of the failed or killed pipeline run."),
     set_: list[str] | None = SET_OPTION,
 ) -> None:
-    """Resume a failed or killed pipeline run: same MLflow run, training from its last checkpoint."""
+    """Resume a failed, killed or crashed pipeline run: same MLflow run, training from its last checkpoint."""
 
     def go():
-        from components import tracking
-        from flows.pipeline import pipeline
+        from flows.pipeline import resume_pipeline
 
-        try:
-            run = tracking.get_run(run_id)
-        except Exception:
-            raise VisionflowError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
-        run_dir = run.data.tags.get(tracking.RUN_DIR_TAG)
-        if not run_dir or not (Path(run_dir) / "params.yaml").is_file():
-            raise VisionflowError(f"run {run_id} has no run directory with params.yaml to resume from")
-        p = load_params(Path(run_dir) / "params.yaml", ["train.resume=true", *(set_ or [])])
-        return pipeline(p, params_file=run.data.tags.get("visionflow.params_file") or None, resume_run_id=run_id)
+        return resume_pipeline(run_id, set_ or [])
 
     _print_pipeline_result(_run_guarded(go))
 

@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from components import tracking
-from components.config import PipelineParams, params_to_flat_dict
+from components.config import PipelineParams, load_params, params_to_flat_dict
 from components.errors import StageError, VisionflowError
 from components.monitoring.resources import StageClock
 from flows.optimize import optimize_stage
@@ -22,7 +22,9 @@ from flows.tasks import (
     ingest_task,
     json_dump,
     preview_task,
+    process_tags,
     publish_summary,
+    resumable_pipeline_run,
     train_task,
     validate_task,
 )
@@ -79,13 +81,13 @@ def open_pipeline_run(
         "prefect.flow_run_url": str(flow_run.ui_url or ""),
     }
     if resume_run_id:
-        run = tracking.get_run(resume_run_id)
-        run_dir = Path(run.data.tags[tracking.RUN_DIR_TAG])
+        _, run_dir = resumable_pipeline_run(resume_run_id)
         tracking.reopen_run(resume_run_id)
-        tracking.set_tags(resume_run_id, {**prefect_tags, "visionflow.resumed": "true"})
+        tracking.set_tags(resume_run_id, {**prefect_tags, **process_tags(), "visionflow.resumed": "true"})
         return resume_run_id, run_dir
     tags = {
         **prefect_tags,
+        **process_tags(),
         **(extra_tags or {}),
         "visionflow.params_file": params_file or "",
         "mlflow.source.git.commit": tracking.git_commit() or "",
@@ -98,6 +100,15 @@ def open_pipeline_run(
     tracking.log_params(run_id, loggable_params(params))
     tracking.log_artifacts(run_id, [run_dir / "params.yaml"])
     return run_id, run_dir
+
+
+def resume_pipeline(run_id: str, overrides: list[str] | None = None) -> PipelineResult:
+    """Continue pipeline run `run_id` (`visionflow resume`): the same MLflow run and run directory, its
+    params.yaml with `overrides` on top, training from its last checkpoint. Only FAILED, KILLED and crashed
+    RUNNING runs resume; anything else raises VisionflowError before a flow starts. Returns a PipelineResult."""
+    run, run_dir = resumable_pipeline_run(run_id)
+    params = load_params(run_dir / "params.yaml", ["train.resume=true", *(overrides or [])])
+    return pipeline(params, params_file=run.data.tags.get("visionflow.params_file") or None, resume_run_id=run_id)
 
 
 @flow(name="visionflow-pipeline", log_prints=True)
