@@ -134,3 +134,58 @@ def test_refuses_a_class_missing_from_a_split(tmp_path):
     _folder(root / "test", per_class=2, classes=("a", "b"), seed=3)
     with pytest.raises(DataError, match=r"class 'c' has no valid image in the test split \(train 4, val 2, test 0\)"):
         _run(tmp_path, root)
+
+
+def test_same_image_under_two_classes_is_a_label_conflict(tmp_path):
+    source = _folder(tmp_path / "data", per_class=6)
+    shared = source / "a" / "a_000.png"
+    shutil.copy(shared, source / "b" / "looks_like_b.png")  # the same content labelled a and b
+    shutil.copy(source / "c" / "c_000.png", source / "a" / "also_a.png")  # ... a, c and b
+    shutil.copy(source / "c" / "c_000.png", source / "b" / "also_b.png")
+    shutil.copy(source / "b" / "b_001.png", source / "b" / "dup.png")  # an exact duplicate with one label
+    snapshot, report = _run(tmp_path, source)
+
+    reasons = {Path(q.path).relative_to(source).as_posix(): q.reason for q in report.quarantined}
+    assert reasons == {
+        "a/a_000.png": "same image labelled a and b",
+        "b/looks_like_b.png": "same image labelled a and b",
+        "a/also_a.png": "same image labelled a, b and c",
+        "b/also_b.png": "same image labelled a, b and c",
+        "c/c_000.png": "same image labelled a, b and c",
+    }
+    assert len(report.label_conflicts) == 2 and sorted(map(len, report.label_conflicts)) == [2, 3]
+    assert report.num_checked == snapshot.num_images == 22 and report.num_valid == 17
+    assert [sorted(Path(p).name for p in group) for group in report.duplicate_groups] == [["b_001.png", "dup.png"]]
+    clean = {row["path"] for row in read_manifest(report.clean_manifest_path)}
+    assert str(shared) not in clean and str(source / "b" / "dup.png") in clean
+    assert "label conflicts: 2 image(s) under more than one class" in format_report(report)
+    assert report.warnings == ["2 image(s) labelled with more than one class (5 files): quarantined"]
+
+
+def test_label_conflicts_can_be_kept_on_request(tmp_path):
+    source = _folder(tmp_path / "data", per_class=4)
+    shutil.copy(source / "a" / "a_000.png", source / "b" / "looks_like_b.png")
+    _, report = _run(tmp_path, source, label_conflicts="keep")
+    assert report.quarantined == [] and report.num_valid == 13
+    assert len(report.label_conflicts) == 1  # still counted and reported
+    assert "kept with their labels" in report.warnings[0]
+    with pytest.raises(ValueError, match="label_conflicts"):
+        DataParams(label_conflicts="keep_first")
+
+
+def test_empty_class_folders_are_reported(tmp_path):
+    source = _folder(tmp_path / "data", per_class=4)
+    (source / "empty").mkdir()
+    (source / "notes_only").mkdir()
+    (source / "notes_only" / "README.txt").write_text("no images here")
+    snapshot, report = _run(tmp_path, source)
+    assert snapshot.classes == ["a", "b", "c"]
+    assert snapshot.empty_classes == report.empty_classes == ["empty", "notes_only"]
+    assert report.warnings == [
+        "class folder 'empty' holds no image: the class is left out",
+        "class folder 'notes_only' holds no image: the class is left out",
+    ]
+    assert "empty class folders (left out): empty, notes_only" in format_report(report)
+    assert (
+        ValidationReport.model_validate_json(Path(report.report_path).read_text()).empty_classes == report.empty_classes
+    )
