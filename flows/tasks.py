@@ -129,6 +129,8 @@ def validate_task(snapshot: DatasetSnapshot, data: DataParams, run_dir: str, run
     report = validate(snapshot, data, Path(run_dir) / "data")
     for bad in report.quarantined:
         logger.warning("quarantined %s: %s", bad.path, bad.reason)
+    for line in report.warnings:  # empty class folders, label conflicts
+        logger.warning("%s", line)
     tracking.log_artifacts(
         run_id,
         [report.report_path, report.quarantine_path, report.clean_manifest_path, snapshot.classes_path],
