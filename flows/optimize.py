@@ -4,7 +4,6 @@ same test split, gated against the reference, compared in one table and plot."""
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,20 +15,24 @@ from pydantic import BaseModel
 
 from components import tracking
 from components.config import PipelineParams, load_params
-from components.data.augment import build_eval_transform
-from components.data.dataset import eval_arrays, rows_of_split
-from components.data.ingest import read_manifest
 from components.errors import StageError, VisionflowError
-from components.optimization.distill import DistillationModule, check_teacher_classes
-from components.optimization.measure import VariantResult, best_variant, gate, measure_onnx, write_comparison
-from components.optimization.prune import count_macs_params, prune_structured, prune_unstructured, save_pruned
-from components.optimization.quantize import quantize_dynamic, quantize_static
-from components.packaging.export import export_onnx
-from components.training.fit import fit_in_process, model_spec_from_params
-from components.training.module import ClassifierModule, load_classifier
+from components.optimization.measure import VariantResult, best_variant, gate, write_comparison
+from components.optimization.variants import (
+    REFERENCE,
+    QuantizeMode,
+    VariantOutcome,
+    pruned_name,
+    pruned_variant,
+    quantized_name,
+    quantized_variant,
+    reference_variant,
+    sparse_name,
+    sparse_variant,
+    student_name,
+    student_variant,
+    with_checkpoint_channels,
+)
 from flows.tasks import end_status, finished_pipeline_run
-
-REFERENCE = "fp32"
 
 
 class OptimizeResult(BaseModel):
@@ -43,15 +46,6 @@ class OptimizeResult(BaseModel):
     comparison_md: str
     tradeoff_png: str
     int8_onnx: str | None
-
-
-def _test_set(checkpoint: str, manifest: str, max_pixels: int):
-    classifier = load_classifier(checkpoint)
-    rows = rows_of_split(read_manifest(manifest), "test")
-    images, targets = eval_arrays(
-        rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, max_pixels
-    )
-    return classifier, images, targets
 
 
 @contextmanager
@@ -69,41 +63,15 @@ def _variant_run(parent_run_id: str, experiment: str, name: str, params: dict):
     tracking.end_run(run_id, tracking.RunStatus.FINISHED)
 
 
-def _measured(
-    name: str, method: str, onnx_path: Path, images, targets, classes, settings: PipelineParams, run_id: str, **extra
-) -> VariantResult:
-    figures = measure_onnx(
-        onnx_path,
-        images,
-        targets,
-        classes,
-        threads=settings.optimize.threads,
-        repeats=settings.optimize.latency_repeats,
-    )
-    result = VariantResult(
-        name=name, method=method, artifact=str(onnx_path), threads=settings.optimize.threads, **{**figures, **extra}
-    )
-    tracking.log_metrics(
-        run_id,
-        {k: v for k, v in result.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-    )
-    tracking.log_artifacts(run_id, [onnx_path], "model")
+def _logged(run_id: str, outcome: VariantOutcome) -> VariantResult:
+    """Log a variant's figures (and extra metrics) and its ONNX file to its run; returns its VariantResult."""
+    for warning in outcome.warnings:
+        get_run_logger().warning(warning)
+    result = outcome.result
+    figures = {k: v for k, v in result.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracking.log_metrics(run_id, {**outcome.extra_metrics, **figures})
+    tracking.log_artifacts(run_id, [result.artifact], "model")
     return result
-
-
-def _count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _count_macs(model, images) -> int | None:
-    """MACs of one forward pass on the first test image, or None where torch-pruning cannot count them."""
-    import torch
-
-    try:
-        return count_macs_params(model, torch.from_numpy(images[:1]))[0]
-    except Exception as err:  # a MACs figure is informative only; never fail a variant for it
-        get_run_logger().warning("could not count MACs of %s: %s", type(model).__name__, err)
-        return None
 
 
 @task(name="optimize-reference")
@@ -111,27 +79,14 @@ def reference_task(
     checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, parent_run_id: str
 ) -> VariantResult:
     """Export the trained model to fp32 ONNX and measure it: the reference every variant is gated against."""
-    classifier, images, targets = _test_set(checkpoint, manifest, params.data.max_pixels)
     with _variant_run(parent_run_id, params.run.experiment, REFERENCE, {"method": "onnx fp32"}) as run_id:
-        onnx_path = export_onnx(classifier.model, classifier.spec, Path(out_dir) / "fp32" / "model.onnx")
-        return _measured(
-            REFERENCE,
-            "onnx fp32",
-            onnx_path,
-            images,
-            targets,
-            classifier.classes,
-            params,
-            run_id,
-            params=_count_params(classifier.model),
-            macs=_count_macs(classifier.model, images),
-        )
+        return _logged(run_id, reference_variant(checkpoint, manifest, params, out_dir))
 
 
 @task(name="optimize-quantize")
 def quantize_task(
     reference_onnx: str,
-    mode: str,
+    mode: QuantizeMode,
     checkpoint: str,
     manifest: str,
     params: PipelineParams,
@@ -139,44 +94,12 @@ def quantize_task(
     parent_run_id: str,
 ) -> VariantResult:
     """int8 post-training quantization of the fp32 ONNX model with onnxruntime (static QDQ or dynamic)."""
-    classifier, images, targets = _test_set(checkpoint, manifest, params.data.max_pixels)
     q = params.optimize.quantize
-    name = f"int8-{mode}"
-    with _variant_run(
-        parent_run_id,
-        params.run.experiment,
-        name,
-        {"method": name, "per_channel": q.per_channel, "calibration_images": q.calibration_images},
-    ) as run_id:
-        out = Path(out_dir) / name / "model.onnx"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "static":
-            train_rows = rows_of_split(read_manifest(manifest), "train")[: q.calibration_images]
-            calibration, _ = (
-                eval_arrays(
-                    train_rows,
-                    classifier.classes,
-                    build_eval_transform(classifier.augment),
-                    classifier.spec.in_channels,
-                    params.data.max_pixels,
-                )
-                if train_rows
-                else ([], [])
-            )
-            quantize_static(Path(reference_onnx), calibration, out, per_channel=q.per_channel)
-        else:
-            quantize_dynamic(Path(reference_onnx), out)
-        return _measured(
-            name,
-            f"onnxruntime {mode} int8",
-            out,
-            images,
-            targets,
-            classifier.classes,
-            params,
-            run_id,
-            params=_count_params(classifier.model),
-        )
+    name = quantized_name(mode)
+    run_params = {"method": name, "per_channel": q.per_channel, "calibration_images": q.calibration_images}
+    with _variant_run(parent_run_id, params.run.experiment, name, run_params) as run_id:
+        outcome = quantized_variant(reference_onnx, mode, checkpoint, manifest, params, out_dir)
+        return _logged(run_id, outcome)
 
 
 @task(name="optimize-prune")
@@ -184,40 +107,10 @@ def prune_task(
     checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, parent_run_id: str
 ) -> VariantResult:
     """Structured channel pruning (torch-pruning), fine-tuned, exported and measured."""
-    import torch
-
-    classifier, images, targets = _test_set(checkpoint, manifest, params.data.max_pixels)
     p = params.optimize.prune
-    name = f"pruned-{int(p.ratio * 100)}"
-    with _variant_run(
-        parent_run_id, params.run.experiment, name, {f"prune.{k}": v for k, v in p.model_dump().items()}
-    ) as run_id:
-        model = copy.deepcopy(classifier.model)
-        counts = prune_structured(model, torch.from_numpy(images[:1]), p.ratio, p.importance, p.global_pruning)
-        if p.finetune_epochs:
-            module = ClassifierModule(
-                classifier.spec.model_dump(),
-                params.train.model_dump(),
-                classifier.classes,
-                classifier.augment.model_dump(),
-                network=model,
-            )
-            fit_in_process(module, params, read_manifest(manifest), classifier.classes, p.finetune_epochs)
-        directory = Path(out_dir) / name
-        save_pruned(model.eval(), directory / "pruned_state.pth")
-        onnx_path = export_onnx(model.eval(), classifier.spec, directory / "model.onnx")
-        return _measured(
-            name,
-            f"structured {p.importance} pruning {p.ratio:.0%} + {p.finetune_epochs} epochs fine-tuning",
-            onnx_path,
-            images,
-            targets,
-            classifier.classes,
-            params,
-            run_id,
-            params=counts["params_after"],
-            macs=counts["macs_after"],
-        )
+    run_params = {f"prune.{k}": v for k, v in p.model_dump().items()}
+    with _variant_run(parent_run_id, params.run.experiment, pruned_name(p), run_params) as run_id:
+        return _logged(run_id, pruned_variant(checkpoint, manifest, params, out_dir))
 
 
 @task(name="optimize-sparsify")
@@ -225,26 +118,10 @@ def sparsify_task(
     checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, parent_run_id: str
 ) -> VariantResult:
     """Global unstructured magnitude pruning: sparse weights, same dense shapes (no speed-up on dense kernels)."""
-    classifier, images, targets = _test_set(checkpoint, manifest, params.data.max_pixels)
     amount = params.optimize.prune.unstructured_amount
-    name = f"sparse-{int(amount * 100)}"
+    name = sparse_name(amount)
     with _variant_run(parent_run_id, params.run.experiment, name, {"unstructured_amount": amount}) as run_id:
-        model = copy.deepcopy(classifier.model)
-        sparsity = prune_unstructured(model, amount)
-        tracking.log_metrics(run_id, {"sparsity": sparsity})
-        onnx_path = export_onnx(model.eval(), classifier.spec, Path(out_dir) / name / "model.onnx")
-        return _measured(
-            name,
-            f"unstructured magnitude pruning ({sparsity:.0%} zeros; dense kernels, no speed-up)",
-            onnx_path,
-            images,
-            targets,
-            classifier.classes,
-            params,
-            run_id,
-            params=_count_params(model),
-            note=f"sparsity {sparsity:.2f}",
-        )
+        return _logged(run_id, sparse_variant(checkpoint, manifest, params, out_dir))
 
 
 @task(name="optimize-distill")
@@ -252,58 +129,11 @@ def distill_task(
     checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, parent_run_id: str, with_teacher: bool
 ) -> VariantResult:
     """Train the student architecture with the teacher (Hinton loss) or, as the baseline, without it."""
-    classifier, images, targets = _test_set(checkpoint, manifest, params.data.max_pixels)
     d = params.optimize.distill
-    rows = read_manifest(manifest)
-    check_teacher_classes(classifier.classes, sorted({r["label"] for r in rows}))
-    name = f"student-{d.student}-{'distilled' if with_teacher else 'baseline'}"
-    student_params = params.model_copy(
-        update={
-            "model": params.model.model_copy(
-                update={"name": d.student, "dropout": d.student_dropout, "width": d.student_width, "pretrained": False}
-            )
-        }
-    )
-    spec = model_spec_from_params(student_params, len(classifier.classes)).model_dump()
-    with _variant_run(
-        parent_run_id,
-        params.run.experiment,
-        name,
-        {f"distill.{k}": v for k, v in d.model_dump().items()} | {"with_teacher": with_teacher},
-    ) as run_id:
-        if with_teacher:
-            module = DistillationModule(
-                spec,
-                params.train.model_dump(),
-                classifier.classes,
-                classifier.augment.model_dump(),
-                teacher=classifier.model,
-                temperature=d.temperature,
-                alpha=d.alpha,
-            )
-        else:
-            module = ClassifierModule(
-                spec, params.train.model_dump(), classifier.classes, classifier.augment.model_dump()
-            )
-        trainer = fit_in_process(module, student_params, rows, classifier.classes, d.epochs)
-        directory = Path(out_dir) / name
-        directory.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(directory / "student.ckpt")
-        onnx_path = export_onnx(
-            module.model.eval(), load_classifier(str(directory / "student.ckpt")).spec, directory / "model.onnx"
-        )
-        return _measured(
-            name,
-            f"{d.student} student {f'distilled (T={d.temperature:g}, alpha={d.alpha:g})' if with_teacher else 'trained without teacher'}",
-            onnx_path,
-            images,
-            targets,
-            classifier.classes,
-            params,
-            run_id,
-            params=_count_params(module.model),
-            macs=_count_macs(module.model, images),
-        )
+    name = student_name(d, with_teacher)
+    run_params = {f"distill.{k}": v for k, v in d.model_dump().items()} | {"with_teacher": with_teacher}
+    with _variant_run(parent_run_id, params.run.experiment, name, run_params) as run_id:
+        return _logged(run_id, student_variant(checkpoint, manifest, params, out_dir, with_teacher))
 
 
 @task(name="optimize-compare")
@@ -359,7 +189,7 @@ def optimize_stage(
         if o.distill.baseline:
             variants.append(distill_task(checkpoint, manifest, params, out_dir, parent_run_id, with_teacher=False))
     gated, best, (csv_path, md_path, png_path) = compare_task(variants, params, out_dir, parent_run_id)
-    int8 = next((v for v in gated if v.name == "int8-static" and v.accepted), None)
+    int8 = next((v for v in gated if v.name == quantized_name("static") and v.accepted), None)
     return OptimizeResult(
         run_id=parent_run_id,
         variants=gated,
@@ -421,9 +251,7 @@ def optimize_from_checkpoint(checkpoint: str, params: PipelineParams) -> Optimiz
     from components.data.validate import validate
 
     run_dir = (Path(params.run.output_dir) / f"optimize-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    params = params.model_copy(
-        update={"data": params.data.model_copy(update={"channels": load_classifier(checkpoint).spec.in_channels})}
-    )
+    params = with_checkpoint_channels(params, checkpoint)
     snapshot = ingest(params.data, run_dir / "snapshot", Path(params.run.cache_dir))
     report = validate(snapshot, params.data, run_dir / "data")
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,255 @@
+"""One function per compression variant: each takes the params and its inputs (paths: the trained
+checkpoint, the validated manifest, an output folder), builds the variant's ONNX file, measures it
+on the test split and returns a VariantOutcome. MLflow runs and logging are the caller's.
+
+Variants: the fp32 ONNX reference, int8 (static, dynamic), structured pruning with fine-tuning,
+unstructured magnitude pruning, and a student trained with the teacher (distilled) or without it
+(its baseline)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from components.config import DistillParams, PipelineParams, PruneParams
+from components.data.augment import build_eval_transform
+from components.data.dataset import eval_arrays, rows_of_split
+from components.data.ingest import read_manifest
+from components.optimization.distill import DistillationModule, check_teacher_classes
+from components.optimization.measure import VariantResult, measure_onnx
+from components.optimization.prune import count_macs_params, prune_structured, prune_unstructured, save_pruned
+from components.optimization.quantize import quantize_dynamic, quantize_static
+from components.packaging.export import export_onnx
+from components.training.fit import fit_in_process, model_spec_from_params
+from components.training.module import Classifier, ClassifierModule, load_classifier
+
+REFERENCE = "fp32"
+QuantizeMode = Literal["static", "dynamic"]
+
+
+class VariantOutcome(BaseModel):
+    """A measured variant, the metrics its run logs beyond the VariantResult's own figures, and warnings
+    worth showing (a MACs count that could not be made, say)."""
+
+    result: VariantResult
+    extra_metrics: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+
+
+class _TestSet(NamedTuple):
+    classifier: Classifier
+    images: np.ndarray
+    targets: np.ndarray
+
+
+def quantized_name(mode: QuantizeMode) -> str:
+    """The variant name of int8 quantization in `mode`."""
+    return f"int8-{mode}"
+
+
+def pruned_name(prune: PruneParams) -> str:
+    """The variant name of structured pruning at prune.ratio."""
+    return f"pruned-{int(prune.ratio * 100)}"
+
+
+def sparse_name(amount: float) -> str:
+    """The variant name of unstructured pruning of `amount` of the weights."""
+    return f"sparse-{int(amount * 100)}"
+
+
+def student_name(distill: DistillParams, with_teacher: bool) -> str:
+    """The variant name of the student trained with the teacher (distilled) or without it (baseline)."""
+    return f"student-{distill.student}-{'distilled' if with_teacher else 'baseline'}"
+
+
+def _test_set(checkpoint: str, manifest: str, max_pixels: int) -> _TestSet:
+    classifier = load_classifier(checkpoint)
+    rows = rows_of_split(read_manifest(manifest), "test")
+    images, targets = eval_arrays(
+        rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, max_pixels
+    )
+    return _TestSet(classifier, images, targets)
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count_macs(model: nn.Module, images: np.ndarray, warnings: list[str]) -> int | None:
+    """MACs of one forward pass on the first test image, or None (and a warning) where torch-pruning cannot
+    count them."""
+    try:
+        return count_macs_params(model, torch.from_numpy(images[:1]))[0]
+    except Exception as err:  # a MACs figure is informative only; never fail a variant for it
+        warnings.append(f"could not count MACs of {type(model).__name__}: {err}")
+        return None
+
+
+def _measured(
+    name: str, method: str, onnx_path: Path, test: _TestSet, settings: PipelineParams, **extra
+) -> VariantResult:
+    """measure_onnx of the file on the test set as a VariantResult; `extra` fills the other fields (params,
+    macs, note)."""
+    o = settings.optimize
+    figures = measure_onnx(
+        onnx_path, test.images, test.targets, test.classifier.classes, threads=o.threads, repeats=o.latency_repeats
+    )
+    return VariantResult(name=name, method=method, artifact=str(onnx_path), threads=o.threads, **{**figures, **extra})
+
+
+def reference_variant(checkpoint: str, manifest: str, params: PipelineParams, out_dir: str) -> VariantOutcome:
+    """The trained model exported to fp32 ONNX (out_dir/fp32/model.onnx) and measured: the reference every
+    variant is gated against."""
+    test = _test_set(checkpoint, manifest, params.data.max_pixels)
+    model, warnings = test.classifier.model, []
+    onnx_path = export_onnx(model, test.classifier.spec, Path(out_dir) / REFERENCE / "model.onnx")
+    result = _measured(
+        REFERENCE,
+        "onnx fp32",
+        onnx_path,
+        test,
+        params,
+        params=_count_params(model),
+        macs=_count_macs(model, test.images, warnings),
+    )
+    return VariantOutcome(result=result, warnings=warnings)
+
+
+def quantized_variant(
+    reference_onnx: str, mode: QuantizeMode, checkpoint: str, manifest: str, params: PipelineParams, out_dir: str
+) -> VariantOutcome:
+    """int8 post-training quantization of the fp32 ONNX file with onnxruntime: static QDQ calibrated on the
+    first optimize.quantize.calibration_images training images, or dynamic. Writes out_dir/int8-MODE/model.onnx."""
+    test = _test_set(checkpoint, manifest, params.data.max_pixels)
+    q, classifier, name = params.optimize.quantize, test.classifier, quantized_name(mode)
+    out = Path(out_dir) / name / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "static":
+        train_rows = rows_of_split(read_manifest(manifest), "train")[: q.calibration_images]
+        calibration, _ = (
+            eval_arrays(
+                train_rows,
+                classifier.classes,
+                build_eval_transform(classifier.augment),
+                classifier.spec.in_channels,
+                params.data.max_pixels,
+            )
+            if train_rows
+            else ([], [])
+        )
+        quantize_static(Path(reference_onnx), calibration, out, per_channel=q.per_channel)
+    else:
+        quantize_dynamic(Path(reference_onnx), out)
+    result = _measured(name, f"onnxruntime {mode} int8", out, test, params, params=_count_params(classifier.model))
+    return VariantOutcome(result=result)
+
+
+def pruned_variant(checkpoint: str, manifest: str, params: PipelineParams, out_dir: str) -> VariantOutcome:
+    """Structured channel pruning of a copy of the trained model (torch-pruning), fine-tuned for
+    optimize.prune.finetune_epochs, saved (pruned_state.pth), exported and measured. Raises ValueError where
+    torch-pruning cannot prune the network."""
+    test = _test_set(checkpoint, manifest, params.data.max_pixels)
+    p, classifier = params.optimize.prune, test.classifier
+    model = copy.deepcopy(classifier.model)
+    counts = prune_structured(model, torch.from_numpy(test.images[:1]), p.ratio, p.importance, p.global_pruning)
+    if p.finetune_epochs:
+        module = ClassifierModule(
+            classifier.spec.model_dump(),
+            params.train.model_dump(),
+            classifier.classes,
+            classifier.augment.model_dump(),
+            network=model,
+        )
+        fit_in_process(module, params, read_manifest(manifest), classifier.classes, p.finetune_epochs)
+    directory = Path(out_dir) / pruned_name(p)
+    save_pruned(model.eval(), directory / "pruned_state.pth")
+    onnx_path = export_onnx(model.eval(), classifier.spec, directory / "model.onnx")
+    result = _measured(
+        pruned_name(p),
+        f"structured {p.importance} pruning {p.ratio:.0%} + {p.finetune_epochs} epochs fine-tuning",
+        onnx_path,
+        test,
+        params,
+        params=counts["params_after"],
+        macs=counts["macs_after"],
+    )
+    return VariantOutcome(result=result)
+
+
+def sparse_variant(checkpoint: str, manifest: str, params: PipelineParams, out_dir: str) -> VariantOutcome:
+    """Global unstructured magnitude pruning of optimize.prune.unstructured_amount of the weights: sparse
+    weights, same dense shapes (no speed-up on dense kernels). Its run also logs the achieved sparsity."""
+    test = _test_set(checkpoint, manifest, params.data.max_pixels)
+    amount = params.optimize.prune.unstructured_amount
+    name = sparse_name(amount)
+    model = copy.deepcopy(test.classifier.model)
+    sparsity = prune_unstructured(model, amount)
+    onnx_path = export_onnx(model.eval(), test.classifier.spec, Path(out_dir) / name / "model.onnx")
+    result = _measured(
+        name,
+        f"unstructured magnitude pruning ({sparsity:.0%} zeros; dense kernels, no speed-up)",
+        onnx_path,
+        test,
+        params,
+        params=_count_params(model),
+        note=f"sparsity {sparsity:.2f}",
+    )
+    return VariantOutcome(result=result, extra_metrics={"sparsity": sparsity})
+
+
+def _student_params(params: PipelineParams) -> PipelineParams:
+    d = params.optimize.distill
+    student = {"name": d.student, "dropout": d.student_dropout, "width": d.student_width, "pretrained": False}
+    return params.model_copy(update={"model": params.model.model_copy(update=student)})
+
+
+def student_variant(
+    checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, with_teacher: bool
+) -> VariantOutcome:
+    """The student architecture (optimize.distill) trained with the trained model as teacher (Hinton loss)
+    or, as the baseline, without it; checkpointed (student.ckpt), exported and measured. Raises ValueError
+    when the teacher's classes are not the data's."""
+    test = _test_set(checkpoint, manifest, params.data.max_pixels)
+    d, classifier, warnings = params.optimize.distill, test.classifier, []
+    rows = read_manifest(manifest)
+    check_teacher_classes(classifier.classes, sorted({r["label"] for r in rows}))
+    student_params = _student_params(params)
+    spec = model_spec_from_params(student_params, len(classifier.classes)).model_dump()
+    optim, augment = params.train.model_dump(), classifier.augment.model_dump()
+    if with_teacher:
+        module = DistillationModule(
+            spec, optim, classifier.classes, augment, teacher=classifier.model, temperature=d.temperature, alpha=d.alpha
+        )
+        method = f"{d.student} student distilled (T={d.temperature:g}, alpha={d.alpha:g})"
+    else:
+        module = ClassifierModule(spec, optim, classifier.classes, augment)
+        method = f"{d.student} student trained without teacher"
+    trainer = fit_in_process(module, student_params, rows, classifier.classes, d.epochs)
+    directory = Path(out_dir) / student_name(d, with_teacher)
+    directory.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(directory / "student.ckpt")
+    student_spec = load_classifier(str(directory / "student.ckpt")).spec
+    onnx_path = export_onnx(module.model.eval(), student_spec, directory / "model.onnx")
+    result = _measured(
+        student_name(d, with_teacher),
+        method,
+        onnx_path,
+        test,
+        params,
+        params=_count_params(module.model),
+        macs=_count_macs(module.model, test.images, warnings),
+    )
+    return VariantOutcome(result=result, warnings=warnings)
+
+
+def with_checkpoint_channels(params: PipelineParams, checkpoint: str) -> PipelineParams:
+    """`params` with data.channels set to the input channels of the model in `checkpoint` (so the data is read
+    the way that model was trained)."""
+    channels = load_classifier(checkpoint).spec.in_channels
+    return params.model_copy(update={"data": params.data.model_copy(update={"channels": channels})})
