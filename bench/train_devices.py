@@ -40,6 +40,7 @@ from components import tracking  # noqa: E402
 from components.config import load_params  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
 from components.data.validate import validate  # noqa: E402
+from components.planning import plan_for_manifest  # noqa: E402
 from components.training.fit import FitResult, FitSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ def run_fit(name: str, overrides: list[str], work: Path, gpus: int) -> dict[str,
     params = load_params(None, overrides + [f"run.experiment=bench-{name}", f"run.cache_dir={work / 'cache'}"])
     snapshot = ingest(params.data, work / name / "snapshot", work / "cache")
     report = validate(snapshot, params.data, work / name / "data")
+    params = plan_for_manifest(params, report.clean_manifest_path).params  # no `auto` reaches fit
     run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
     spec = FitSpec(
         params=params,

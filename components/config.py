@@ -672,7 +672,8 @@ def _format_error(err: ValidationError) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part.startswith("constrained-") or part in {"int", "float", "bool", "str"})
+    names = {"int", "float", "bool", "str"}
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-") or part in names)
 
 
 def _parse_value(text: str) -> Any:

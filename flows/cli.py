@@ -224,6 +224,26 @@ def optimize(
     """Compress a trained model (distill, prune, quantize); every variant measured and gated."""
 
     def go():
+@app.command("plan")
+def plan_command(
+    path: str = typer.Argument(..., help="Folder, CSV manifest, archive, bundled:digits or torchvision:NAME."),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
+) -> None:
+    """Show what a run would decide from the data (every `auto` param, its value and why); nothing is trained."""
+
+    def go():
+        import tempfile
+
+        from components.planning import format_plan, plan_source
+
+        p = load_params(params, [*(set_ or []), f"data.path={path}"])
+        plan = plan_source(p, Path(tempfile.mkdtemp(prefix="visionflow-plan-")))
+        console.print(format_plan(plan), highlight=False, markup=False, soft_wrap=True)
+
+    _run_guarded(go)
+
+
         from flows.optimize import optimize_from_checkpoint, optimize_from_run
 
         if bool(from_run) == bool(checkpoint):

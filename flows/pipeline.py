@@ -21,6 +21,7 @@ from flows.tasks import (
     evaluate_task,
     ingest_task,
     json_dump,
+    plan_task,
     preview_task,
     process_tags,
     publish_summary,
@@ -131,6 +132,8 @@ def pipeline(
         snapshot = ingest_task(params.data, params.run.cache_dir)
         stage = clock.start("validate")
         report = validate_task(snapshot, params.data, str(run_dir), run_id)
+        stage = clock.start("plan")
+        params = plan_task(params, report, str(run_dir), run_id)
         stage = clock.start("augment")
         preview_task(params, report, str(run_dir), run_id)
         stage = clock.start("train")

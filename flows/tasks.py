@@ -164,6 +164,28 @@ def validate_task(snapshot: DatasetSnapshot, data: DataParams, run_dir: str, run
     return report
 
 
+# --- plan ---------------------------------------------------------------------------------------
+
+
+@task(name="plan")
+def plan_task(params: PipelineParams, report: ValidationReport, run_dir: str, run_id: str) -> PipelineParams:
+    """Resolve the `auto` params from the validated data (components.planning): print the decision table, save
+    plan.json, rewrite params.yaml with the resolved params (what resume and later stages read) and log both to
+    MLflow with the decisions as plan.* params. Returns the resolved params."""
+    import yaml
+
+    from components.planning import format_plan, plan_for_manifest, save_plan
+
+    plan = plan_for_manifest(params, report.clean_manifest_path)
+    print(f"plan ({sum(d.source == 'plan' for d in plan.decisions)} decided from the data):\n{format_plan(plan)}")
+    path = save_plan(plan, Path(run_dir) / "plan.json")
+    resolved = Path(run_dir) / "params.yaml"
+    resolved.write_text(yaml.safe_dump(plan.params.model_dump(mode="json"), sort_keys=False))
+    tracking.log_params(run_id, {k: str(v) for k, v in plan.flat().items()})
+    tracking.log_artifacts(run_id, [path, resolved])
+    return plan.params
+
+
 # --- augmentation preview -----------------------------------------------------------------------
 
 

@@ -148,7 +148,8 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
     rows = read_manifest(snapshot.manifest_path)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda row: _check(row, params.channels, params.max_pixels), rows))
+        channels = 3 if params.channels == "auto" else params.channels  # decoding is checked the same either way
+        reasons = list(pool.map(lambda row: _check(row, channels, params.max_pixels), rows))
 
     reasons, conflict_groups = _label_conflicts(rows, reasons, params.label_conflicts)
     clean = [row for row, reason in zip(rows, reasons, strict=False) if reason is None]

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from pydantic import BaseModel
 
-from components.config import PipelineParams
+from components.config import PipelineParams, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
 from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
@@ -241,6 +241,12 @@ def fit(spec: FitSpec) -> FitResult:
     rows = read_manifest(spec.manifest_path)
     task_classes = task_classes_of(rows, params)
     if params.train.optimizer == "gd":
+    unresolved = unresolved_fields(params) + (["train.lr"] if params.train.lr == "auto" else [])
+    if unresolved:
+        raise VisionflowError(
+            f"params still set to auto reached the training process ({', '.join(unresolved)}): resolve them with "
+            "components.planning (the pipeline's plan task does)"
+        )
         accumulate = gd_accumulation(rows, params, plan.world_size)
     else:
         accumulate = params.trainer.accumulate_grad_batches

@@ -14,6 +14,7 @@ from components import tracking
 from components.config import PipelineParams, params_to_flat_dict
 from components.data.ingest import ingest
 from components.data.validate import validate
+from components.planning import plan_for_manifest
 from components.training.fit import FitSpec
 
 
@@ -25,6 +26,7 @@ def prepare_fit_spec(params: PipelineParams, out_dir: Path) -> Path:
     params = params.model_copy(update={"run": params.run.model_copy(update={"cache_dir": str(cache_dir)})})
     snapshot = ingest(params.data, out_dir / "snapshot", cache_dir)
     report = validate(snapshot, params.data, out_dir / "data")
+    params = plan_for_manifest(params, report.clean_manifest_path).params  # no `auto` reaches the training process
     run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
     tracking.log_params(run_id, params_to_flat_dict(params))
     spec = FitSpec(

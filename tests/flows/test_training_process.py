@@ -18,6 +18,7 @@ from components import tracking
 from components.config import load_params
 from components.data.ingest import ingest
 from components.data.validate import validate
+from components.planning import plan_for_manifest
 from components.training.fit import FitResult, FitSpec
 from components.training.launch import prepare_fit_spec
 from components.training.module import load_classifier
@@ -33,6 +34,7 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
     )
     snapshot = ingest(params.data, tmp_path / "snapshot", Path(params.run.cache_dir))
     report = validate(snapshot, params.data, tmp_path / "data")
+    params = plan_for_manifest(params, report.clean_manifest_path).params  # no `auto` reaches fit
     run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
     spec = FitSpec(
         params=params,

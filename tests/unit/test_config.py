@@ -40,7 +40,10 @@ def test_overrides_are_parsed_like_yaml():
             "data.val_fraction=0.45 data.test_fraction=0.4",
             "invalid parameter data: val_fraction + test_fraction must leave",
         ),
-        ("data.channels=1", "invalid parameters: augment.mean has 3 values but data.channels is 1"),
+        (
+            "data.channels=1 augment.mean=[0.5,0.5,0.5]",
+            "invalid parameters: augment.mean has 3 values but data.channels is 1",
+        ),
         ("model.name=vit augment.image_size=30", "invalid parameters: model.vit.patch_size 4 does not divide"),
         ("model.name=vit model.vit.heads=3", "invalid parameter model: vit.heads (3) must divide vit.width (128)"),
         ("train", "expected KEY=VALUE"),
@@ -64,7 +67,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_flat_dict_uses_dotted_names():
     flat = params_to_flat_dict(PipelineParams())
-    assert flat["train.max_epochs"] == 30 and flat["data.path"] == "bundled:digits"
+    assert flat["train.max_epochs"] == "auto" and flat["data.path"] == "bundled:digits"  # the plan decides it
     assert all("." in key for key in flat)
 
 
