@@ -93,7 +93,8 @@ def quantize_dynamic(onnx_path: Path, out_path: Path) -> Path:
 
     Takes the fp32 .onnx path and the output path. Weights are QInt8, except in graphs with
     convolutions, whose ConvInteger kernels onnxruntime's CPU provider only has for QUInt8
-    weights. The graph goes through quant_pre_process first when that succeeds. Returns `out_path`. Suits Linear/RNN-heavy models; convolutional ones often get slower.
+    weights. The graph goes through quant_pre_process first when that succeeds. Returns `out_path`.
+    Suits Linear/RNN-heavy models; convolutional ones often get slower.
     """
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     check_onnx_file(onnx_path)
