@@ -68,7 +68,8 @@ def _source_stamp(path: str) -> str:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
-            stat = os.stat(os.path.join(dirpath, name))
+            file = os.path.join(dirpath, name)
+            stat = os.stat(file) if os.path.exists(file) else os.lstat(file)  # a dangling link: its own stamp
             digest.update(f"{dirpath}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
