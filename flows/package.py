@@ -18,7 +18,7 @@ from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
 from components.errors import StageError, VisionflowError
 from components.evaluation.report import EvalReport, read_report
-from components.packaging.gate import decide_promotion
+from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison
 from components.packaging.package import bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
 from flows.tasks import end_status, finished_pipeline_run, publish_summary
@@ -49,6 +49,21 @@ def _champion_bundle(name: str, cache_dir: str) -> tuple[object, Path] | None:
     if not bundle.is_dir():
         tracking.download_run_artifacts(champion.run_id, BUNDLE_ARTIFACTS, dest)
     return champion, bundle
+
+
+def _gate(
+    name: str, version: str, bundle_dir: Path, accuracy: float, test_rows: list[dict], params: PipelineParams
+) -> GateDecision:
+    """The champion/challenger decision for `version`: compared on the same test rows when the champion
+    has the same labels and input shape, else refused (champion unchanged, the reason says what to do)."""
+    champion = _champion_bundle(name, params.run.cache_dir)
+    margin = params.package.promote_margin
+    if champion is None:
+        return decide_promotion(accuracy, None, margin)
+    why = bundle_incompatibility(bundle_dir, champion[1])
+    if why:
+        return refuse_comparison(accuracy, why, name, version, str(champion[0].version), margin)
+    return decide_promotion(accuracy, bundle_accuracy(champion[1], test_rows, params.data.max_pixels), margin)
 
 
 @task(name="package")
@@ -114,11 +129,8 @@ def package_task(
         packaged.input_example,
         {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", DATA_FINGERPRINT_TAG: fingerprint},
     )
-    champion = _champion_bundle(name, params.run.cache_dir)
-    champion_accuracy = None
-    if champion is not None:
-        champion_accuracy = bundle_accuracy(champion[1], test_rows, params.data.max_pixels)
-    decision = decide_promotion(challenger_accuracy, champion_accuracy, params.package.promote_margin)
+    decision = _gate(name, version, Path(packaged.bundle_dir), challenger_accuracy, test_rows, params)
+    champion_accuracy = decision.champion_accuracy
     tracking.set_alias(name, tracking.CHALLENGER, version, "new model version")
     if decision.promote:
         tracking.set_alias(name, tracking.CHAMPION, version, decision.reason)
@@ -128,6 +140,7 @@ def package_task(
             "registry/challenger_accuracy": challenger_accuracy,
             **({"registry/champion_accuracy": champion_accuracy} if champion_accuracy is not None else {}),
             "registry/promoted": float(decision.promote),
+            "registry/compared": float(decision.compared),
         },
     )
     tracking.set_tags(run_id, {"visionflow.model_version": version, "visionflow.gate": decision.reason})
