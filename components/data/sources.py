@@ -4,6 +4,10 @@ Sources: scikit-learn's bundled digits, an ImageFolder directory (optionally wit
 top folders), a CSV manifest, a .zip/.tar.gz/.tgz/.tar archive of either, or a torchvision data set.
 Bundled, downloaded and extracted data are materialized once under the cache folder (into a
 temporary folder first, then renamed, so a crash never leaves a half-written set that is reused).
+
+Links in a folder follow components.safety's rule: followed once inside the data root, labelled by the
+class folder the image really lives in, quarantined ("link outside the data set") when they lead out.
+Archives are extracted under components.safety's member rules and the data.archive_* limits.
 """
 
 from __future__ import annotations
@@ -151,7 +155,8 @@ class _Walk:
             real = safety.follow_link(folder, self.root)
             if real is None:
                 self.refuse(folder, label, split)
-            elif real not in self.owners and real != self.root:  # else an alias of a class folder, or a cycle
+            elif real not in self.owners and real not in self.blocked and self.owner(real) is None:
+                # (else an alias of a class folder, a folder inside one, or a folder above them: a cycle)
                 self.owners[real] = (label, split)
                 self.blocked.update(p for p in real.parents if safety.is_inside(p, self.root))
                 walks.append((label, split, folder))

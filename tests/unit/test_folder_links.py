@@ -69,6 +69,8 @@ def test_links_inside_are_followed_once_with_the_real_label(tmp_path):
     os.symlink("../dog/img_001.png", root / "cat" / "a_dog.png")  # a dog image linked into cat
     os.symlink("../dog", root / "cat" / "dogs")  # a class folder linked into another
     os.symlink("cat", root / "kitty")  # an alias of a class folder
+    _image(root / "cat" / "kittens" / "k.png", 98)
+    os.symlink("cat/kittens", root / "kittens")  # a class folder linked to a folder inside another class
     _image(root / ".store" / "shared.png", 99)  # inside the root, in no class folder (a hidden store)
     os.symlink("../.store/shared.png", root / "cat" / "stored.png")
     snapshot, rows, report = _run(tmp_path, root)
@@ -77,6 +79,7 @@ def test_links_inside_are_followed_once_with_the_real_label(tmp_path):
         **{f"cat/img_{i:03d}.png": "cat" for i in range(4)},
         **{f"dog/img_{i:03d}.png": "dog" for i in range(4)},
         "cat/stored.png": "cat",  # from the store: the class folder it was linked from
+        "cat/kittens/k.png": "cat",
     }
     assert snapshot.classes == ["cat", "dog"] and report.empty_classes == []
     assert not report.duplicate_groups and not report.label_conflicts
