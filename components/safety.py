@@ -21,6 +21,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -253,8 +254,8 @@ def extract_archive_into(
     except Exception as err:
         shutil.rmtree(dest, ignore_errors=True)
         if isinstance(err, VisionflowError) or not isinstance(
-            err, (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError)
-        ):
+            err, (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, RuntimeError, zlib.error)
+        ):  # RuntimeError: an encrypted zip member or an unsupported compression method; zlib: corrupt data
             raise
         if isinstance(err, tarfile.FilterError):
             member = getattr(err, "tarinfo", None)
