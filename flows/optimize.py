@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from components import tracking
 from components.config import PipelineParams, load_params
-from components.errors import StageError, VisionflowError
+from components.errors import stage_failure
 from components.optimization.measure import VariantResult, best_variant, gate, write_comparison
 from components.optimization.variants import (
     REFERENCE,
@@ -32,7 +32,7 @@ from components.optimization.variants import (
     student_variant,
     with_checkpoint_channels,
 )
-from flows.tasks import end_status, finished_pipeline_run
+from flows.tasks import finished_pipeline_run
 
 
 class OptimizeResult(BaseModel):
@@ -51,16 +51,10 @@ class OptimizeResult(BaseModel):
 @contextmanager
 def _variant_run(parent_run_id: str, experiment: str, name: str, params: dict):
     """A nested MLflow run for one variant; ended FAILED (or KILLED) when the block raises."""
-    run_id = tracking.start_run(
-        experiment, name, {tracking.STAGE_TAG: "optimize", "visionflow.variant": name}, parent_run_id=parent_run_id
-    )
-    tracking.log_params(run_id, params)
-    try:
-        yield run_id
-    except BaseException as err:
-        tracking.end_run(run_id, end_status(err))
-        raise
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
+    tags = {tracking.STAGE_TAG: "optimize", "visionflow.variant": name}
+    with tracking.run_scope(experiment, name, tags, parent_run_id=parent_run_id) as run:
+        tracking.log_params(run.run_id, params)
+        yield run.run_id
 
 
 def _logged(run_id: str, outcome: VariantOutcome) -> VariantResult:
@@ -207,31 +201,19 @@ def optimize_flow(
     checkpoint: str, manifest: str, params: PipelineParams, run_dir: str, source_run_id: str | None = None
 ) -> OptimizeResult:
     """Compress a trained checkpoint on a validated manifest under a new MLflow run; returns the OptimizeResult."""
-    run_id = tracking.start_run(
-        params.run.experiment,
-        f"optimize-{Path(checkpoint).stem}",
-        {
-            "prefect.flow_run_id": str(flow_run.id or ""),
-            "prefect.flow_run_url": str(flow_run.ui_url or ""),
-            "visionflow.source_run": source_run_id or "",
-            tracking.RUN_DIR_TAG: run_dir,
-        },
-    )
-    tracking.log_params(
-        run_id, {"checkpoint": checkpoint, **{f"optimize.{k}": v for k, v in params.optimize.model_dump().items()}}
-    )
-    try:
-        result = optimize_stage(checkpoint, manifest, params, run_dir, run_id)
-    except BaseException as err:
-        tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: "optimize", "visionflow.error": str(err)[:500]})
-        tracking.end_run(run_id, end_status(err))
-        if isinstance(err, VisionflowError) and not isinstance(err, StageError):
-            raise StageError("optimize", str(err)) from err
-        if isinstance(err, ValueError):
-            raise StageError("optimize", str(err)) from err
-        raise
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
-    return result
+    tags = {
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+        "visionflow.source_run": source_run_id or "",
+        tracking.RUN_DIR_TAG: run_dir,
+    }
+    with (
+        stage_failure("optimize", also=(ValueError,)),
+        tracking.run_scope(params.run.experiment, f"optimize-{Path(checkpoint).stem}", tags, stage="optimize") as run,
+    ):
+        optimize_params = {f"optimize.{k}": v for k, v in params.optimize.model_dump().items()}
+        tracking.log_params(run.run_id, {"checkpoint": checkpoint, **optimize_params})
+        return optimize_stage(checkpoint, manifest, params, run_dir, run.run_id)
 
 
 def optimize_from_run(run_id: str, overrides: list[str]) -> OptimizeResult:
