@@ -19,7 +19,7 @@ from components.data.ingest import read_manifest
 from components.errors import StageError, VisionflowError
 from components.evaluation.report import EvalReport, read_report
 from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison
-from components.packaging.package import bundle_accuracy, package_checkpoint
+from components.packaging.package import PackagedModel, bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
 from flows.tasks import end_status, finished_pipeline_run, publish_summary
 
@@ -64,6 +64,62 @@ def _gate(
     if why:
         return refuse_comparison(accuracy, why, name, version, str(champion[0].version), margin)
     return decide_promotion(accuracy, bundle_accuracy(champion[1], test_rows, params.data.max_pixels), margin)
+
+
+def _register_and_gate(
+    packaged: PackagedModel, params: PipelineParams, fingerprint: str, test_rows: list[dict], run_id: str
+) -> PackageResult:
+    """Register the packaged model under package.model_name (alias challenger), gate it against the champion
+    and record the decision (metrics, tags, a Prefect summary); returns the PackageResult."""
+    logger = get_run_logger()
+    name = params.package.model_name
+    challenger_accuracy = bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
+    version = tracking.register_onnx(
+        run_id,
+        packaged.onnx_path,
+        name,
+        packaged.input_example,
+        {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", DATA_FINGERPRINT_TAG: fingerprint},
+    )
+    decision = _gate(name, version, Path(packaged.bundle_dir), challenger_accuracy, test_rows, params)
+    champion_accuracy = decision.champion_accuracy
+    tracking.set_alias(name, tracking.CHALLENGER, version, "new model version")
+    if decision.promote:
+        tracking.set_alias(name, tracking.CHAMPION, version, decision.reason)
+    tracking.log_metrics(
+        run_id,
+        {
+            "registry/challenger_accuracy": challenger_accuracy,
+            **({"registry/champion_accuracy": champion_accuracy} if champion_accuracy is not None else {}),
+            "registry/promoted": float(decision.promote),
+            "registry/compared": float(decision.compared),
+        },
+    )
+    tracking.set_tags(run_id, {"visionflow.model_version": version, "visionflow.gate": decision.reason})
+    logger.info("registered %s version %s: %s", name, version, decision.reason)
+    publish_summary(
+        "registry-gate",
+        f"{name} v{version}: {'promoted to champion' if decision.promote else 'kept as challenger'}",
+        {
+            "challenger accuracy (test split)": f"{challenger_accuracy:.4f}",
+            "champion accuracy (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
+            "margin": f"{params.package.promote_margin}",
+            "decision": decision.reason,
+            "bundle": packaged.archive,
+        },
+        tracking.run_link(run_id),
+    )
+    return PackageResult(
+        bundle_dir=packaged.bundle_dir,
+        archive=packaged.archive,
+        model_name=name,
+        version=version,
+        promoted=decision.promote,
+        reason=decision.reason,
+        challenger_accuracy=challenger_accuracy,
+        champion_accuracy=champion_accuracy,
+        run_id=run_id,
+    )
 
 
 @task(name="package")
@@ -120,54 +176,7 @@ def package_task(
     tracking.log_artifacts(run_id, sorted(Path(packaged.bundle_dir).iterdir()), BUNDLE_ARTIFACTS)
     tracking.log_artifacts(run_id, [packaged.archive])
 
-    name = params.package.model_name
-    challenger_accuracy = bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
-    version = tracking.register_onnx(
-        run_id,
-        packaged.onnx_path,
-        name,
-        packaged.input_example,
-        {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", DATA_FINGERPRINT_TAG: fingerprint},
-    )
-    decision = _gate(name, version, Path(packaged.bundle_dir), challenger_accuracy, test_rows, params)
-    champion_accuracy = decision.champion_accuracy
-    tracking.set_alias(name, tracking.CHALLENGER, version, "new model version")
-    if decision.promote:
-        tracking.set_alias(name, tracking.CHAMPION, version, decision.reason)
-    tracking.log_metrics(
-        run_id,
-        {
-            "registry/challenger_accuracy": challenger_accuracy,
-            **({"registry/champion_accuracy": champion_accuracy} if champion_accuracy is not None else {}),
-            "registry/promoted": float(decision.promote),
-            "registry/compared": float(decision.compared),
-        },
-    )
-    tracking.set_tags(run_id, {"visionflow.model_version": version, "visionflow.gate": decision.reason})
-    logger.info("registered %s version %s: %s", name, version, decision.reason)
-    publish_summary(
-        "registry-gate",
-        f"{name} v{version}: {'promoted to champion' if decision.promote else 'kept as challenger'}",
-        {
-            "challenger accuracy (test split)": f"{challenger_accuracy:.4f}",
-            "champion accuracy (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
-            "margin": f"{params.package.promote_margin}",
-            "decision": decision.reason,
-            "bundle": packaged.archive,
-        },
-        tracking.run_link(run_id),
-    )
-    return PackageResult(
-        bundle_dir=packaged.bundle_dir,
-        archive=packaged.archive,
-        model_name=name,
-        version=version,
-        promoted=decision.promote,
-        reason=decision.reason,
-        challenger_accuracy=challenger_accuracy,
-        champion_accuracy=champion_accuracy,
-        run_id=run_id,
-    )
+    return _register_and_gate(packaged, params, fingerprint, test_rows, run_id)
 
 
 class _RunToPackage(BaseModel):
