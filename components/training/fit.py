@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from pydantic import BaseModel
 
@@ -27,6 +27,7 @@ from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
 from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
+from components.models.weights import head_prefixes, is_head
 from components.training.devices import DevicePlan, effective_batch_size, plan_devices, resolve_accelerator, scaled_lr
 from components.training.module import ClassifierModule
 
@@ -94,6 +95,28 @@ class EpochThroughput(Callback):
             pl_module.log("perf/gpu_peak_mem_mb", peak, on_epoch=True, rank_zero_only=True)
 
 
+class FreezeBackbone(BaseFinetuning):
+    """Fine-tuning: the backbone is frozen for the first `epochs` epochs (the new head trains alone), then
+    trainable again (its learning rate is already train.lr x backbone_lr_mult in the optimizer's param groups)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def _backbone(self, pl_module: L.LightningModule) -> list[torch.nn.Module]:
+        heads = head_prefixes(pl_module.model)
+        return [m for name, m in pl_module.model.named_children() if not is_head(name, heads)]
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.freeze(self._backbone(pl_module))
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+        if epoch == self.epochs:
+            self.make_trainable(self._backbone(pl_module))
+            if pl_module.trainer.is_global_zero:
+                print(f"[visionflow] epoch {epoch + 1}: backbone unfrozen", flush=True)
+
+
 def task_classes_of(rows: list[dict[str, str]], params: PipelineParams) -> dict[str, list[str]]:
     """The classes of each extra multi-task label column (sorted values); raises DataError for a missing column."""
     found: dict[str, list[str]] = {}
@@ -118,6 +141,7 @@ def model_spec_from_params(
         dropout=params.model.dropout,
         width=params.model.width,
         pretrained=params.model.pretrained,
+        weights=params.model.weights,
         mean=params.augment.mean,
         std=params.augment.std,
         rnn=params.model.rnn,
@@ -203,6 +227,8 @@ def build_trainer(
     # Lightning's save_last only writes when the best changes; resume needs every epoch.
     last = ModelCheckpoint(dirpath=directory, filename="last", monitor=None, enable_version_counter=False)
     callbacks: list[Callback] = [checkpoint, last, EpochThroughput(), EpochSummary()]
+    if params.train.freeze_backbone_epochs:
+        callbacks.append(FreezeBackbone(params.train.freeze_backbone_epochs))
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=params.train.early_stopping_patience))
     trainer = L.Trainer(
@@ -233,20 +259,25 @@ def finish_system_metrics(monitor) -> None:
         monitor.mlflow_logger.flush()
 
 
-def fit(spec: FitSpec) -> FitResult:
-    """Train the model the spec describes; returns the FitResult (also written to spec.result_path by rank 0)."""
-    params = spec.params
-    plan = plan_devices(params.trainer)
-    L.seed_everything(params.train.seed, workers=True, verbose=False)
-    rows = read_manifest(spec.manifest_path)
-    task_classes = task_classes_of(rows, params)
-    if params.train.optimizer == "gd":
+def require_resolved(params: PipelineParams) -> None:
+    """Refuse params that still hold `auto` (one line naming them): the plan resolves them before training."""
     unresolved = unresolved_fields(params) + (["train.lr"] if params.train.lr == "auto" else [])
     if unresolved:
         raise VisionflowError(
             f"params still set to auto reached the training process ({', '.join(unresolved)}): resolve them with "
             "components.planning (the pipeline's plan task does)"
         )
+
+
+def fit(spec: FitSpec) -> FitResult:
+    """Train the model the spec describes; returns the FitResult (also written to spec.result_path by rank 0)."""
+    params = spec.params
+    plan = plan_devices(params.trainer)
+    require_resolved(params)
+    L.seed_everything(params.train.seed, workers=True, verbose=False)
+    rows = read_manifest(spec.manifest_path)
+    task_classes = task_classes_of(rows, params)
+    if params.train.optimizer == "gd":
         accumulate = gd_accumulation(rows, params, plan.world_size)
     else:
         accumulate = params.trainer.accumulate_grad_batches
@@ -270,35 +301,17 @@ def fit(spec: FitSpec) -> FitResult:
             experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id, synchronous=False
         )
     trainer, checkpoint = build_trainer(spec, logger, accumulate, plan)
-    scale = {
-        "trainer.world_size": plan.world_size,
-        "trainer.effective_batch_size": effective_batch,
-        "train.lr_effective": lr,
-        "train.lr_rule": _lr_rule(params, effective_batch),
-    }
-    if trainer.is_global_zero:
-        print(
-            f"[visionflow] {plan.world_size} process(es) on {plan.accelerator} ({plan.launcher or 'no launcher'}), "
-            f"effective batch {effective_batch} = {params.train.batch_size} × {plan.world_size} × {accumulate} "
-            f"accumulated; lr {lr:g} ({scale['train.lr_rule']})",
-            flush=True,
-        )
-        if logger:
-            try:
-                logger.log_hyperparams(scale)
-            except Exception as err:  # MLflow params are immutable: a resume on other devices keeps the first values
-                print(
-                    f"[visionflow] note: batch/lr params of the first attempt kept in MLflow ({type(err).__name__})",
-                    flush=True,
-                )
+    last = Path(spec.run_dir) / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if params.train.resume and last.is_file() else None
+    if params.train.find and resume_from is None:
+        effective_batch, lr = find_batch_and_lr(trainer, module, data, params, plan.world_size, accumulate, logger)
+    _announce(trainer, logger, params, plan, accumulate, effective_batch, lr, data.batch_size)
     monitor = None
     if run_id and trainer.is_global_zero:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=2, tracking_uri=spec.tracking_uri)
         monitor.start()
-    last = Path(spec.run_dir) / "checkpoints" / "last.ckpt"
-    resume_from = str(last) if params.train.resume and last.is_file() else None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     finally:
@@ -321,6 +334,74 @@ def fit(spec: FitSpec) -> FitResult:
         lr=lr,
         weights_sha256=state_dict_sha256(module),
     )
+
+
+def _announce(trainer, logger, params, plan: DevicePlan, accumulate: int, effective_batch: int, lr: float, batch: int):
+    """Rank zero prints the processes, effective batch and lr, and logs them as params."""
+    if not trainer.is_global_zero:
+        return
+    rule = _lr_rule(params, effective_batch) if "lr" not in params.train.find else f"found by lr_find: {lr:g}"
+    print(
+        f"[visionflow] {plan.world_size} process(es) on {plan.accelerator} ({plan.launcher or 'no launcher'}), "
+        f"effective batch {effective_batch} = {batch} × {plan.world_size} × {accumulate} accumulated; "
+        f"lr {lr:g} ({rule})",
+        flush=True,
+    )
+    if logger:
+        scale = {
+            "trainer.world_size": plan.world_size,
+            "trainer.effective_batch_size": effective_batch,
+            "train.lr_effective": lr,
+            "train.lr_rule": rule,
+        }
+        try:
+            logger.log_hyperparams(scale)
+        except Exception as err:  # MLflow params are immutable: a resume on other devices keeps the first values
+            print(
+                f"[visionflow] note: batch/lr params of the first attempt kept in MLflow ({type(err).__name__})",
+                flush=True,
+            )
+
+
+def find_batch_and_lr(trainer, module, data, params, world_size: int, accumulate: int, logger) -> tuple[int, float]:
+    """Lightning's Tuner for what the plan left to it (train.find): scale_batch_size (power mode, from
+    train.batch_size up to train.batch_size_max) and lr_find. Prints the found values, logs them as tuner.* params
+    and the lr-finder curve as a figure. Returns (effective batch size, lr). Refuses (one line) under DDP, which
+    Lightning's batch-size tuner does not support, rather than hang."""
+    from lightning.pytorch.tuner import Tuner
+
+    if world_size > 1:
+        raise VisionflowError(
+            f"train.find ({', '.join(params.train.find)}) runs Lightning's Tuner, which needs one training process "
+            f"(this one has {world_size}); set train.batch_size and train.lr to numbers for DDP"
+        )
+    tuner, found = Tuner(trainer), {}
+    if "batch_size" in params.train.find:
+        found["tuner.batch_size"] = tuner.scale_batch_size(
+            module,
+            datamodule=data,
+            mode="power",
+            init_val=params.train.batch_size,
+            max_val=params.train.batch_size_max,
+            steps_per_trial=3,
+        )
+        data.batch_size = found["tuner.batch_size"]
+    lr = float(module.optim["lr"])
+    if "lr" in params.train.find:
+        finder = tuner.lr_find(module, datamodule=data, min_lr=1e-6, max_lr=1.0, num_training=100, update_attr=False)
+        suggestion = finder.suggestion() if finder is not None else None
+        if not suggestion and trainer.is_global_zero:
+            print(f"[visionflow] lr_find's curve gave no suggestion; lr stays {lr:g}", flush=True)
+        lr = float(suggestion) if suggestion else lr
+        module.optim["lr"] = module.hparams["optim"]["lr"] = lr
+        found["tuner.lr"] = lr
+        if logger and finder is not None and trainer.is_global_zero:
+            logger.experiment.log_figure(logger.run_id, finder.plot(suggest=True), "tuner/lr_find.png")
+    if trainer.is_global_zero:
+        print(f"[visionflow] tuner found {', '.join(f'{k[6:]} {v:g}' for k, v in found.items())}", flush=True)
+        if logger:
+            logger.log_hyperparams(found)
+    return data.batch_size * world_size * accumulate, lr
 
 
 def _lr_rule(params: PipelineParams, effective_batch: int) -> str:

@@ -113,7 +113,13 @@ def test_prediction_log_stays_bounded_over_2000_requests(logged_server):
     contents = read_prediction_log(log_dir)
     assert contents.malformed_lines == 0
     records = [r for r in contents.records if r["event"] == "prediction"]
-    assert 200 < len(records) < REQUESTS  # the oldest were rotated out
+    # RotatingFileHandler rolls a file over before a record would take it to MAX_BYTES: each full file holds
+    # within one record of the limit, and every line in the files is a prediction read back (none lost).
+    lengths = [len(line) + 1 for path in files for line in path.read_bytes().splitlines()]
+    rotated = [path for path in files if path.name != LOG_FILE]
+    assert all(MAX_BYTES - max(lengths) <= path.stat().st_size < MAX_BYTES for path in rotated)
+    assert len(records) == len(lengths) < REQUESTS  # the oldest were rotated out
+    assert len(records) >= 2 * ((MAX_BYTES - max(lengths)) // max(lengths)) + 1
     assert records[-1]["id"] == last and {r["id"] for r in records} <= {*returned, last}
     sha = verify_bundle(digits_bundle())["files"]["model.onnx"]
     assert all(r["model_sha256"] == sha and r["version"] == "3" and "image_png_b64" not in r for r in records)
