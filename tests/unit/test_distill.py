@@ -70,6 +70,7 @@ def test_distilled_student_trains_and_its_checkpoint_loads_with_load_classifier(
     )
     assert not any(k.startswith("teacher") or "_teacher" in k for k in module.state_dict())
     x, y = tiny_data(96)
+    held_out_x, held_out_y = tiny_data(48, seed=1)  # other noise: validation never sees a training tensor
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     trainer = L.Trainer(
         max_epochs=4,
@@ -80,10 +81,10 @@ def test_distilled_student_trains_and_its_checkpoint_loads_with_load_classifier(
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, loader, DataLoader(TensorDataset(x, y), batch_size=48))
+    trainer.fit(module, loader, DataLoader(TensorDataset(held_out_x, held_out_y), batch_size=48))
     for key in ("train/loss", "train/kd", "train/ce", "val/loss", "val/acc"):
         assert key in trainer.callback_metrics
-    assert trainer.callback_metrics["val/acc"] > 0.6
+    assert trainer.callback_metrics["val/acc"] >= 0.9  # 1.0 on the held-out images for torch seeds 0-4
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())  # teacher frozen
 
     trainer.save_checkpoint(tmp_path / "student.ckpt")

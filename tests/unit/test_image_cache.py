@@ -1,8 +1,10 @@
-"""The decoded-image cache: same eval pixels as decoding, built once, rebuilt when stale, safe to build twice at once."""
+"""The decoded-image cache: same eval pixels as decoding, built once, rebuilt when stale, safe to build twice
+at once."""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def test_eval_pixels_are_exactly_those_of_the_uncached_path(tmp_path, channels, 
 
 
 def test_train_transform_without_crop_gives_the_same_samples(tmp_path):
-    """With crop_scale_min 1 and no eval margin the train Resize is a no-op on cached images: same seed, same samples."""
+    """With crop_scale_min 1 and no eval margin the train Resize is a no-op on cached images: same seed,
+    same samples."""
     params = AugmentParams(image_size=16, crop_scale_min=1.0, rotate_p=1.0, hflip_p=0.5)
     rows = _rows(tmp_path / "images")
     cache = ensure_image_cache(rows, tmp_path / "cache", eval_resize_side(params), 3, MAX_PIXELS)
@@ -169,9 +172,16 @@ def test_datamodule_loaders_read_the_cache_in_workers(tmp_path):
 
 def test_auto_workers_leave_a_core_for_training_and_share_the_rest():
     assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0
-    auto = resolve_num_workers("auto")
-    assert 0 <= auto <= 8
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_num_workers("auto") == min(8, cores - 1)  # this process's cores, one left for training
+    assert resolve_num_workers("auto", local_processes=2) == max(0, min(8, cores // 2 - 1))
     assert resolve_num_workers("auto", local_processes=64) == 0
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})  # a process pinned to one core: no worker beside the training loop
+        assert resolve_num_workers("auto") == 0
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @pytest.mark.parametrize("cache", [True, False])

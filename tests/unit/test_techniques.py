@@ -124,8 +124,18 @@ def test_mixup_and_cutmix_change_the_targets():
     mixed_x, soft = _module(mixup_p=1.0).mix_batch(x, y)
     assert soft.shape == (len(y), 3) and not torch.equal(soft, torch.nn.functional.one_hot(y, 3).float())
     assert not torch.equal(mixed_x, x)
-    _, soft = _module(cutmix_p=1.0, mixup_p=0.0).mix_batch(x, y)
-    assert soft.ndim == 2
+    torch.manual_seed(0)
+    cut_x, soft = _module(cutmix_p=1.0, mixup_p=0.0).mix_batch(x, y)
+    # CutMix: one rectangle of every image replaced by the same rectangle of the previous image in the batch...
+    rolled = x.roll(1, 0)
+    box = (cut_x == rolled).all(dim=0).all(dim=0) & (x != rolled).any(dim=0).any(dim=0)
+    rows, cols = box.any(dim=1), box.any(dim=0)
+    assert box.any() and torch.equal(box, rows[:, None] & cols[None, :])  # a non-empty rectangle
+    assert torch.equal(cut_x, torch.where(box, rolled, x))  # and nothing else changed
+    # ...and the targets mixed in proportion to the areas.
+    area = box.float().mean()
+    one_hot = torch.nn.functional.one_hot(y, 3).float()
+    assert torch.allclose(soft, (1 - area) * one_hot + area * one_hot.roll(1, 0))
     same_x, same_y = _module().mix_batch(x, y)
     assert same_y is y and same_x is x
 
