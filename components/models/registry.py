@@ -19,6 +19,7 @@ from components.models.cnn import small_cnn, small_cnn_stages
 from components.models.multitask import CrossStitchNet, SharedBackbone, detach_head
 from components.models.rnn import SequenceClassifier
 from components.models.vit import SmallViT
+from components.models.weights import apply_weights
 
 
 class ModelSpec(BaseModel):
@@ -33,6 +34,7 @@ class ModelSpec(BaseModel):
     dropout: float = 0.0
     width: float = 1.0
     pretrained: bool = False
+    weights: str | None = None  # a local weights file for a torchvision architecture (components/models/weights.py)
     mean: list[float] = [0.5, 0.5, 0.5]
     std: list[float] = [0.5, 0.5, 0.5]
     rnn: RnnParams = Field(default_factory=RnnParams)
@@ -66,8 +68,9 @@ def _replace_last_linear(head: nn.Sequential, num_classes: int) -> None:
 
 
 def _torchvision_weights(spec: ModelSpec):
-    """torchvision's default (ImageNet) weights of spec.name when spec.pretrained, else None."""
-    return torchvision.models.get_model_weights(spec.name).DEFAULT if spec.pretrained else None
+    """None: pretrained and local weights are loaded into the built model by build_model (components.models.weights:
+    from $TORCH_HOME's cache, offline-ready, shapes checked by layer name)."""
+    return None
 
 
 def _resnet(spec: ModelSpec) -> nn.Module:
@@ -158,7 +161,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.name not in MODELS:
         raise VisionflowError(f"unknown model {spec.name!r}; choose one of {', '.join(MODELS)}")
     try:
-        return _build(spec)
+        model = _build(spec)
+        apply_weights(model, spec.name, spec.pretrained, spec.weights)  # after the model is built: head stays new
+        return model
     except (OSError, RuntimeError) as err:
         if not spec.pretrained:
             raise

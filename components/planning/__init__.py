@@ -7,6 +7,7 @@ from pathlib import Path
 
 from components.config import PipelineParams
 from components.data.ingest import read_manifest
+from components.models.weights import check_weights
 from components.planning.fingerprint import DataFingerprint, fingerprint_of
 from components.planning.machine import Machine, machine_of
 from components.planning.mirror import MirrorTest, mirror_test
@@ -32,10 +33,16 @@ __all__ = [
 
 def plan_for_manifest(params: PipelineParams, manifest_path: str | Path) -> Plan:
     """The plan of `params` on a clean manifest (its fingerprint, the mirror test when flips are auto) on this
-    machine. Raises PlanError (one line) when the plan cannot run here."""
+    machine. Raises PlanError (one line) when the plan cannot run here, WeightsError when the weights it asks for
+    are missing offline or do not fit the model."""
     rows = read_manifest(manifest_path)
     mirror = mirror_test(rows, params.data.max_pixels) if params.augment.hflip_p == "auto" else None
-    return plan_params(params, fingerprint_of(rows, mirror), machine_of(params.trainer))
+    plan = plan_params(params, fingerprint_of(rows, mirror), machine_of(params.trainer))
+    model = plan.params.model
+    check_weights(
+        model.name, model.pretrained, model.weights
+    )  # missing or unfitting weights: one line, nothing trained
+    return plan
 
 
 def plan_source(params: PipelineParams, out_dir: str | Path) -> Plan:

@@ -31,13 +31,14 @@ def _host_available_bytes() -> int:
 
 def machine_of(trainer: TrainerParams) -> Machine:
     """The Machine the trainer params would train on (no device is initialised beyond CUDA's properties)."""
-    from components.models.weights import cached_weights
-    from components.training.devices import resolve_accelerator
-
-    accelerator = resolve_accelerator(trainer.accelerator)
-    memory = _host_available_bytes()
     import torch
 
+    from components.models.weights import cached_weights
+
+    accelerator = {"gpu": "cuda"}.get(trainer.accelerator, trainer.accelerator)
+    if accelerator == "auto":  # Lightning's order: CUDA, then MPS, then CPU
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    memory = _host_available_bytes()
     if accelerator == "cuda" and torch.cuda.is_available():
         memory = int(torch.cuda.get_device_properties(0).total_memory)
     devices = trainer.devices if isinstance(trainer.devices, int) else 1

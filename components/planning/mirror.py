@@ -68,7 +68,8 @@ def mirror_test(rows: list[dict[str, str]], max_pixels: int = 40_000_000, per_cl
         if arrays:
             means[label] = np.mean(arrays, axis=0)
     labels = sorted(means)
-    centres = np.stack([means[c] for c in labels]).reshape(len(labels), -1) if labels else np.zeros((0, SIDE * SIDE * 3))
+    empty = np.zeros((0, SIDE * SIDE * 3))
+    centres = np.stack([means[c] for c in labels]).reshape(len(labels), -1) if labels else empty
     right = mirrored = total = 0
     for row in _sample(rows, "val", per_class):
         image = _pixels(row["path"], max_pixels)

@@ -20,6 +20,7 @@ from components.config import AugmentParams, OptimizerName, SchedulerName
 from components.errors import CheckpointError, TrainingError
 from components.models import ModelSpec, build_model
 from components.models.multitask import split_logits
+from components.models.weights import param_groups
 
 
 def warmup_then(total_steps: int, warmup_steps: int, after: Callable[[float], float]) -> Callable[[int], float]:
@@ -252,7 +253,9 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        optimizer = OPTIMIZERS[o["optimizer"]](self.parameters(), o)
+        mult = o.get("backbone_lr_mult", 1.0)  # fine-tuning: the backbone learns slower than the new head
+        params = self.parameters() if mult == 1.0 else param_groups(self.model, o["lr"], mult)
+        optimizer = OPTIMIZERS[o["optimizer"]](params, o)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, self.trainer.max_epochs)
         steps = ScheduleSteps(total, per_epoch, int(per_epoch * o["warmup_epochs"]))
@@ -312,7 +315,7 @@ def load_classifier(checkpoint_path: str) -> Classifier:
     prefix = "model."
     try:
         spec = ModelSpec(**hparams["spec"])
-        model = build_model(spec.model_copy(update={"pretrained": False}))
+        model = build_model(spec.model_copy(update={"pretrained": False, "weights": None}))
         model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
         augment = AugmentParams(**hparams["augment"])
     except (TypeError, KeyError, ValueError, RuntimeError) as err:

@@ -58,3 +58,81 @@ def test_the_pipeline_plans_before_training_and_records_the_plan(shapes_run):
     assert "plan.json" in [a.path for a in client.list_artifacts(result.run_id)]
     train = client.get_run(result.train_run_id)
     assert train.data.params["data.channels"] == "3"  # the training process got resolved params
+
+
+def test_weights_for_another_architecture_stop_the_plan_in_one_line(tmp_path, shapes_dir):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "mobilenet.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), weights)
+    out = _visionflow(
+        "plan",
+        str(shapes_dir),
+        "--set",
+        f"run.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "model.name=resnet18",
+        "--set",
+        f"model.weights={weights}",
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "does not fit resnet18" in out.stderr and str(weights) in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def _tuner_spec(tmp_path, shapes_dir):
+    from components.config import load_params
+    from components.data.ingest import ingest
+    from components.data.validate import validate
+    from components.planning import plan_for_manifest
+    from components.training.fit import FitSpec
+    from tests.flows.conftest import tiny_overrides
+
+    params = load_params(None, tiny_overrides(tmp_path, shapes_dir, train__max_epochs=1))
+    snapshot = ingest(params.data, tmp_path / "snapshot", Path(params.run.cache_dir))
+    report = validate(snapshot, params.data, tmp_path / "data")
+    params = plan_for_manifest(params, report.clean_manifest_path).params
+    run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
+    return FitSpec(
+        params=params,
+        manifest_path=report.clean_manifest_path,
+        classes=snapshot.classes,
+        run_dir=str(tmp_path / "train"),
+        result_path=str(tmp_path / "result.json"),
+        mlflow_run_id=run_id,
+        tracking_uri=tracking.tracking_uri(),
+        progress_bar=False,
+    )
+
+
+@pytest.mark.slow
+def test_the_tuner_finds_batch_size_and_lr_in_the_training_process(tmp_path, shapes_dir):
+    from components.training.fit import FitResult, main
+
+    spec = _tuner_spec(tmp_path, shapes_dir)
+    train = spec.params.train.model_copy(update={"find": ["batch_size", "lr"], "batch_size": 4, "batch_size_max": 16})
+    spec = spec.model_copy(update={"params": spec.params.model_copy(update={"train": train})})
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    assert main([str(tmp_path / "spec.json")]) == 0
+    result = FitResult.model_validate_json((tmp_path / "result.json").read_text())
+    assert result.effective_batch_size == 16  # CPU memory never runs out: the power search stops at the bound
+    assert result.lr > 0  # lr_find's suggestion, or train.lr when its curve (here: 3 batches an epoch) gives none
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(spec.mlflow_run_id)
+    assert run.data.params["tuner.batch_size"] == "16" and float(run.data.params["tuner.lr"]) == result.lr
+    assert "tuner/lr_find.png" in [a.path for a in client.list_artifacts(spec.mlflow_run_id, "tuner")]
+
+
+def test_the_tuner_refuses_ddp_in_one_line_instead_of_hanging(tmp_path, shapes_dir):
+    from components.training.fit import FitResult, main
+
+    spec = _tuner_spec(tmp_path, shapes_dir)
+    params = spec.params
+    trainer = params.trainer.model_copy(update={"strategy": "ddp", "devices": 2})
+    train = params.train.model_copy(update={"find": ["lr"]})
+    spec = spec.model_copy(update={"params": params.model_copy(update={"trainer": trainer, "train": train})})
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    assert main([str(tmp_path / "spec.json")]) == 3
+    error = FitResult.model_validate_json((tmp_path / "result.json").read_text()).error
+    assert "needs one training process" in error and "\n" not in error
