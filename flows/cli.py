@@ -11,21 +11,20 @@ import signal
 import sys
 from pathlib import Path
 
-# Offline-safe defaults, set before prefect / mlflow / albumentations are imported.
-for _key, _value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 from components.config import load_params
 from components.errors import VisionflowError
+from components.quiet import OFFLINE_ENV
+
+# Offline-safe defaults and output routing, set before prefect / mlflow / albumentations are imported (lazily).
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 app = typer.Typer(
     add_completion=False,
@@ -52,30 +51,95 @@ def _is_interrupt(err: BaseException) -> bool:
     return isinstance(err, (KeyboardInterrupt, TerminationSignal))
 
 
+_LOG_FILE: Path | None = None  # this command's log file (set by the app callback)
+
+
 def _run_guarded(fn):
-    """Call fn(); VisionflowError → one line on stderr and exit 2; SIGTERM ends runs as KILLED."""
+    """Call fn(); VisionflowError → one line on stderr and exit 2 (its traceback in the log file); any other
+    error → its traceback and the log file's path, exit 1; SIGTERM ends runs as KILLED."""
+    from components.quiet import log_only
+
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return fn()
     except VisionflowError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        log_only(f"error: {err}", err)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except BaseException as err:
         if not _is_interrupt(err):
-            raise
+            import traceback
+
+            log_only(f"unexpected error: {err!r}", err)
+            traceback.print_exception(err, file=sys.stderr)
+            where = f"; the log: {_LOG_FILE}" if _LOG_FILE else ""
+            err_console.print(
+                f"[bold red]unexpected error[/] {escape(type(err).__name__)}: {escape(str(err))}{escape(where)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
         err_console.print(
             "[bold red]interrupted[/]: the MLflow run is marked KILLED; `visionflow resume RUN_ID` continues it"
         )
         raise typer.Exit(130) from None
 
 
+def _check_writable(params=None, mlflow: bool = True, prefect: bool = True) -> None:
+    """One line naming the first place this command would write (MLflow store when local, params' runs and
+    cache folders, Prefect home) that cannot be written, before anything starts (raises NotWritableError)."""
+    from components.writable import check_writable, places_to_check
+
+    tracking_uri = None
+    if mlflow:
+        from components.tracking import tracking_uri as current_uri
+
+        tracking_uri = current_uri()
+    prefect_home = None
+    if prefect:
+        from prefect.settings import get_current_settings
+
+        prefect_home = get_current_settings().home
+    runs_dir, cache_dir = (params.run.output_dir, params.run.cache_dir) if params is not None else (None, None)
+    check_writable(places_to_check(tracking_uri, runs_dir, cache_dir, prefect_home))
+
+
+def _compact_table(title: str) -> Table:
+    """A table without borders, columns two spaces apart: the most columns that fit 80."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+
+
 def _summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column table of facts, long values folded inside it (_print_summary also takes paths out)."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     return table
+
+
+def _is_place(value: str) -> bool:
+    """A path, link or command with a path: printed whole on its own line rather than folded into a table cell."""
+    return "/" in value and len(value) > 36
+
+
+def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column table of the short facts (long sentences fold inside it, within 80 columns), then each path
+    or link whole on its own line ("label: value", or the label above the value when both do not fit)."""
+    console.print(_summary_table(title, [(key, value) for key, value in rows if not _is_place(value)]))
+    places = [(key, value) for key, value in rows if _is_place(value)]
+    for key, value in places:
+        _print_place(key, value)
+
+
+def _print_place(label: str, value: str) -> None:
+    """A path or link whole (never cut or folded, for copying): "label: value", or the label on the line above
+    when both do not fit the terminal."""
+    if len(label) + 2 + len(value) <= console.width:
+        console.print(f"{label}: {value}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        console.print(f"{label}:\n  {value}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_pipeline_result(result) -> None:
@@ -83,36 +147,34 @@ def _print_pipeline_result(result) -> None:
 
     m = result.metrics
     counts = result.split_counts
-    console.print(
-        _summary_table(
-            "visionflow run finished",
-            [
-                ("test accuracy", f"{m.get('test/accuracy', float('nan')):.4f}"),
-                ("macro F1", f"{m.get('test/macro_f1', float('nan')):.4f}"),
-                (
-                    "images train / val / test",
-                    f"{counts.get('train', 0)} / {counts.get('val', 0)} / {counts.get('test', 0)}",
-                ),
-                ("quarantined files", str(len(result.quarantined))),
-                ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
-                ("MLflow UI", ui_hint(result.tracking_uri)),
-                ("run directory", result.run_dir),
-                ("best checkpoint", result.checkpoint),
-                *(
-                    [
-                        ("bundle", result.bundle),
-                        ("registered model", f"{result.model_version}: {result.registry_decision}"),
-                    ]
-                    if result.bundle
-                    else []
-                ),
-                *(
-                    [("best compressed variant", f"{result.best_variant or 'none accepted'} ({result.comparison})")]
-                    if result.comparison
-                    else []
-                ),
-            ],
-        )
+    _print_summary(
+        "visionflow run finished",
+        [
+            ("test accuracy", f"{m.get('test/accuracy', float('nan')):.4f}"),
+            ("macro F1", f"{m.get('test/macro_f1', float('nan')):.4f}"),
+            (
+                "images train / val / test",
+                f"{counts.get('train', 0)} / {counts.get('val', 0)} / {counts.get('test', 0)}",
+            ),
+            ("quarantined files", str(len(result.quarantined))),
+            ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
+            ("MLflow UI", ui_hint(result.tracking_uri)),
+            ("run directory", result.run_dir),
+            ("best checkpoint", result.checkpoint),
+            *(
+                [
+                    ("bundle", result.bundle),
+                    ("registered model", f"{result.model_version}: {result.registry_decision}"),
+                ]
+                if result.bundle
+                else []
+            ),
+            *(
+                [("best compressed variant", f"{result.best_variant or 'none accepted'} ({result.comparison})")]
+                if result.comparison
+                else []
+            ),
+        ],
     )
     for line in result.quarantined[:20]:
         console.print(f"  quarantined: {line}", highlight=False)
@@ -127,6 +189,7 @@ def run(
 
     def go():
         p = load_params(params, set_ or [])
+        _check_writable(p)
         from flows.pipeline import pipeline
 
         return pipeline(p, params_file=str(params) if params else None)
@@ -144,6 +207,7 @@ def resume(
     def go():
         from flows.pipeline import resume_pipeline
 
+        _check_writable()
         return resume_pipeline(run_id, set_ or [])
 
     _print_pipeline_result(_run_guarded(go))
@@ -165,6 +229,7 @@ def validate_data(
         from components.data.validate import format_report, validate
 
         p = load_params(params, [*(set_ or []), f"data.path={path}"])
+        _check_writable(p, mlflow=False, prefect=False)
         out_dir = out or Path(tempfile.mkdtemp(prefix="visionflow-validate-"))
         snapshot = ingest(p.data, out_dir / "snapshot", Path(p.run.cache_dir))
         report = validate(snapshot, p.data, out_dir)
@@ -174,56 +239,6 @@ def validate_data(
     _run_guarded(go)
 
 
-@app.command()
-def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A visionflow checkpoint (.ckpt)."),
-    data: str = typer.Option(..., "--data", "-d", help="Data set to evaluate on (any source `run` accepts)."),
-    split: str = typer.Option("all", help="all, train, val or test."),
-    params: Path | None = PARAMS_OPTION,
-    set_: list[str] | None = SET_OPTION,
-) -> None:
-    """Evaluate an existing checkpoint on a data set; logs an MLflow run and prints the figures."""
-
-    def go():
-        if split not in ("all", "train", "val", "test"):
-            raise VisionflowError(f"invalid --split {split!r}: choose all, train, val or test")
-        if not checkpoint.is_file():
-            raise VisionflowError(f"checkpoint not found: {checkpoint}")
-        p = load_params(params, [*(set_ or []), f"data.path={data}"])
-        from flows.evaluate import evaluate_flow
-
-        return evaluate_flow(
-            str(checkpoint.resolve()), p.data, split, p.evaluate, p.run.experiment, p.run.output_dir, p.run.cache_dir
-        )
-
-    result = _run_guarded(go)
-    m = result.metrics
-    console.print(
-        _summary_table(
-            "visionflow evaluation",
-            [
-                ("images", str(result.num_images)),
-                ("accuracy", f"{m['test/accuracy']:.4f}"),
-                ("macro F1", f"{m['test/macro_f1']:.4f}"),
-                ("quarantined files", str(len(result.quarantined))),
-                ("MLflow run", result.run_id),
-                ("run directory", result.run_dir),
-            ],
-        )
-    )
-
-
-@app.command()
-def optimize(
-    from_run: str | None = typer.Option(None, "--from-run", help="MLflow run id of a finished pipeline run."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (with --data)."),
-    data: str | None = typer.Option(None, "--data", "-d", help="Data set for --checkpoint (any source `run` accepts)."),
-    params: Path | None = PARAMS_OPTION,
-    set_: list[str] | None = SET_OPTION,
-) -> None:
-    """Compress a trained model (distill, prune, quantize); every variant measured and gated."""
-
-    def go():
 @app.command("plan")
 def plan_command(
     path: str = typer.Argument(..., help="Folder, CSV manifest, archive, bundled:digits or torchvision:NAME."),
@@ -244,17 +259,68 @@ def plan_command(
     _run_guarded(go)
 
 
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A visionflow checkpoint (.ckpt)."),
+    data: str = typer.Option(..., "--data", "-d", help="Data set to evaluate on (any source `run` accepts)."),
+    split: str = typer.Option("all", help="all, train, val or test."),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
+) -> None:
+    """Evaluate an existing checkpoint on a data set; logs an MLflow run and prints the figures."""
+
+    def go():
+        if split not in ("all", "train", "val", "test"):
+            raise VisionflowError(f"invalid --split {split!r}: choose all, train, val or test")
+        if not checkpoint.is_file():
+            raise VisionflowError(f"checkpoint not found: {checkpoint}")
+        p = load_params(params, [*(set_ or []), f"data.path={data}"])
+        _check_writable(p)
+        from flows.evaluate import evaluate_flow
+
+        return evaluate_flow(
+            str(checkpoint.resolve()), p.data, split, p.evaluate, p.run.experiment, p.run.output_dir, p.run.cache_dir
+        )
+
+    result = _run_guarded(go)
+    m = result.metrics
+    _print_summary(
+        "visionflow evaluation",
+        [
+            ("images", str(result.num_images)),
+            ("accuracy", f"{m['test/accuracy']:.4f}"),
+            ("macro F1", f"{m['test/macro_f1']:.4f}"),
+            ("quarantined files", str(len(result.quarantined))),
+            ("MLflow run", result.run_id),
+            ("run directory", result.run_dir),
+        ],
+    )
+
+
+@app.command()
+def optimize(
+    from_run: str | None = typer.Option(None, "--from-run", help="MLflow run id of a finished pipeline run."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (with --data)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Data set for --checkpoint (any source `run` accepts)."),
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
+) -> None:
+    """Compress a trained model (distill, prune, quantize); every variant measured and gated."""
+
+    def go():
         from flows.optimize import optimize_from_checkpoint, optimize_from_run
 
         if bool(from_run) == bool(checkpoint):
             raise VisionflowError("give exactly one of --from-run RUN_ID or --checkpoint CKPT (with --data)")
         if from_run:
+            _check_writable()
             return optimize_from_run(from_run, set_ or [])
         if not data:
             raise VisionflowError("--checkpoint needs --data (the data set to fine-tune, calibrate and measure on)")
         if not checkpoint.is_file():
             raise VisionflowError(f"checkpoint not found: {checkpoint}")
         p = load_params(params, ["optimize.enabled=true", *(set_ or []), f"data.path={data}"])
+        _check_writable(p)
         return optimize_from_checkpoint(str(checkpoint.resolve()), p)
 
     result = _run_guarded(go)
@@ -262,9 +328,10 @@ def plan_command(
 
 
 def _print_variants(result) -> None:
-    table = Table(title="visionflow compression", title_justify="left")
-    for column in ("variant", "accuracy", "drop", "size KB", "params", "b1 ms", "b32 ms", "accepted"):
-        table.add_column(column)
+    table = _compact_table("visionflow compression")
+    table.add_column("variant", no_wrap=True)
+    for column in ("accuracy", "drop", "KB", "params", "b1 ms", "b32 ms", "accepted"):
+        table.add_column(column, justify="right", no_wrap=True)
     for v in result.variants:
         table.add_row(
             v.name,
@@ -278,7 +345,8 @@ def _print_variants(result) -> None:
         )
     console.print(table)
     console.print(f"best accepted variant ({result.objective}): {result.best or 'none'}", highlight=False)
-    console.print(f"comparison: {result.comparison_md}\nMLflow run: {result.run_id}", highlight=False)
+    _print_place("comparison", str(result.comparison_md))
+    console.print(f"MLflow run: {result.run_id}", highlight=False)
 
 
 @app.command()
@@ -350,6 +418,7 @@ def promote(
     def go():
         from flows.package import promote_version
 
+        _check_writable(prefect=False)
         return promote_version(name, version)
 
     console.print(_run_guarded(go), highlight=False)
@@ -364,6 +433,7 @@ def rollback(
     def go():
         from flows.package import rollback_champion
 
+        _check_writable(prefect=False)
         return rollback_champion(name)
 
     console.print(_run_guarded(go), highlight=False)
@@ -377,17 +447,42 @@ STATE_DIR_OPTION = typer.Option(
 
 
 @app.callback()
-def _use_local_stack(ctx: typer.Context) -> None:
-    """Point commands at the stack `visionflow up` started, unless PREFECT_API_URL / MLFLOW_TRACKING_URI are set."""
-    if ctx.invoked_subcommand in ("up", "down"):
-        return
-    from flows.local_stack import running_stack
+def _use_local_stack(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Also show tracebacks and third-party messages on the terminal (they always go to the log file, "
+        ".visionflow/logs/COMMAND-TIME-PID.log).",
+    ),
+) -> None:
+    """Point commands at the stack `visionflow up` started, unless PREFECT_API_URL / MLFLOW_TRACKING_URI are set;
+    then route this command's output (log file, terminal)."""
+    if ctx.invoked_subcommand not in ("up", "down"):
+        from flows.local_stack import running_stack
 
-    stack = running_stack()
-    if stack is None:
-        return
-    for key, value in stack.env().items():
-        os.environ.setdefault(key, value)
+        stack = running_stack()
+        for key, value in (stack.env() if stack else {}).items():
+            os.environ.setdefault(key, value)
+    _route_output(ctx.invoked_subcommand or "visionflow", verbose)
+
+
+def _route_output(command: str, verbose: bool) -> None:
+    """Everything to this command's log file (handed to the training process too); to the terminal progress,
+    results and warnings that matter (components.quiet), or everything with --verbose."""
+    global _LOG_FILE
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect's console handler first (on the root logger): route_output then filters it
+    from components.quiet import LOG_FILE_ENV, VERBOSE_ENV, log_file_for, route_output
+
+    _LOG_FILE = log_file_for(command)
+    if _LOG_FILE:
+        os.environ[LOG_FILE_ENV] = str(_LOG_FILE)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    route_output(_LOG_FILE, verbose or os.environ.get(VERBOSE_ENV) == "1")
 
 
 @app.command()
@@ -404,16 +499,14 @@ def up(
         return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout)
 
     state, started = _run_guarded(go)
-    console.print(
-        _summary_table(
-            "visionflow stack " + ("started" if started else "already running"),
-            [
-                ("Prefect UI", state.prefect_url),
-                ("MLflow UI", state.mlflow_url),
-                ("state", state.state_dir),
-                ("stop", "visionflow down"),
-            ],
-        )
+    _print_summary(
+        "visionflow stack " + ("started" if started else "already running"),
+        [
+            ("Prefect UI", state.prefect_url),
+            ("MLflow UI", state.mlflow_url),
+            ("state", state.state_dir),
+            ("stop", "visionflow down"),
+        ],
     )
     console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
     for key, value in state.env().items():
@@ -438,13 +531,15 @@ def deploy(
     ),
     limit: int | None = typer.Option(None, help="Most flow runs this process runs at once (serve only)."),
 ) -> None:
-    """Serve the deployments (pipeline, retrain on its cron schedule, evaluate, optimize, package, monitor) for the Prefect UI."""
+    """Serve the deployments (pipeline, retrain on its cron schedule, evaluate, optimize, package, monitor) for
+    the Prefect UI."""
 
     def go():
         from flows.deploy import build_deployments, deploy_to_pool, serve_deployments
         from flows.prefect_api import server_configured
 
         p = load_params(params, set_ or [])
+        _check_writable(p)
         if not server_configured():
             raise VisionflowError("deploy needs a Prefect server: run `visionflow up` first (or set PREFECT_API_URL)")
         deployments = build_deployments(p)
@@ -476,27 +571,28 @@ def retrain_command(
         from flows.retrain import retrain
 
         p = load_params(params, set_ or [])
+        _check_writable(p)
         return retrain(p, force=force)
 
     result = _run_guarded(go)
-    console.print(
-        _summary_table(
-            f"visionflow retrain: {result.outcome.replace('_', ' ')}",
-            [
-                ("decision", result.reason),
-                ("model version", result.model_version or "-"),
-                (
-                    "challenger accuracy",
-                    "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}",
-                ),
-                ("champion accuracy", "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
-                ("MLflow run", result.run_id or "-"),
-            ],
-        )
+    _print_summary(
+        f"visionflow retrain: {result.outcome.replace('_', ' ')}",
+        [
+            ("decision", result.reason),
+            ("model version", result.model_version or "-"),
+            (
+                "challenger accuracy",
+                "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}",
+            ),
+            ("champion accuracy", "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
+            ("MLflow run", result.run_id or "-"),
+        ],
     )
 
 
 def _print_comparison(runs: list[dict], metric: str | None, title: str, plot: Path | None) -> None:
+    """A table of runs (short ids) by status, duration, the params that differ and the metrics; when that table
+    would not fit the terminal, one block per run instead (its values as key=value, wrapped)."""
     from components.comparison import comparison_plot, metric_columns, varying_params
 
     if not runs:
@@ -504,21 +600,30 @@ def _print_comparison(runs: list[dict], metric: str | None, title: str, plot: Pa
         return
     params = varying_params(runs)
     metrics = metric_columns(runs, metric)
-    table = Table(title=title, title_justify="left")
-    for column in ("run", "status", "duration", *params, *metrics):
-        table.add_column(column)
+    header = ["run", "status", "duration", *params, *metrics]
+    rows = []
     for r in runs:
         duration = f"{r['duration_s']:.0f} s" if r["duration_s"] is not None else "-"
-        table.add_row(
-            f"{r['run_name'] or ''} {r['run_id'][:8]}",
-            r["status"],
-            duration,
-            *[str(r["params"].get(p, "-")) for p in params],
-            *[f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metrics],
-        )
-    console.print(table)
+        values = [str(r["params"].get(p, "-")) for p in params]
+        values += [f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metrics]
+        rows.append((r["run_id"][:8], r["status"], duration, values))
+    cells = [header, *[[run_id, status, duration, *values] for run_id, status, duration, values in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    if sum(widths) + 2 * len(widths) <= console.width:
+        table = _compact_table(title)
+        for column in header:
+            table.add_column(column, no_wrap=True)
+        for run_id, status, duration, values in rows:
+            table.add_row(run_id, status, duration, *values)
+        console.print(table)
+    else:
+        console.print(title, style="bold", highlight=False)
+        for run_id, status, duration, values in rows:
+            console.print(f"{run_id}  {status}  {duration}", highlight=False)
+            pairs = "  ".join(f"{k}={v}" for k, v in zip([*params, *metrics], values, strict=True))
+            console.print(Padding(pairs, (0, 0, 0, 2)), highlight=False)
     if metrics and plot is not None:
-        console.print(f"comparison plot: {comparison_plot(runs, metrics[0], plot)}", highlight=False)
+        _print_place("comparison plot", str(comparison_plot(runs, metrics[0], plot)))
 
 
 @app.command()
@@ -548,20 +653,35 @@ def runs(
     from components import tracking
 
     found = _run_guarded(lambda: tracking.recent_runs(experiment, last))
-    table = Table(title="recent runs (newest first)", title_justify="left")
-    for column in ("run", "experiment", "status", "test/accuracy", "Prefect flow run", "MLflow"):
-        table.add_column(column, overflow="fold")
+    _print_runs(found, tracking.tracking_uri())
+
+
+def _print_runs(found: list[dict], uri: str) -> None:
+    """One line per run (short id, status, accuracy, experiment / name), then its Prefect and MLflow links
+    whole on their own lines; a local store's MLflow UI command once at the end."""
+    from components import tracking
+
+    if not found:
+        console.print("no runs found", highlight=False)
+        return
+    server = uri.startswith(("http://", "https://"))
+    console.print("recent runs (newest first)", style="bold", highlight=False)
+    console.print(f"{'run':<8}  {'status':<9}  {'accuracy':>8}  experiment / run name", style="bold", highlight=False)
     for r in found:
         accuracy = r["metrics"].get("test/accuracy")
-        table.add_row(
-            f"{r['run_name'] or ''} {r['run_id'][:8]}",
-            r["experiment"],
-            r["status"],
-            "-" if accuracy is None else f"{accuracy:.4f}",
-            r["tags"].get("prefect.flow_run_url") or r["tags"].get("prefect.flow_run_id") or "-",
-            tracking.run_link(r["run_id"]),
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        console.print(
+            f"{r['run_id'][:8]:<8}  {r['status']:<9}  {shown:>8}  {r['experiment']} / {r['run_name'] or '-'}",
+            highlight=False,
+            markup=False,
         )
-    console.print(table)
+        prefect = r["tags"].get("prefect.flow_run_url") or r["tags"].get("prefect.flow_run_id")
+        links = [prefect if "://" in prefect else f"Prefect flow run {prefect}"] if prefect else []
+        links.append(tracking.run_link(r["run_id"], uri) if server else f"MLflow run {r['run_id']}")
+        for link in links:
+            console.print(f"  {link}", highlight=False, markup=False, soft_wrap=True)
+    if not server:
+        console.print(f"MLflow UI:\n  {tracking.ui_hint(uri)}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -589,6 +709,7 @@ def sweep(
 
         if mode not in ("auto", "local", "deployment"):
             raise VisionflowError(f"invalid --mode {mode!r}: choose auto, local or deployment")
+        _check_writable(load_params(params, set_ or []))
         try:
             plan = plan_sweep(str(params) if params else None, set_ or [], grid, experiment)
         except ValueError as err:
@@ -631,10 +752,12 @@ def monitor(
     params: Path | None = PARAMS_OPTION,
     set_: list[str] | None = SET_OPTION,
 ) -> None:
-    """Compare a window of the prediction log with the bundle's reference profile (drift report; Prefect event on drift)."""
+    """Compare a window of the prediction log with the bundle's reference profile (drift report; Prefect event on
+    drift)."""
 
     def go():
         p = load_params(params, set_ or [])
+        _check_writable(p)
         from flows.monitor import monitor_flow
 
         return monitor_flow(str(log) if log else None, bundle, str(feedback) if feedback else None, p)
@@ -651,7 +774,7 @@ def monitor(
     ]
     if result.event_id:
         rows.append(("Prefect event", f"visionflow.drift.detected ({result.event_id})"))
-    console.print(_summary_table("visionflow monitor", rows))
+    _print_summary("visionflow monitor", rows)
     for note in result.notes:
         console.print(f"  note: {note}", highlight=False)
 
@@ -666,24 +789,23 @@ def package(
     def go():
         from flows.package import package_flow
 
+        _check_writable()
         return package_flow(from_run, set_ or [])
 
     result = _run_guarded(go)
-    console.print(
-        _summary_table(
-            "visionflow package",
-            [
-                ("bundle", result.archive),
-                ("registered model", f"{result.model_name} v{result.version}"),
-                ("challenger accuracy (test split)", f"{result.challenger_accuracy:.4f}"),
-                (
-                    "champion accuracy (same split)",
-                    "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
-                ),
-                ("registry gate", result.reason),
-                ("MLflow run", f"{result.run_id} (child of {from_run})"),
-            ],
-        )
+    _print_summary(
+        "visionflow package",
+        [
+            ("bundle", result.archive),
+            ("registered model", f"{result.model_name} v{result.version}"),
+            ("challenger accuracy (test split)", f"{result.challenger_accuracy:.4f}"),
+            (
+                "champion accuracy (same split)",
+                "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
+            ),
+            ("registry gate", result.reason),
+            ("MLflow run", f"{result.run_id} (child of {from_run})"),
+        ],
     )
 
 
@@ -702,6 +824,7 @@ def fit_spec(
         from components.training.launch import launch_commands, prepare_fit_spec
 
         p = load_params(params, set_ or [])
+        _check_writable(p, prefect=False)
         spec_path = prepare_fit_spec(p, out)
         console.print(f"spec: {spec_path}", highlight=False)
         for name, line in launch_commands(spec_path, p).items():

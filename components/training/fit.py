@@ -28,6 +28,7 @@ from components.data.ingest import read_manifest
 from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
 from components.models.weights import head_prefixes, is_head
+from components.quiet import LOG_FILE_ENV, VERBOSE_ENV, route_output
 from components.training.devices import DevicePlan, effective_batch_size, plan_devices, resolve_accelerator, scaled_lr
 from components.training.module import ClassifierModule
 
@@ -461,6 +462,8 @@ def _is_rank_zero() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run `fit` on the spec file named by argv[0]; returns the exit code (0 ok, 3 a reported error)."""
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(LOG_FILE_ENV):  # started by the CLI: third-party noise to its log file, not the terminal
+        route_output(os.environ[LOG_FILE_ENV], verbose=os.environ.get(VERBOSE_ENV) == "1")
     if len(argv) != 1:
         print("usage: python -m components.training.fit SPEC.json", file=sys.stderr)
         return 2
