@@ -79,8 +79,9 @@ def build_bundle(params: PipelineParams, epochs: int, work: Path) -> Path:
     """
     from components.data.augment import eval_preprocess_spec
     from components.data.validate import validate
-    from components.packaging.bundle import model_card, write_bundle
+    from components.packaging.bundle import write_bundle
     from components.packaging.export import export_onnx
+    from components.packaging.model_card import model_card
     from components.packaging.package import bundle_accuracy
     from components.training.fit import fit_in_process, model_spec_from_params
     from components.training.module import ClassifierModule

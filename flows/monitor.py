@@ -21,11 +21,11 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from components import tracking
+from components.bundle_format import MODEL_FILE, verify_bundle
 from components.config import PipelineParams, params_to_flat_dict
 from components.monitoring.drift import DriftReport, compare_window
 from components.monitoring.profile import read_reference_profile
 from components.monitoring.report import drift_markdown, write_drift_report
-from components.packaging.bundle import MODEL_FILE, verify_bundle
 
 DRIFT_EVENT = "visionflow.drift.detected"
 MONITOR_STAGE = "monitor"

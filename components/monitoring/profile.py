@@ -17,9 +17,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from components.bundle_format import MODEL_FILE, verify_bundle, write_checksums
 from components.errors import VisionflowError
 from components.monitoring.image_stats import image_statistics, prediction_statistics
-from components.packaging.bundle import MODEL_FILE, verify_bundle, write_checksums
 
 PROFILE_FILE = "reference_profile.json"
 MAX_SAMPLES = 2000
@@ -92,6 +92,13 @@ def build_reference_profile(
     )
 
 
+def save_reference_profile(path: Path, profile: ReferenceProfile) -> Path:
+    """Write the profile as JSON to `path` (e.g. an extra file for write_bundle); returns the path."""
+    path = Path(path)
+    path.write_text(profile.model_dump_json(indent=1) + "\n")
+    return path
+
+
 def write_reference_profile(bundle_dir: Path, profile: ReferenceProfile) -> Path:
     """Add (or replace) reference_profile.json in a bundle and re-list it in SHA256SUMS.
 
@@ -102,8 +109,7 @@ def write_reference_profile(bundle_dir: Path, profile: ReferenceProfile) -> Path
     files = verify_bundle(bundle_dir)["files"]
     if files[MODEL_FILE] != profile.model_sha256:
         raise VisionflowError(f"the reference profile belongs to another model than {bundle_dir / MODEL_FILE}")
-    path = bundle_dir / PROFILE_FILE
-    path.write_text(profile.model_dump_json(indent=1) + "\n")
+    path = save_reference_profile(bundle_dir / PROFILE_FILE, profile)
     write_checksums(bundle_dir)
     verify_bundle(bundle_dir)
     return path

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx.external_data_helper import uses_external_data
 from torch import nn
 
+from components.bundle_format import external_data, external_data_escapes, uses_external_data
 from components.errors import VisionflowError
 from components.models import ModelSpec
 
@@ -45,27 +45,15 @@ def check_onnx_file(onnx_path: Path) -> Path:
 
     Takes the path of a .onnx file; reads only the graph (not external tensors). Returns the path;
     raises ValueError naming the tensor and its location when a reference is absolute, climbs out
-    with "..", or resolves (through links) outside the model's directory.
+    with "..", or resolves (through links) outside the model's directory (the bundle format's rule,
+    components.bundle_format.external_data_escapes).
     """
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    base = onnx_path.resolve().parent
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
-    for tensor in tensors:
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (base / location).resolve()
-        if (
-            not location
-            or Path(location).is_absolute()
-            or ".." in Path(location).parts
-            or not target.is_relative_to(base)
-        ):
+    for tensor_name, location in external_data(model):
+        if external_data_escapes(location, onnx_path.parent):
             raise ValueError(
-                f"{onnx_path}: external data of tensor {tensor.name!r} points outside the model directory "
+                f"{onnx_path}: external data of tensor {tensor_name!r} points outside the model directory "
                 f"({location!r}); refusing to load it"
             )
     return onnx_path
@@ -147,7 +135,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out_path: Path, opset: int = 
         model.train(was_training)
     check_onnx_file(out_path)
     graph = onnx.load(str(out_path), load_external_data=False)
-    if any(uses_external_data(t) for t in graph.graph.initializer):
+    if uses_external_data(graph):
         raise ValueError(f"{out_path} is not self-contained (its weights are in external data files)")
     return out_path
 

@@ -85,7 +85,7 @@ def incompatibility(challenger: dict[str, Any], champion: dict[str, Any]) -> str
 
 def bundle_incompatibility(challenger_dir: Path, champion_dir: Path) -> str | None:
     """incompatibility() of two bundle directories (both verified first; BundleError when one does not)."""
-    from components.packaging.bundle import verify_bundle
+    from components.bundle_format import verify_bundle
 
     return incompatibility(verify_bundle(Path(challenger_dir)), verify_bundle(Path(champion_dir)))
 

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel
 
+from components.bundle_format import MODEL_FILE, read_checksums
 from components.config import PackageParams
 from components.data.augment import build_eval_transform, eval_preprocess_spec
 from components.data.dataset import eval_arrays
 from components.data.images import load_image
 from components.errors import VisionflowError
 from components.evaluation.report import EvalReport
-from components.packaging.bundle import model_card, pack_bundle, verify_bundle, write_bundle
+from components.monitoring.profile import (
+    PROFILE_FILE,
+    ReferenceProfile,
+    build_reference_profile,
+    save_reference_profile,
+)
+from components.packaging.archive import pack_bundle
+from components.packaging.bundle import write_bundle
 from components.packaging.export import (
     executorch_parity,
     export_executorch,
@@ -22,7 +31,10 @@ from components.packaging.export import (
     export_torchscript,
     onnx_parity,
 )
-from components.training.module import load_classifier
+from components.packaging.model_card import model_card
+from components.safety import file_sha256
+from components.serving.predictor import Predictor
+from components.training.module import Classifier, load_classifier
 
 PARITY_IMAGES = 64
 PROFILE_MAX_IMAGES = 5000
@@ -72,7 +84,8 @@ def package_checkpoint(
 ) -> PackagedModel:
     """Export `checkpoint` to ONNX (and, with params.executorch, to an ExecuTorch model.pte put in the
     bundle), check parity on up to 64 test images (raising PackagingError past the thresholds in
-    `params`), write and verify the bundle and its .tar.gz under `out_dir`.
+    `params`), compute the reference profile on the exported model, then write the bundle (verified
+    once, as it is written) and its .tar.gz under `out_dir`.
 
     Returns a PackagedModel.
     """
@@ -85,24 +98,17 @@ def package_checkpoint(
         classifier.spec.in_channels,
         max_pixels,
     )
-    onnx_path = export_onnx(classifier.model, classifier.spec, out_dir / "export" / "model.onnx")
-    parity = onnx_parity(classifier.model, onnx_path, torch.from_numpy(images))
-    _check_parity("ONNX", parity, params)
-    pte_parity = None
-    extra = {"confusion_matrix.png": Path(evaluation.confusion_png_path)}
-    if params.executorch:
-        try:
-            pte_path = export_executorch(classifier.model, classifier.spec, out_dir / "export" / "model.pte")
-        except RuntimeError as err:
-            raise PackagingError(f"{err} (set package.executorch=false to package without it)") from err
-        pte_parity = executorch_parity(classifier.model, pte_path, torch.from_numpy(images))
-        _check_parity("ExecuTorch", pte_parity, params)
-        extra["model.pte"] = pte_path
-    if params.torchscript:
-        export_torchscript(classifier.model, classifier.spec, out_dir / "export" / "model.torchscript.pt")
-    metrics = {**evaluation.metrics, "onnx_parity": parity, **({"executorch_parity": pte_parity} if pte_parity else {})}
+    exported = _export(classifier, torch.from_numpy(images), params, out_dir / "export")
+    extra = {"confusion_matrix.png": Path(evaluation.confusion_png_path), **exported.files}
     if int8_onnx:
         extra["model.int8.onnx"] = Path(int8_onnx)
+    preprocess = eval_preprocess_spec(classifier.augment, classifier.spec.in_channels)
+    profile = _reference_profile(exported.onnx_path, classifier.classes, preprocess, test_rows, max_pixels)
+    if profile is not None:
+        extra[PROFILE_FILE] = save_reference_profile(out_dir / "export" / PROFILE_FILE, profile)
+    metrics = {**evaluation.metrics, "onnx_parity": exported.parity}
+    if exported.pte_parity:
+        metrics["executorch_parity"] = exported.pte_parity
     card = model_card(
         model_name=params.model_name,
         architecture=classifier.spec.name,
@@ -114,47 +120,67 @@ def package_checkpoint(
         compression_table=Path(comparison_md).read_text() if comparison_md else None,
         labels=classifier.classes,
     )
-    bundle = write_bundle(
-        out_dir / "bundle",
-        onnx_path,
-        classifier.classes,
-        eval_preprocess_spec(classifier.augment, classifier.spec.in_channels),
-        metrics,
-        card,
-        extra,
-    )
-    _add_reference_profile(bundle, test_rows, max_pixels)
-    archive = pack_bundle(bundle)
-    verify_bundle(bundle)
+    bundle = write_bundle(out_dir / "bundle", exported.onnx_path, classifier.classes, preprocess, metrics, card, extra)
+    if profile is not None and read_checksums(bundle)[MODEL_FILE] != profile.model_sha256:
+        raise PackagingError(f"the reference profile was computed on another model than {bundle / MODEL_FILE}")
+    archive = pack_bundle(bundle, verify=False)  # write_bundle verified what it wrote
     return PackagedModel(
         bundle_dir=str(bundle),
         archive=str(archive),
-        onnx_path=str(onnx_path),
-        parity=parity,
-        executorch_parity=pte_parity,
+        onnx_path=str(exported.onnx_path),
+        parity=exported.parity,
+        executorch_parity=exported.pte_parity,
         input_example=images[:1],
     )
 
 
-def _add_reference_profile(bundle: Path, rows: list[dict[str, str]], max_pixels: int) -> None:
-    """Write reference_profile.json (predictions and image statistics on up to PROFILE_MAX_IMAGES test
-    images, evenly spaced, through the bundle's own onnxruntime predictor) into the bundle."""
-    from components.monitoring.profile import build_reference_profile, write_reference_profile
-    from components.serving.predictor import Predictor
+@dataclass
+class _Exported:
+    onnx_path: Path
+    parity: dict[str, float]
+    pte_parity: dict[str, float] | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # extra bundle files (model.pte)
 
+
+def _export(classifier: Classifier, images: torch.Tensor, params: PackageParams, export_dir: Path) -> _Exported:
+    """ONNX (as the bundle's model.onnx), and with params the ExecuTorch .pte and TorchScript, each
+    checked for parity with PyTorch on `images` (PackagingError past the thresholds)."""
+    onnx_path = export_onnx(classifier.model, classifier.spec, export_dir / MODEL_FILE)
+    exported = _Exported(onnx_path, onnx_parity(classifier.model, onnx_path, images))
+    _check_parity("ONNX", exported.parity, params)
+    if params.executorch:
+        try:
+            pte_path = export_executorch(classifier.model, classifier.spec, export_dir / "model.pte")
+        except RuntimeError as err:
+            raise PackagingError(f"{err} (set package.executorch=false to package without it)") from err
+        exported.pte_parity = executorch_parity(classifier.model, pte_path, images)
+        _check_parity("ExecuTorch", exported.pte_parity, params)
+        exported.files["model.pte"] = pte_path
+    if params.torchscript:
+        export_torchscript(classifier.model, classifier.spec, export_dir / "model.torchscript.pt")
+    return exported
+
+
+def _reference_profile(
+    onnx_path: Path, labels: list[str], preprocess: dict, rows: list[dict[str, str]], max_pixels: int
+) -> ReferenceProfile | None:
+    """Predictions and image statistics on up to PROFILE_MAX_IMAGES test images (evenly spaced), through
+    onnxruntime and the bundle's own preprocessing, of the exported model the bundle will carry; None
+    without rows."""
     if not rows:
-        return
+        return None
     rows = rows[:: max(1, -(-len(rows) // PROFILE_MAX_IMAGES))]
-    predictor = Predictor(bundle, max_pixels=max_pixels)
+    # Not a bundle yet: the predictor is handed what the bundle will hold instead of verifying one.
+    files = {MODEL_FILE: file_sha256(onnx_path)}
+    contents = {"labels": labels, "preprocess": preprocess, "metrics": {}, "files": files}
+    predictor = Predictor(onnx_path.parent, max_pixels=max_pixels, contents=contents)
     channels = int(predictor.preprocess["channels"])
     images = (load_image(r["path"], channels, max_pixels) for r in rows)
-    write_reference_profile(bundle, build_reference_profile(predictor, images, [r["label"] for r in rows]))
+    return build_reference_profile(predictor, images, [r["label"] for r in rows])
 
 
 def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: int) -> float:
     """Top-1 accuracy of a bundle (its own preprocessing, onnxruntime) on manifest rows."""
-    from components.serving.predictor import Predictor
-
     predictor = Predictor(Path(bundle_dir))
     channels = int(predictor.preprocess["channels"])
     correct = 0

@@ -5,11 +5,11 @@ MLflow is imported only for `models:/` URIs, so serving a local bundle stays lig
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from components.bundle_format import unpack_bundle, verify_bundle
 from components.errors import VisionflowError
-from components.packaging.bundle import unpack_bundle, verify_bundle
+from components.safety import file_sha256
 
 BUNDLE_ARTIFACTS = "bundle"  # the run artifact folder that holds a pipeline run's bundle
 
@@ -43,14 +43,12 @@ def resolve_bundle(source: str, cache_dir: str = ".visionflow") -> Path:
     """
     if source.startswith("models:/"):
         bundle = _registry_bundle(source, cache_dir)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise VisionflowError(f"bundle not found: {source}")
-        if path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            bundle = unpack_bundle(path, Path(cache_dir) / "bundles" / digest)
-        else:
-            bundle = path
-    verify_bundle(bundle)
-    return bundle.resolve()
+        verify_bundle(bundle)
+        return bundle.resolve()
+    path = Path(source)
+    if not path.exists():
+        raise VisionflowError(f"bundle not found: {source}")
+    if path.is_file():  # unpacking verifies the unpacked (or already present) bundle
+        return unpack_bundle(path, Path(cache_dir) / "bundles" / file_sha256(path)[:16]).resolve()
+    verify_bundle(path)
+    return path.resolve()

@@ -37,8 +37,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from components.bundle_format import MODEL_FILE
 from components.monitoring.prediction_log import PredictionLog
-from components.packaging.bundle import MODEL_FILE
 from components.serving.batching import Batcher
 from components.serving.limits import ErrorKind, RequestRejected, bad_input, decode_uploads, error_response, read_images
 from components.serving.metrics import CountRequests, ServerMetrics, make_metrics
@@ -297,7 +297,7 @@ def serve(bundle_dir: Path, settings: ServeSettings | None = None) -> None:
     """
     import uvicorn
 
-    from components.packaging.bundle import unpack_bundle
+    from components.bundle_format import unpack_bundle
 
     settings = settings or ServeSettings()
     bundle_dir = Path(bundle_dir)

@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from components.bundle_format import MODEL_FILE, BundleError, verify_bundle
 from components.data.images import load_image
 from components.errors import ImageDecodeError
-from components.packaging.bundle import MODEL_FILE, BundleError, verify_bundle
 
 _INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR}
 UPLOAD_NAME = "upload"
@@ -81,15 +81,23 @@ def top_k_predictions(probabilities: np.ndarray, labels: list[str], k: int) -> l
 class Predictor:
     """An onnxruntime CPU session over a verified bundle, with the bundle's eval preprocessing."""
 
-    def __init__(self, bundle_dir: Path, max_pixels: int = 40_000_000, threads: int | None = None):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        max_pixels: int = 40_000_000,
+        threads: int | None = None,
+        contents: dict[str, Any] | None = None,
+    ):
         """Verify the bundle (checksums, files, external data) and load its model.
 
-        Takes the bundle directory, the largest pixel count decode() accepts and optionally the number
-        of onnxruntime intra-op threads (None: onnxruntime's default). Raises BundleError when the bundle
-        does not verify, its preprocess.json is not usable, or the model does not have one NCHW input.
+        Takes the bundle directory, the largest pixel count decode() accepts, optionally the number
+        of onnxruntime intra-op threads (None: onnxruntime's default) and, from a caller that has just
+        verified the bundle (or is writing one from these files), verify_bundle's result for it: the
+        bundle is then not verified again. Raises BundleError when the bundle does not verify, its
+        preprocess.json is not usable, or the model does not have one NCHW input.
         """
         self.bundle_dir = Path(bundle_dir)
-        contents = verify_bundle(self.bundle_dir)
+        contents = contents if contents is not None else verify_bundle(self.bundle_dir)
         self.labels: list[str] = contents["labels"]
         self.preprocess: dict[str, Any] = contents["preprocess"]
         self.metrics: dict[str, Any] = contents["metrics"]

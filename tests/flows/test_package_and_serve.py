@@ -14,9 +14,9 @@ import pytest
 from mlflow import MlflowClient
 
 from components import tracking
+from components.bundle_format import verify_bundle
 from components.config import load_params
 from components.monitoring.profile import read_reference_profile
-from components.packaging.bundle import verify_bundle
 from components.packaging.resolve import resolve_bundle
 from flows.package import promote_version, rollback_champion
 from flows.pipeline import pipeline

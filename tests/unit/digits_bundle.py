@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from components.config import AugmentParams
 from components.data.augment import eval_preprocess_spec
 from components.monitoring.profile import build_reference_profile, write_reference_profile
-from components.packaging.bundle import model_card, write_bundle
+from components.packaging.bundle import write_bundle
+from components.packaging.model_card import model_card
 
 LABELS = [str(d) for d in range(10)]
 

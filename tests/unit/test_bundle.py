@@ -12,19 +12,19 @@ import numpy as np
 import onnx
 import pytest
 
-from components.config import AugmentParams
-from components.data.augment import eval_preprocess_spec
-from components.packaging.bundle import (
+from components.bundle_format import (
     CHECKSUMS_FILE,
     REQUIRED_FILES,
     BundleError,
-    model_card,
-    pack_bundle,
     unpack_bundle,
     verify_bundle,
-    write_bundle,
     write_checksums,
 )
+from components.config import AugmentParams
+from components.data.augment import eval_preprocess_spec
+from components.packaging.archive import pack_bundle
+from components.packaging.bundle import write_bundle
+from components.packaging.model_card import model_card
 
 LABELS = ["circle", "square", "triangle"]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from components.bundle_format import CHECKSUMS_FILE, verify_bundle
 from components.config import MonitorParams
 from components.monitoring.drift import compare_window, population_stability_index, read_feedback
 from components.monitoring.image_stats import (
@@ -25,7 +26,6 @@ from components.monitoring.prediction_log import LOG_FILE, PredictionLog, new_re
 from components.monitoring.profile import PROFILE_FILE, read_reference_profile
 from components.monitoring.report import write_drift_report
 from components.monitoring.resources import StageClock
-from components.packaging.bundle import CHECKSUMS_FILE, verify_bundle
 from components.serving.predictor import Predictor
 from tests.unit.digits_bundle import LABELS, digits_bundle, split
 

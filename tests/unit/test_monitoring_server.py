@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.bundle_format import verify_bundle
 from components.config import MonitorParams
 from components.monitoring.drift import compare_window
 from components.monitoring.prediction_log import LOG_FILE, read_prediction_log
 from components.monitoring.profile import read_reference_profile
-from components.packaging.bundle import verify_bundle
 from components.serving.app import ServeSettings, create_app
 from tests.unit.digits_bundle import digits_bundle, split
 from tests.unit.test_serving import _LiveServer, _metrics

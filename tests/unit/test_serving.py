@@ -18,9 +18,11 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from components.bundle_format import BundleError
 from components.data.augment import build_eval_transform
 from components.errors import ImageDecodeError
-from components.packaging.bundle import BundleError, model_card, write_bundle
+from components.packaging.bundle import write_bundle
+from components.packaging.model_card import model_card
 from components.serving.app import ServeSettings, create_app
 from components.serving.predictor import Predictor, decode_image_bytes
 from tests.unit.bad_images import png_with_declared_size
