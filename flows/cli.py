@@ -491,26 +491,40 @@ def up(
     prefect_port: int = typer.Option(4200, help="Port of the Prefect server (UI and API)."),
     mlflow_port: int = typer.Option(5000, help="Port of the MLflow server."),
     timeout: float = typer.Option(120, help="Seconds to wait for both servers to answer."),
+    database_url: str | None = typer.Option(
+        None,
+        "--database-url",
+        envvar="VISIONFLOW_DATABASE_URL",
+        help="Team stack: postgresql://USER:PASSWORD@HOST:PORT, whose databases prefect, mlflow and optuna "
+        "hold the runs (default: SQLite files in the state folder). Prefer the environment variable.",
+    ),
+    auth: bool = typer.Option(
+        False, "--auth", help="Basic auth on both servers: user admin, password from $VISIONFLOW_STACK_PASSWORD."
+    ),
 ) -> None:
-    """Start a local Prefect server and MLflow server (SQLite, loopback only) and print how to reach them."""
+    """Start a Prefect server and an MLflow server (loopback only; SQLite, or PostgreSQL with --database-url)."""
     from flows.local_stack import default_state_dir, start_stack
 
     def go():
-        return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout)
+        return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout, database_url, auth)
 
     state, started = _run_guarded(go)
-    _print_summary(
-        "visionflow stack " + ("started" if started else "already running"),
-        [
-            ("Prefect UI", state.prefect_url),
-            ("MLflow UI", state.mlflow_url),
-            ("state", state.state_dir),
-            ("stop", "visionflow down"),
-        ],
+    console.print(
+        _summary_table(
+            "visionflow stack " + ("started" if started else "already running"),
+            [
+                ("Prefect UI", state.prefect_url),
+                ("MLflow UI", state.mlflow_url),
+                ("database", state.database),
+                ("basic auth", "on (user admin)" if state.auth else "off"),
+                ("state", state.state_dir),
+                ("stop", "visionflow down"),
+            ],
+        )
     )
     console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
-    for key, value in state.env().items():
-        console.print(f"  export {key}={value}", highlight=False)
+    for line in state.exports():
+        console.print(f"  {line}", highlight=False)
 
 
 @app.command()

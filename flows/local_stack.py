@@ -1,5 +1,11 @@
-"""The local stack behind `visionflow up` / `visionflow down`: a Prefect server and an MLflow server
-on loopback, with SQLite databases, an artifact folder, logs and a state file in one directory.
+"""The stack behind `visionflow up` / `visionflow down`: a Prefect server and an MLflow server on
+loopback, with logs, MLflow's artifact root and a state file in one directory.
+
+Alone (no database URL) both servers keep SQLite files in that directory. The team stack
+(`up --database-url postgresql://USER:PASS@HOST:PORT`) keeps them in PostgreSQL instead: the
+databases `prefect`, `mlflow` and `optuna` on that server (the last one holds `visionflow tune`
+studies). Either way MLflow serves the artifacts itself (`--artifacts-destination`): clients upload
+and download over HTTP and need no shared disk. `--auth` turns on basic auth on both servers.
 
 `down` stops exactly the processes `up` started: each is recorded with its pid and start time, and
 is its own process group (so a server's workers go with it).
@@ -8,6 +14,7 @@ is its own process group (so a server's workers go with it).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 from pydantic import BaseModel
@@ -25,6 +33,10 @@ from components.errors import VisionflowError
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
+DATABASES = ("prefect", "mlflow", "optuna")  # one database per server on the team stack, and one for studies
+AUTH_USER = "admin"  # MLflow's basic-auth admin; Prefect's auth string is AUTH_USER:password
+PASSWORD_ENV = "VISIONFLOW_STACK_PASSWORD"  # the basic-auth password, for the servers and for every client
+TUNE_STORAGE_ENV = "VISIONFLOW_TUNE_STORAGE"  # where `visionflow tune` keeps its Optuna studies
 
 
 class StackProcess(BaseModel):
@@ -45,10 +57,45 @@ class StackState(BaseModel):
     prefect_url: str
     mlflow_url: str
     processes: list[StackProcess]
+    database: str = "sqlite"  # "sqlite", or the PostgreSQL server's URL without its password
+    auth: bool = False
+
+    def tune_storage(self) -> str:
+        """The Optuna storage of this stack's studies (with the password from the environment, if any)."""
+        if self.database == "sqlite":
+            return f"sqlite:///{Path(self.state_dir) / 'optuna.db'}"
+        return database_url_for(os.environ.get("VISIONFLOW_DATABASE_URL") or self.database, "optuna")
 
     def env(self) -> dict[str, str]:
-        """The environment that points Prefect and MLflow clients at this stack."""
-        return {"PREFECT_API_URL": f"{self.prefect_url}/api", "MLFLOW_TRACKING_URI": self.mlflow_url}
+        """The environment that points Prefect, MLflow and Optuna clients at this stack.
+
+        With basic auth, the credentials come from $VISIONFLOW_STACK_PASSWORD (never from the state file).
+        """
+        env = {"PREFECT_API_URL": f"{self.prefect_url}/api", "MLFLOW_TRACKING_URI": self.mlflow_url}
+        env[TUNE_STORAGE_ENV] = self.tune_storage()
+        password = os.environ.get(PASSWORD_ENV)
+        if self.auth and password:
+            env.update(
+                PREFECT_API_AUTH_STRING=f"{AUTH_USER}:{password}",
+                MLFLOW_TRACKING_USERNAME=AUTH_USER,
+                MLFLOW_TRACKING_PASSWORD=password,
+            )
+        return env
+
+    def exports(self) -> list[str]:
+        """`export` lines for other shells; secrets are written as references to the variables holding them."""
+        lines = [f"export PREFECT_API_URL={self.prefect_url}/api", f"export MLFLOW_TRACKING_URI={self.mlflow_url}"]
+        if self.database == "sqlite":
+            lines.append(f"export {TUNE_STORAGE_ENV}={self.tune_storage()}")
+        else:
+            lines.append(f"export {TUNE_STORAGE_ENV}=<the database URL with the database name optuna>")
+        if self.auth:
+            lines += [
+                f'export PREFECT_API_AUTH_STRING="{AUTH_USER}:${PASSWORD_ENV}"',
+                f"export MLFLOW_TRACKING_USERNAME={AUTH_USER}",
+                f'export MLFLOW_TRACKING_PASSWORD="${PASSWORD_ENV}"',
+            ]
+        return lines
 
 
 def default_state_dir() -> Path:
@@ -108,23 +155,101 @@ def _executable(name: str) -> str:
     return found
 
 
-def _server_env(state_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+def database_url_for(server_url: str, database: str, driver: str = "") -> str:
+    """The URL of `database` on the PostgreSQL server of `server_url` (its own database name replaced).
+
+    `driver` picks SQLAlchemy's driver, e.g. "asyncpg" gives postgresql+asyncpg://... for Prefect.
+    """
+    parts = urlsplit(server_url)
+    scheme = "postgresql" + (f"+{driver}" if driver else "")
+    return urlunsplit((scheme, parts.netloc, f"/{database}", parts.query, ""))
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc and ":" in netloc.split("@", 1)[0]:
+        user, host = netloc.split("@", 1)
+        netloc = f"{user.split(':', 1)[0]}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def check_database_url(url: str, timeout: float = 5) -> None:
+    """Raise VisionflowError (one line) unless `url` is a PostgreSQL server URL on which every database in
+    DATABASES accepts a connection. Runs before anything starts."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise VisionflowError(f"--database-url must be postgresql://USER:PASSWORD@HOST:PORT, not {parts.scheme!r}")
+    if parts.path not in ("", "/"):
+        raise VisionflowError(
+            f"--database-url names the server only (no database {parts.path.lstrip('/')!r}): "
+            f"visionflow uses the databases {', '.join(DATABASES)} on it"
+        )
+    import psycopg  # the driver MLflow and Optuna use for postgresql:// (SQLAlchemy 2.1's default)
+
+    for database in DATABASES:
+        try:
+            psycopg.connect(database_url_for(url, database), connect_timeout=int(timeout)).close()
+        except psycopg.Error as err:
+            reason = " ".join(str(err).split())[:300]
+            raise VisionflowError(
+                f"cannot use database {database!r} on {_without_password(url)}: {reason} "
+                f"(create the databases once: CREATE DATABASE {'; CREATE DATABASE '.join(DATABASES)};)"
+            ) from None
+
+
+def _server_env(state_dir: Path, database_url: str | None, password: str | None) -> dict[str, str]:
+    drop = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(
         {
             "PREFECT_HOME": str(state_dir / "prefect-home"),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": (
+                database_url_for(database_url, "prefect", "asyncpg")
+                if database_url
+                else f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}"
+            ),
+            # the store URI goes by environment, so the password never shows in the process list
+            "MLFLOW_BACKEND_STORE_URI": (
+                database_url_for(database_url, "mlflow") if database_url else f"sqlite:///{state_dir / 'mlflow.db'}"
+            ),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
         }
     )
+    if password:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = f"{AUTH_USER}:{password}"
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_auth_config(state_dir))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret_key(state_dir)
     return env
 
 
+def _secret_key(state_dir: Path) -> str:
+    """MLflow's CSRF secret: made once per state folder, kept readable by its owner only."""
+    path = state_dir / "mlflow-secret-key"
+    if not path.is_file():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _auth_config(state_dir: Path) -> Path:
+    """MLflow's basic-auth settings: users in a SQLite file of the state dir, read-only by default."""
+    path = state_dir / "mlflow-basic-auth.ini"
+    path.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{state_dir / 'mlflow-auth.db'}\n"
+        f"admin_username = {AUTH_USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
+
+
 def _launch(
-    name: str, command: list[str], url: str, health_url: str, state_dir: Path, env: dict[str, str] | None = None
+    name: str, command: list[str], url: str, health_url: str, state_dir: Path, env: dict[str, str]
 ) -> StackProcess:
     log = state_dir / f"{name}.log"
     with open(log, "ab") as out:
@@ -133,7 +258,7 @@ def _launch(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**_server_env(state_dir), **(env or {})},
+            env=env,
             cwd=state_dir,
             start_new_session=True,
         )
@@ -173,14 +298,44 @@ def _wait_until_answering(processes: list[StackProcess], timeout: float) -> None
             time.sleep(0.5)
 
 
+def _server_processes(
+    state_dir: Path, prefect_port: int, mlflow_port: int, database_url: str | None, password: str | None
+) -> list[StackProcess]:
+    env = _server_env(state_dir, database_url, password)
+    prefect_url = f"http://{HOST}:{prefect_port}"
+    mlflow_url = f"http://{HOST}:{mlflow_port}"
+    mlflow_command = [_executable("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port)]
+    mlflow_command += ["--artifacts-destination", str(state_dir / "mlartifacts"), "--workers", "1"]
+    if password:
+        mlflow_command += ["--app-name", "basic-auth"]
+    return [
+        _launch(
+            "prefect",
+            [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+            prefect_url,
+            f"{prefect_url}/api/health",
+            state_dir,
+            {**env, "PREFECT_UI_API_URL": f"{prefect_url}/api"},  # else the UI calls the default port 4200
+        ),
+        _launch("mlflow", mlflow_command, mlflow_url, f"{mlflow_url}/health", state_dir, env),
+    ]
+
+
 def start_stack(
-    state_dir: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = 120
+    state_dir: Path,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+    timeout: float = 120,
+    database_url: str | None = None,
+    auth: bool = False,
 ) -> tuple[StackState, bool]:
     """Start the Prefect and MLflow servers and wait until both answer.
 
-    Returns (state, started): started is False when the stack in `state_dir` was already running.
-    Raises VisionflowError for a port in use or a server that does not come up in `timeout` seconds;
-    nothing is left running then.
+    `database_url` (postgresql://USER:PASS@HOST:PORT) puts both servers on PostgreSQL (the team stack),
+    else SQLite files in `state_dir`. `auth` turns on basic auth on both, with user AUTH_USER and the
+    password in $VISIONFLOW_STACK_PASSWORD. Returns (state, started): started is False when the stack in
+    `state_dir` was already running. Raises VisionflowError for a port in use, an unusable database URL,
+    a missing password or a server that does not come up in `timeout` seconds; nothing is left running then.
     """
     state_dir = Path(state_dir).resolve()
     existing = running_stack(state_dir)
@@ -192,41 +347,22 @@ def start_stack(
     for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
         if port_in_use(port):
             raise VisionflowError(f"port {port} on {HOST} is in use: stop what holds it or choose another with {flag}")
+    password = os.environ.get(PASSWORD_ENV) if auth else None
+    if auth and len(password or "") < 12:  # MLflow refuses shorter admin passwords
+        raise VisionflowError(f"--auth needs a password of 12+ characters in ${PASSWORD_ENV} (user {AUTH_USER!r})")
+    if database_url:
+        check_database_url(database_url)
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "mlartifacts").mkdir(exist_ok=True)
-    prefect_url = f"http://{HOST}:{prefect_port}"
-    mlflow_url = f"http://{HOST}:{mlflow_port}"
-    processes = [
-        _launch(
-            "prefect",
-            [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-            prefect_url,
-            f"{prefect_url}/api/health",
-            state_dir,
-            env={"PREFECT_UI_API_URL": f"{prefect_url}/api"},
-        ),  # else the UI calls the default port 4200
-        _launch(
-            "mlflow",
-            [
-                _executable("mlflow"),
-                "server",
-                "--host",
-                HOST,
-                "--port",
-                str(mlflow_port),
-                "--backend-store-uri",
-                f"sqlite:///{state_dir / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(state_dir / "mlartifacts"),
-                "--workers",
-                "1",
-            ],
-            mlflow_url,
-            f"{mlflow_url}/health",
-            state_dir,
-        ),
-    ]
-    state = StackState(state_dir=str(state_dir), prefect_url=prefect_url, mlflow_url=mlflow_url, processes=processes)
+    processes = _server_processes(state_dir, prefect_port, mlflow_port, database_url, password)
+    state = StackState(
+        state_dir=str(state_dir),
+        prefect_url=processes[0].url,
+        mlflow_url=processes[1].url,
+        processes=processes,
+        database=_without_password(database_url) if database_url else "sqlite",
+        auth=auth,
+    )
     (state_dir / STATE_FILE).write_text(state.model_dump_json(indent=2))
     try:
         _wait_until_answering(processes, timeout)
