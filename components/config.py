@@ -15,7 +15,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from components.errors import VisionflowError
 
-
 Auto = Literal["auto"]
 AUTO_NOTE = " auto (the default in a pipeline): the plan decides from the data (see `visionflow plan`)."
 
@@ -659,6 +658,19 @@ def unresolved_fields(params: PipelineParams) -> list[str]:
         for name in names
         if getattr(getattr(params, section), name) == "auto"
     ]
+
+
+def fill_auto(params: PipelineParams) -> PipelineParams:
+    """A copy of params with every `auto` of AUTO_FIELDS (and train.lr) set to the field's own default, i.e. the
+    digits recipe: for code that builds components from params without a data set to plan from (benches, unit
+    tests). A pipeline run plans instead (components.planning)."""
+    sections = {}
+    for section, names in {**AUTO_FIELDS, "train": (*AUTO_FIELDS["train"], "lr")}.items():
+        current = getattr(params, section)
+        fields = type(current).model_fields
+        update = {n: fields[n].get_default(call_default_factory=True) for n in names if getattr(current, n) == "auto"}
+        sections[section] = current.model_copy(update=update)
+    return params.model_copy(update=sections)
 
 
 def _format_error(err: ValidationError) -> str:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping,
 from lightning.pytorch.loggers import MLFlowLogger
 from pydantic import BaseModel
 
-from components.config import PipelineParams, unresolved_fields
+from components.config import PipelineParams, fill_auto, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
 from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
@@ -133,7 +133,9 @@ def task_classes_of(rows: list[dict[str, str]], params: PipelineParams) -> dict[
 def model_spec_from_params(
     params: PipelineParams, num_classes: int, task_classes: dict[str, list[str]] | None = None
 ) -> ModelSpec:
-    """The ModelSpec a pipeline's params describe for `num_classes` classes (and extra tasks)."""
+    """The ModelSpec a pipeline's params describe for `num_classes` classes (and extra tasks). Unplanned `auto`
+    values take their fields' defaults (config.fill_auto); the training process gets planned params."""
+    params = fill_auto(params)
     return ModelSpec(
         name=params.model.name,
         num_classes=num_classes,
@@ -182,7 +184,9 @@ def datamodule_from_params(
     cache). `plan` (the checked devices) sizes the automatic worker count and pinned memory; without it one
     process on the params' accelerator is assumed. Training on a GPU, batches stay uint8 until the device
     normalises them (a quarter of the bytes to copy); on CPUs each worker normalises its images (cv2's lookup
-    table beats batched tensor arithmetic there). Both give the same floats."""
+    table beats batched tensor arithmetic there). Both give the same floats. Unplanned `auto` values take their
+    fields' defaults (config.fill_auto)."""
+    params = fill_auto(params)
     accelerator = plan.accelerator if plan else resolve_accelerator(params.trainer.accelerator)
     on_device = accelerator != "cpu"
     train = params.train
@@ -390,7 +394,7 @@ def find_batch_and_lr(trainer, module, data, params, world_size: int, accumulate
     lr = float(module.optim["lr"])
     if "lr" in params.train.find:
         finder = tuner.lr_find(module, datamodule=data, min_lr=1e-6, max_lr=1.0, num_training=100, update_attr=False)
-        suggestion = finder.suggestion() if finder is not None else None
+        suggestion = lr_from_curve(finder.results) if finder is not None else None
         if not suggestion and trainer.is_global_zero:
             print(f"[visionflow] lr_find's curve gave no suggestion; lr stays {lr:g}", flush=True)
         lr = float(suggestion) if suggestion else lr
@@ -403,6 +407,18 @@ def find_batch_and_lr(trainer, module, data, params, world_size: int, accumulate
         if logger:
             logger.log_hyperparams(found)
     return data.batch_size * world_size * accumulate, lr
+
+
+def lr_from_curve(results: dict[str, list[float]]) -> float | None:
+    """The learning rate a finder curve suggests: a tenth of the rate at the lowest (smoothed) loss, the last
+    points (where the loss blows up) left out; None for a curve under 10 points. Lightning's own suggestion (the
+    steepest descent) picked 1.4e-5 on the digits, where 2e-3 trains to 0.99; the minimum's tenth is steadier."""
+    lrs, losses = results.get("lr", []), results.get("loss", [])
+    if len(lrs) < 10:
+        return None
+    usable = losses[: max(5, len(losses) - 5)]
+    best = min(range(len(usable)), key=lambda i: usable[i])
+    return float(lrs[best]) / 10
 
 
 def _lr_rule(params: PipelineParams, effective_batch: int) -> str:

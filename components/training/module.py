@@ -254,7 +254,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         mult = o.get("backbone_lr_mult", 1.0)  # fine-tuning: the backbone learns slower than the new head
-        params = self.parameters() if mult == 1.0 else param_groups(self.model, o["lr"], mult)
+        params = self.parameters() if mult in (1.0, "auto") else param_groups(self.model, o["lr"], mult)
         optimizer = OPTIMIZERS[o["optimizer"]](params, o)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, self.trainer.max_epochs)

@@ -215,7 +215,7 @@ def test_lightning_normalises_uint8_batches_through_the_datamodule_hook(tmp_path
     """The GPU path (uint8 batches, normalised after the transfer) trained on CPU: the model only ever sees floats."""
     import lightning as L
 
-    from components.config import load_params
+    from components.config import fill_auto, load_params
     from components.training.fit import datamodule_from_params, model_spec_from_params
     from components.training.module import ClassifierModule
 
@@ -229,6 +229,7 @@ def test_lightning_normalises_uint8_batches_through_the_datamodule_hook(tmp_path
             "trainer.accelerator=cpu",
         ],
     )
+    params = fill_auto(params)  # no data set to plan from: the fields' own defaults
     rows = _rows(tmp_path / "images")
     for i, row in enumerate(rows):
         row["split"] = "train" if i < 6 else "val"

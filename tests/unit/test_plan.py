@@ -191,3 +191,12 @@ def test_digits_are_not_mirror_safe(tmp_path):
     ]
     result = mirror_test(data)
     assert result.verdict == "unsafe" and result.accuracy > 0.8 and result.mirrored_accuracy < 0.6, result
+
+
+def test_the_lr_finder_curve_suggests_a_tenth_of_the_rate_at_its_lowest_loss():
+    from components.training.fit import lr_from_curve
+
+    lrs = [10 ** (-6 + i * 0.25) for i in range(24)]  # 1e-6 .. ~5
+    losses = [2.3 - 0.1 * i for i in range(14)] + [1.0 + 0.5 * i for i in range(10)]  # lowest at lrs[13]
+    assert lr_from_curve({"lr": lrs, "loss": losses}) == pytest.approx(lrs[13] / 10)
+    assert lr_from_curve({"lr": lrs[:5], "loss": losses[:5]}) is None
