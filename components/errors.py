@@ -1,8 +1,5 @@
 """The errors visionflow reports to a user as one clear line (the CLI exits 2 on them)."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 
 class VisionflowError(Exception):
     """Base of every expected failure: bad parameters, bad data, a failed stage.
@@ -44,14 +41,3 @@ class StageError(VisionflowError):
         super().__init__(f"stage {stage} failed: {message}")
         self.stage = stage
 
-
-@contextmanager
-def stage_failure(stage: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
-    """Re-raise an expected failure (a VisionflowError, or one of `also`) inside the block as a StageError
-    naming `stage`; a StageError passes unchanged, anything else (a bug, Ctrl-C) too."""
-    try:
-        yield
-    except StageError:
-        raise
-    except (VisionflowError, *also) as err:
-        raise StageError(stage, str(err)) from err

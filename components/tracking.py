@@ -18,6 +18,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from components.errors import StageError
+
 STAGE_TAG = "visionflow.stage"
 RUN_DIR_TAG = "visionflow.run_dir"
 FAILED_STAGE_TAG = "visionflow.failed_stage"
@@ -131,10 +133,13 @@ def run_scope(
     *,
     reopen: str | None = None,
     stage: str | None = None,
+    stage_errors: tuple[type[Exception], ...] = (),
 ) -> Iterator[ScopedRun]:
     """The one owner of an MLflow run's life: start it (or `reopen` an ended one) with `tags`, nested under
     `parent_run_id`; end it FINISHED when the block returns, FAILED on an exception and KILLED on Ctrl-C or
-    SIGTERM, tagging the failed stage and the error first. The error is re-raised unchanged."""
+    SIGTERM, tagging the failed stage and the error first. The error is re-raised unchanged, except an
+    expected one (an instance of `stage_errors`, e.g. VisionflowError) while a stage is set: that becomes a
+    StageError naming the stage, so the user reads which stage failed and why in one line."""
     if reopen:
         reopen_run(reopen)
         if tags:
@@ -153,6 +158,8 @@ def run_scope(
                 set_tags(run.run_id, failure)
             finally:
                 end_run(run.run_id, ended_status(err))
+            if run.stage and isinstance(err, stage_errors) and not isinstance(err, StageError):
+                raise StageError(run.stage, str(err)) from err
             raise
         end_run(run.run_id, RunStatus.FINISHED)
 

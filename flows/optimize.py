@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from components import tracking
 from components.config import PipelineParams, load_params
-from components.errors import stage_failure
+from components.errors import VisionflowError
 from components.optimization.measure import VariantResult, best_variant, gate, write_comparison
 from components.optimization.variants import (
     REFERENCE,
@@ -207,10 +207,9 @@ def optimize_flow(
         "visionflow.source_run": source_run_id or "",
         tracking.RUN_DIR_TAG: run_dir,
     }
-    with (
-        stage_failure("optimize", also=(ValueError,)),
-        tracking.run_scope(params.run.experiment, f"optimize-{Path(checkpoint).stem}", tags, stage="optimize") as run,
-    ):
+    name = f"optimize-{Path(checkpoint).stem}"
+    expected = (VisionflowError, ValueError)  # ValueError: a pruning ratio torch-pruning cannot honour
+    with tracking.run_scope(params.run.experiment, name, tags, stage="optimize", stage_errors=expected) as run:
         optimize_params = {f"optimize.{k}": v for k, v in params.optimize.model_dump().items()}
         tracking.log_params(run.run_id, {"checkpoint": checkpoint, **optimize_params})
         return optimize_stage(checkpoint, manifest, params, run_dir, run.run_id)

@@ -16,12 +16,12 @@ from components import tracking
 from components.config import PipelineParams, load_params
 from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
-from components.errors import StageError, VisionflowError
+from components.errors import VisionflowError
 from components.evaluation.report import EvalReport, read_report
 from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison
 from components.packaging.package import PackagedModel, bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
-from flows.tasks import end_status, finished_pipeline_run, publish_summary
+from flows.tasks import finished_pipeline_run, publish_summary
 
 DATA_FINGERPRINT_TAG = "visionflow.data_fingerprint"
 
@@ -254,22 +254,19 @@ def package_flow(source_run_id: str, overrides: list[str] | None = None) -> Pack
     """
     source = _run_to_package(source_run_id, list(overrides or []))
     params = source.params
-    run_id = tracking.start_run(
-        source.experiment,
-        f"package-{Path(source.run_dir).name.removeprefix('package-')}",
-        {
-            tracking.STAGE_TAG: "package",
-            tracking.RUN_DIR_TAG: source.run_dir,
-            "prefect.flow_run_id": str(flow_run.id or ""),
-            "prefect.flow_run_url": str(flow_run.ui_url or ""),
-        },
-        parent_run_id=source_run_id,
-    )
-    tracking.log_params(
-        run_id, {"checkpoint": source.checkpoint, **{f"package.{k}": v for k, v in params.package.model_dump().items()}}
-    )
-    try:
-        result = package_task(
+    tags = {
+        tracking.STAGE_TAG: "package",
+        tracking.RUN_DIR_TAG: source.run_dir,
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+    }
+    name = f"package-{Path(source.run_dir).name.removeprefix('package-')}"
+    with tracking.run_scope(
+        source.experiment, name, tags, source_run_id, stage="package", stage_errors=(VisionflowError,)
+    ) as run:
+        package_params = {f"package.{k}": v for k, v in params.package.model_dump().items()}
+        tracking.log_params(run.run_id, {"checkpoint": source.checkpoint, **package_params})
+        return package_task(
             source.checkpoint,
             params,
             source.data_source,
@@ -278,18 +275,10 @@ def package_flow(source_run_id: str, overrides: list[str] | None = None) -> Pack
             source.evaluation,
             source.split_counts,
             source.run_dir,
-            run_id,
+            run.run_id,
             int8_onnx=source.int8_onnx,
             comparison_md=source.comparison_md,
         )
-    except BaseException as err:
-        tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: "package", "visionflow.error": str(err)[:500]})
-        tracking.end_run(run_id, end_status(err))
-        if isinstance(err, VisionflowError) and not isinstance(err, StageError):
-            raise StageError("package", str(err)) from err
-        raise
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
-    return result
 
 
 def promote_version(name: str, version: str) -> str:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow
@@ -12,12 +16,11 @@ from pydantic import BaseModel
 
 from components import tracking
 from components.config import PipelineParams, load_params, params_to_flat_dict
-from components.errors import StageError, VisionflowError
+from components.errors import VisionflowError
 from components.monitoring.resources import StageClock
 from flows.optimize import optimize_stage
 from flows.package import package_task
 from flows.tasks import (
-    end_status,
     evaluate_task,
     ingest_task,
     json_dump,
@@ -72,35 +75,41 @@ def stage_clock(run_id: str) -> StageClock:
     return StageClock(log)
 
 
-def open_pipeline_run(
-    params: PipelineParams, params_file: str | None, resume_run_id: str | None, extra_tags: dict[str, str] | None = None
-) -> tuple[str, Path]:
-    """Start the parent MLflow run and its run directory (or re-open both for a resume); returns (run id, run dir)."""
-    prefect_tags = {
+def _prefect_tags() -> dict[str, str]:
+    return {
         "prefect.flow_run_id": str(flow_run.id or ""),
         "prefect.flow_run_name": str(flow_run.name or ""),
         "prefect.flow_run_url": str(flow_run.ui_url or ""),
     }
+
+
+@contextmanager
+def pipeline_run_scope(
+    params: PipelineParams, params_file: str | None, resume_run_id: str | None, extra_tags: dict[str, str] | None = None
+) -> Iterator[tuple[tracking.ScopedRun, Path]]:
+    """The parent MLflow run (tracking.run_scope) and its run directory, new or re-opened for a resume;
+    a VisionflowError inside becomes a StageError naming the stage the run is in."""
     if resume_run_id:
         _, run_dir = resumable_pipeline_run(resume_run_id)
-        tracking.reopen_run(resume_run_id)
-        tracking.set_tags(resume_run_id, {**prefect_tags, **process_tags(), "visionflow.resumed": "true"})
-        return resume_run_id, run_dir
+        tags = {**_prefect_tags(), **process_tags(), "visionflow.resumed": "true"}
+        with tracking.run_scope(reopen=resume_run_id, tags=tags, stage_errors=(VisionflowError,)) as run:
+            yield run, run_dir
+        return
     tags = {
-        **prefect_tags,
+        **_prefect_tags(),
         **process_tags(),
         **(extra_tags or {}),
         "visionflow.params_file": params_file or "",
         "mlflow.source.git.commit": tracking.git_commit() or "",
     }
-    run_id = tracking.start_run(params.run.experiment, params.run.run_name, tags)
-    run_dir = (Path(params.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    tracking.set_tags(run_id, {tracking.RUN_DIR_TAG: str(run_dir)})
-    tracking.log_params(run_id, loggable_params(params))
-    tracking.log_artifacts(run_id, [run_dir / "params.yaml"])
-    return run_id, run_dir
+    with tracking.run_scope(params.run.experiment, params.run.run_name, tags, stage_errors=(VisionflowError,)) as run:
+        run_dir = (Path(params.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{run.run_id[:8]}").resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+        tracking.set_tags(run.run_id, {tracking.RUN_DIR_TAG: str(run_dir)})
+        tracking.log_params(run.run_id, loggable_params(params))
+        tracking.log_artifacts(run.run_id, [run_dir / "params.yaml"])
+        yield run, run_dir
 
 
 def resume_pipeline(run_id: str, overrides: list[str] | None = None) -> PipelineResult:
@@ -110,6 +119,65 @@ def resume_pipeline(run_id: str, overrides: list[str] | None = None) -> Pipeline
     run, run_dir = resumable_pipeline_run(run_id)
     params = load_params(run_dir / "params.yaml", ["train.resume=true", *(overrides or [])])
     return pipeline(params, params_file=run.data.tags.get("visionflow.params_file") or None, resume_run_id=run_id)
+
+
+@dataclass
+class _Stages:
+    """What the stages of one pipeline run returned (Prefect task results, passed on to the summary)."""
+
+    params: PipelineParams
+    report: Any
+    snapshot: Any
+    trained: Any
+    evaluation: Any
+    evaluate_run_id: str
+    split_counts: dict[str, int]
+    optimized: Any = None
+    packaged: Any = None
+
+
+def _run_stages(params: PipelineParams, run: tracking.ScopedRun, run_dir: Path, clock: StageClock) -> _Stages:
+    """ingest → validate → plan → augmentation preview → train → evaluate [→ optimize] [→ package], each
+    timed by `clock` and named in `run.stage` while it runs."""
+
+    def enter(stage: str) -> None:
+        run.stage = clock.start(stage)
+
+    run_id, out = run.run_id, str(run_dir)
+    enter("ingest")
+    snapshot = ingest_task(params.data, params.run.cache_dir)
+    enter("validate")
+    report = validate_task(snapshot, params.data, out, run_id)
+    enter("plan")
+    params = plan_task(params, report, out, run_id)
+    enter("augment")
+    preview_task(params, report, out, run_id)
+    enter("train")
+    trained = train_task(params, report, snapshot, out, run_id)
+    enter("evaluate")
+    manifest = report.clean_manifest_path
+    evaluation, evaluate_run_id = evaluate_task(
+        trained.checkpoint, manifest, "test", params.evaluate, params.data, str(run_dir / "evaluation"),
+        params.run.experiment, run_id,
+    )  # fmt: skip
+    split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
+    stages = _Stages(
+        params=params, report=report, snapshot=snapshot, trained=trained, evaluation=evaluation,
+        evaluate_run_id=evaluate_run_id, split_counts=split_counts,
+    )  # fmt: skip
+    if params.optimize.enabled:
+        enter("optimize")
+        stages.optimized = optimize_stage(trained.checkpoint, manifest, params, out, run_id)
+    if params.package.enabled:
+        enter("package")
+        optimized = stages.optimized
+        stages.packaged = package_task(
+            trained.checkpoint, params, snapshot.source, snapshot.fingerprint, manifest, evaluation, split_counts,
+            out, run_id,
+            int8_onnx=optimized.int8_onnx if optimized else None,
+            comparison_md=optimized.comparison_md if optimized else None,
+        )  # fmt: skip
+    return stages
 
 
 @flow(name="visionflow-pipeline", log_prints=True)
@@ -125,73 +193,33 @@ def pipeline(
     MLflow run, training continued from its last checkpoint. `tags` are added to the MLflow run
     (a sweep marks its runs this way). Returns a PipelineResult.
     """
-    run_id, run_dir = open_pipeline_run(params, params_file, resume_run_id, tags)
-    clock = stage_clock(run_id)
-    stage = clock.start("ingest")
-    try:
-        snapshot = ingest_task(params.data, params.run.cache_dir)
-        stage = clock.start("validate")
-        report = validate_task(snapshot, params.data, str(run_dir), run_id)
-        stage = clock.start("plan")
-        params = plan_task(params, report, str(run_dir), run_id)
-        stage = clock.start("augment")
-        preview_task(params, report, str(run_dir), run_id)
-        stage = clock.start("train")
-        trained = train_task(params, report, snapshot, str(run_dir), run_id)
-        stage = clock.start("evaluate")
-        evaluation, evaluate_run_id = evaluate_task(
-            trained.checkpoint,
-            report.clean_manifest_path,
-            "test",
-            params.evaluate,
-            params.data,
-            str(run_dir / "evaluation"),
-            params.run.experiment,
-            run_id,
-        )
-        split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
-        optimized = None
-        if params.optimize.enabled:
-            stage = clock.start("optimize")
-            optimized = optimize_stage(trained.checkpoint, report.clean_manifest_path, params, str(run_dir), run_id)
-        packaged = None
-        if params.package.enabled:
-            stage = clock.start("package")
-            packaged = package_task(
-                trained.checkpoint,
-                params,
-                snapshot.source,
-                snapshot.fingerprint,
-                report.clean_manifest_path,
-                evaluation,
-                split_counts,
-                str(run_dir),
-                run_id,
-                int8_onnx=optimized.int8_onnx if optimized else None,
-                comparison_md=optimized.comparison_md if optimized else None,
-            )
-    except BaseException as err:
-        clock.stop()
-        tracking.set_tags(run_id, {tracking.FAILED_STAGE_TAG: stage, "visionflow.error": str(err)[:500]})
-        tracking.end_run(run_id, end_status(err))
-        if isinstance(err, VisionflowError) and not isinstance(err, StageError):
-            raise StageError(stage, str(err)) from err
-        raise
-    clock.stop()
+    with pipeline_run_scope(params, params_file, resume_run_id, tags) as (run, run_dir):
+        clock = stage_clock(run.run_id)
+        try:
+            stages = _run_stages(params, run, run_dir, clock)
+        finally:
+            clock.stop()
+        run.stage = None
+        return _finish(stages, run.run_id, run_dir)
+
+
+def _finish(stages: _Stages, run_id: str, run_dir: Path) -> PipelineResult:
+    """Log the run's headline metrics, write result.json and the Prefect summary; returns the PipelineResult."""
+    evaluation, packaged, optimized = stages.evaluation, stages.packaged, stages.optimized
     metrics = {f"test/{k}": v for k, v in evaluation.metrics.items()}
-    tracking.log_metrics(run_id, {**metrics, "train/best_val_acc": trained.best_val_acc or 0.0})
+    tracking.log_metrics(run_id, {**metrics, "train/best_val_acc": stages.trained.best_val_acc or 0.0})
     tracking.log_artifacts(run_id, [evaluation.confusion_png_path, evaluation.metrics_path], "evaluation")
     result = PipelineResult(
         run_id=run_id,
-        experiment=params.run.experiment,
+        experiment=stages.params.run.experiment,
         run_dir=str(run_dir),
         tracking_uri=tracking.tracking_uri(),
         metrics=metrics,
-        split_counts=split_counts,
-        quarantined=[f"{q.path}: {q.reason}" for q in report.quarantined],
-        checkpoint=trained.checkpoint,
-        train_run_id=trained.train_run_id,
-        evaluate_run_id=evaluate_run_id,
+        split_counts=stages.split_counts,
+        quarantined=[f"{q.path}: {q.reason}" for q in stages.report.quarantined],
+        checkpoint=stages.trained.checkpoint,
+        train_run_id=stages.trained.train_run_id,
+        evaluate_run_id=stages.evaluate_run_id,
         bundle=packaged.archive if packaged else None,
         model_version=f"{packaged.model_name} v{packaged.version}" if packaged else None,
         registry_decision=packaged.reason if packaged else None,
@@ -202,28 +230,20 @@ def pipeline(
         comparison=optimized.comparison_md if optimized else None,
     )
     json_dump(result.model_dump(), run_dir / "result.json")
-    publish_summary(
-        "pipeline-summary",
-        "visionflow pipeline run",
-        {
-            "test accuracy": f"{evaluation.metrics['accuracy']:.4f}",
-            "macro F1": f"{evaluation.metrics['macro_f1']:.4f}",
-            "images (train/val/test)": "/".join(str(split_counts.get(s, 0)) for s in ("train", "val", "test")),
-            "quarantined": str(len(report.quarantined)),
-            "MLflow run": run_id,
-            "run directory": str(run_dir),
-            **(
-                {
-                    "bundle": packaged.archive,
-                    "registered model": f"{packaged.model_name} v{packaged.version}",
-                    "registry gate": packaged.reason,
-                }
-                if packaged
-                else {}
-            ),
-            **({"best compressed variant": str(optimized.best)} if optimized else {}),
-        },
-        tracking.run_link(run_id),
-    )
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
+    split_counts = stages.split_counts
+    rows = {
+        "test accuracy": f"{evaluation.metrics['accuracy']:.4f}",
+        "macro F1": f"{evaluation.metrics['macro_f1']:.4f}",
+        "images (train/val/test)": "/".join(str(split_counts.get(s, 0)) for s in ("train", "val", "test")),
+        "quarantined": str(len(stages.report.quarantined)),
+        "MLflow run": run_id,
+        "run directory": str(run_dir),
+    }
+    if packaged:
+        rows["bundle"] = packaged.archive
+        rows["registered model"] = f"{packaged.model_name} v{packaged.version}"
+        rows["registry gate"] = packaged.reason
+    if optimized:
+        rows["best compressed variant"] = str(optimized.best)
+    publish_summary("pipeline-summary", "visionflow pipeline run", rows, tracking.run_link(run_id))
     return result

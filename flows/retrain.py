@@ -54,18 +54,15 @@ def _record(result: RetrainResult, params: PipelineParams) -> None:
     if result.run_id:
         tracking.set_tags(result.run_id, tags)
     else:
-        run_id = tracking.start_run(
-            params.run.experiment,
-            f"retrain-{result.outcome}",
-            {
-                **tags,
-                tracking.STAGE_TAG: "retrain",
-                "prefect.flow_run_id": str(flow_run.id or ""),
-                "prefect.flow_run_url": str(flow_run.ui_url or ""),
-                "visionflow.data_fingerprint": result.data_fingerprint or "",
-            },
-        )
-        tracking.end_run(run_id, tracking.RunStatus.FINISHED)
+        check_tags = {
+            **tags,
+            tracking.STAGE_TAG: "retrain",
+            "prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_url": str(flow_run.ui_url or ""),
+            "visionflow.data_fingerprint": result.data_fingerprint or "",
+        }
+        with tracking.run_scope(params.run.experiment, f"retrain-{result.outcome}", check_tags) as run:
+            run_id = run.run_id
         result.run_id = run_id
     publish_summary(
         "retrain-decision",

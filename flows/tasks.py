@@ -14,7 +14,6 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel
 
 from components import tracking
@@ -33,12 +32,6 @@ from components.errors import TrainingError, VisionflowError
 from components.evaluation.evaluate import evaluate_checkpoint
 from components.evaluation.report import EvalReport
 from components.training.fit import FitResult, FitSpec
-
-
-def end_status(error: BaseException) -> tracking.RunStatus:
-    """The MLflow status a run ends with after `error`: KILLED for Ctrl-C / SIGTERM, else FAILED."""
-    killed = isinstance(error, (KeyboardInterrupt, TerminationSignal))
-    return tracking.RunStatus.KILLED if killed else tracking.RunStatus.FAILED
 
 
 class TrainedModel(BaseModel):
@@ -271,38 +264,30 @@ def train_task(
 ) -> TrainedModel:
     """Train in a separate process (DDP-ready) under a nested MLflow run; returns the TrainedModel."""
     logger = get_run_logger()
-    run_id = tracking.child_run(parent_run_id, "train") if params.train.resume else None
-    if run_id:
-        tracking.reopen_run(run_id)
-    else:
-        run_id = tracking.start_run(
-            params.run.experiment, "train", {tracking.STAGE_TAG: "train"}, parent_run_id=parent_run_id
+    reopen = tracking.child_run(parent_run_id, "train") if params.train.resume else None
+    tags = {tracking.STAGE_TAG: "train"}
+    with tracking.run_scope(params.run.experiment, "train", tags, parent_run_id, reopen=reopen) as run:
+        run_id = run.run_id
+        if not reopen:
+            tracking.log_params(run_id, params_to_flat_dict(params))
+        train_dir = Path(run_dir) / "train"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        spec = FitSpec(
+            params=params,
+            manifest_path=report.clean_manifest_path,
+            classes=snapshot.classes,
+            run_dir=str(train_dir),
+            result_path=str(train_dir / "result.json"),
+            mlflow_run_id=run_id,
+            tracking_uri=tracking.tracking_uri(),
+            progress_bar=params.train.progress_bar and sys.stdout.isatty(),
         )
-        tracking.log_params(run_id, params_to_flat_dict(params))
-    train_dir = Path(run_dir) / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    spec = FitSpec(
-        params=params,
-        manifest_path=report.clean_manifest_path,
-        classes=snapshot.classes,
-        run_dir=str(train_dir),
-        result_path=str(train_dir / "result.json"),
-        mlflow_run_id=run_id,
-        tracking_uri=tracking.tracking_uri(),
-        progress_bar=params.train.progress_bar and sys.stdout.isatty(),
-    )
-    Path(spec.result_path).unlink(missing_ok=True)
-    try:
+        Path(spec.result_path).unlink(missing_ok=True)
         result = run_training_process(spec, train_dir / "fit_spec.json", logger)
-    except BaseException as err:
-        tracking.end_run(run_id, end_status(err))
-        raise
-    if not result.best_checkpoint:
-        tracking.end_run(run_id, tracking.RunStatus.FAILED)
-        raise TrainingError("training produced no checkpoint (was the validation set empty?)")
-    tracking.log_artifacts(run_id, [result.best_checkpoint], "checkpoints")
-    tracking.log_metrics(run_id, {"best_val_acc": result.best_val_acc or 0.0, "epochs": result.epochs})
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
+        if not result.best_checkpoint:
+            raise TrainingError("training produced no checkpoint (was the validation set empty?)")
+        tracking.log_artifacts(run_id, [result.best_checkpoint], "checkpoints")
+        tracking.log_metrics(run_id, {"best_val_acc": result.best_val_acc or 0.0, "epochs": result.epochs})
     logger.info("trained %d epochs, best val/acc %.4f", result.epochs, result.best_val_acc or 0.0)
     return TrainedModel(
         checkpoint=result.best_checkpoint,
@@ -333,8 +318,8 @@ def evaluate_task(
     Returns (EvalReport, the evaluate run id). Metrics are logged as test/<name>.
     """
     rows = rows_of_split(read_manifest(manifest_path), split)
-    run_id = tracking.start_run(experiment, "evaluate", {tracking.STAGE_TAG: "evaluate"}, parent_run_id=parent_run_id)
-    try:
+    with tracking.run_scope(experiment, "evaluate", {tracking.STAGE_TAG: "evaluate"}, parent_run_id) as run:
+        run_id = run.run_id
         report = evaluate_checkpoint(checkpoint, rows, Path(out_dir), evaluate, data.max_pixels)
         tracking.log_params(run_id, {"checkpoint": checkpoint, "split": split, "evaluate.top_k": evaluate.top_k})
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in report.metrics.items()})
@@ -350,10 +335,6 @@ def evaluate_task(
             ],
             "evaluation",
         )
-    except BaseException as err:
-        tracking.end_run(run_id, end_status(err))
-        raise
-    tracking.end_run(run_id, tracking.RunStatus.FINISHED)
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])
     return report, run_id
 
