@@ -158,3 +158,27 @@ def _place(stdout: str, label: str) -> str:
     lines = stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(f"{label}:"))
     return lines[at].split(":", 1)[1].strip() or lines[at + 1].strip()
+
+
+@pytest.mark.slow
+def test_evaluate_on_classes_the_model_lacks_is_one_line(tmp_path, shapes_run, shapes_dir):
+    _, result = shapes_run
+    other = tmp_path / "other"
+    for label, source in (("cat", "circle"), ("dog", "square")):
+        (other / label).mkdir(parents=True)
+        for image in sorted((shapes_dir / source).glob(f"{source}_00*.png")):
+            shutil.copy(image, other / label / image.name)
+    out = _visionflow(
+        "evaluate",
+        "--checkpoint",
+        result.checkpoint,
+        "--data",
+        str(other),
+        "--set",
+        f"run.cache_dir={tmp_path / 'c'}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr
+    assert len(_lines(out.stderr)) == 1, out.stderr
+    assert "classes the model does not know: cat, dog" in out.stderr
+    assert "Traceback" not in out.stdout and "Traceback" in _log_text(tmp_path)
