@@ -88,6 +88,19 @@ def end_run(run_id: str, status: RunStatus = RunStatus.FINISHED) -> None:
     client().set_terminated(run_id, status=status)
 
 
+def fail_stale_runs(run_id: str) -> list[str]:
+    """End run `run_id` and its child runs FAILED where they are still RUNNING because their process was killed
+    (a search resumed after a kill uses this); returns the ids ended."""
+    run = get_run(run_id)
+    children = client().search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'"
+    )
+    stale = [r.info.run_id for r in [run, *children] if r.info.status == RunStatus.RUNNING]
+    for stale_id in stale:
+        end_run(stale_id, RunStatus.FAILED)
+    return stale
+
+
 def ended_status(error: BaseException | None) -> RunStatus:
     """The status a run ends with: FINISHED without error, FAILED on an exception, KILLED on what is not an
     Exception (Ctrl-C, SIGTERM turned into KeyboardInterrupt, an orchestrator's termination signal)."""

@@ -468,17 +468,13 @@ def _use_local_stack(
     _route_output(ctx.invoked_subcommand or "visionflow", verbose)
 
 
-_WITHOUT_PREFECT = {"serve", "up", "down"}  # commands that never import Prefect (serve starts fast and light)
-
-
 def _route_output(command: str, verbose: bool) -> None:
     """Everything to this command's log file (handed to the training process too); to the terminal progress,
     results and warnings that matter (components.quiet), or everything with --verbose."""
     global _LOG_FILE
-    if command not in _WITHOUT_PREFECT:
-        from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.configuration import ensure_logging_setup
 
-        ensure_logging_setup()  # Prefect's console handler first (on the root logger): route_output then filters it
+    ensure_logging_setup()  # Prefect's console handler first (on the root logger): route_output then filters it
     from components.quiet import LOG_FILE_ENV, VERBOSE_ENV, log_file_for, route_output
 
     _LOG_FILE = log_file_for(command)
@@ -513,16 +509,18 @@ def up(
         return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout, database_url, auth)
 
     state, started = _run_guarded(go)
-    _print_summary(
-        "visionflow stack " + ("started" if started else "already running"),
-        [
-            ("Prefect UI", state.prefect_url),
-            ("MLflow UI", state.mlflow_url),
-            ("database", state.database),
-            ("basic auth", "on (user admin)" if state.auth else "off"),
-            ("state", state.state_dir),
-            ("stop", "visionflow down"),
-        ],
+    console.print(
+        _summary_table(
+            "visionflow stack " + ("started" if started else "already running"),
+            [
+                ("Prefect UI", state.prefect_url),
+                ("MLflow UI", state.mlflow_url),
+                ("database", state.database),
+                ("basic auth", "on (user admin)" if state.auth else "off"),
+                ("state", state.state_dir),
+                ("stop", "visionflow down"),
+            ],
+        )
     )
     console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
     for line in state.exports():
@@ -691,8 +689,8 @@ def _print_runs(found: list[dict], uri: str) -> None:
             highlight=False,
             markup=False,
         )
-        url, flow_run_id = r["tags"].get("prefect.flow_run_url", ""), r["tags"].get("prefect.flow_run_id")
-        links = [url] if "://" in url else [f"Prefect flow run {flow_run_id}"] if flow_run_id else []
+        prefect = r["tags"].get("prefect.flow_run_url") or r["tags"].get("prefect.flow_run_id")
+        links = [prefect if "://" in prefect else f"Prefect flow run {prefect}"] if prefect else []
         links.append(tracking.run_link(r["run_id"], uri) if server else f"MLflow run {r['run_id']}")
         for link in links:
             console.print(f"  {link}", highlight=False, markup=False, soft_wrap=True)
@@ -751,6 +749,67 @@ def sweep(
     found = tracking.recent_runs(outcome.experiment, len(outcome.states), tag=(SWEEP_TAG, outcome.sweep_id))
     _print_comparison(
         found, None, f"sweep {outcome.sweep_id} ({outcome.experiment})", Path("runs") / f"sweep-{outcome.sweep_id}.png"
+    )
+
+
+@app.command()
+def tune(
+    params: Path | None = PARAMS_OPTION,
+    set_: list[str] | None = SET_OPTION,
+    space: Path = typer.Option(..., "--space", help="Search space YAML: PipelineParams fields and their ranges."),
+    trials: int = typer.Option(20, "--trials", "-n", help="Ended trials the study should have (resume counts)."),
+    parallel: int = typer.Option(
+        1, "--parallel", help="Trials at once, as flow runs of the pipeline deployment on its work pool."
+    ),
+    timeout: float | None = typer.Option(None, "--timeout", help="Minutes after which no new trial starts."),
+    study: str | None = typer.Option(None, "--study", help="Study name (default: the space's, else EXPERIMENT-tune)."),
+    storage: str | None = typer.Option(
+        None, "--storage", help="Optuna database URL (default: $VISIONFLOW_TUNE_STORAGE, else .visionflow/optuna.db)."
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Best params file (default: in run.output_dir)."),
+    then_run: bool = typer.Option(False, "--then-run", help="Train the full pipeline with the best params."),
+) -> None:
+    """Search hyperparameters with Optuna (TPE, pruning hopeless trials per epoch); write the best params file."""
+
+    def go():
+        from flows.tune import check_pool_deployment, plan_tune
+        from flows.tune import tune as tune_flow
+
+        plan = plan_tune(
+            str(params) if params else None,
+            set_ or [],
+            str(space),
+            trials,
+            parallel,
+            timeout,
+            study,
+            storage,
+            then_run,
+            str(output) if output else None,
+        )
+        if parallel > 1:
+            check_pool_deployment()
+        console.print(f"study {plan.study}: up to {plan.trials} trials, pruner {plan.space.pruner}", highlight=False)
+        return tune_flow(plan)
+
+    result = _run_guarded(go)
+    console.print(
+        _summary_table(
+            f"visionflow tune: study {result.study}",
+            [
+                ("trials", ", ".join(f"{n} {state.lower()}" for state, n in sorted(result.trials.items()))),
+                ("best val/acc", "-" if result.best_value is None else f"{result.best_value:.4f}"),
+                ("best trial", "-" if result.best_trial is None else str(result.best_trial)),
+                ("best params", ", ".join(f"{k}={v}" for k, v in result.best_params.items()) or "-"),
+                ("best params file", result.best_params_file or "-"),
+                ("MLflow study run", result.run_id),
+                *(
+                    [("full run", f"{result.then_run_id} (test/accuracy {result.then_test_accuracy})")]
+                    if result.then_run_id
+                    else []
+                ),
+            ],
+        )
     )
 
 

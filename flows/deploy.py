@@ -22,6 +22,7 @@ from flows.optimize import optimize_from_run
 from flows.package import package_flow
 from flows.pipeline import pipeline
 from flows.retrain import retrain
+from flows.tune import tune_form
 
 TAGS = ["visionflow"]
 PIPELINE_DEPLOYMENT = "visionflow-pipeline/pipeline"
@@ -38,7 +39,8 @@ def optimize_run(source_run_id: str, overrides: list[str] = []) -> dict:  # noqa
 
 
 def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
-    """The deployments `visionflow deploy` serves: pipeline, retrain (cron), evaluate, optimize, package, monitor.
+    """The deployments `visionflow deploy` serves: pipeline, retrain (cron), evaluate, optimize, package, monitor,
+    tune.
 
     `params` become the default parameters of the pipeline and retrain deployments and give the schedules.
     """
@@ -70,6 +72,14 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
         package_flow.to_deployment(name="package", description="Re-package a finished run's model.", **common)
     )
     deployments.append(monitor_deployment(params))
+    deployments.append(
+        tune_form.to_deployment(
+            name="tune",
+            parameters=defaults,
+            description="Hyperparameter search (Optuna TPE, pruning per epoch) over a space of PipelineParams fields.",
+            **common,
+        )
+    )
     return deployments
 
 

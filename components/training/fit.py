@@ -236,6 +236,9 @@ def build_trainer(
         callbacks.append(FreezeBackbone(params.train.freeze_backbone_epochs))
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=params.train.early_stopping_patience))
+    from components.tuning.pruning import trial_callbacks
+
+    callbacks += trial_callbacks()  # a trial of `visionflow tune`: report val/acc per epoch, stop when pruned
     trainer = L.Trainer(
         max_epochs=params.train.max_epochs,
         accelerator=params.trainer.accelerator,

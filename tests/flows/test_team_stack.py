@@ -153,6 +153,11 @@ def test_a_pipeline_on_a_process_pool_is_found_over_both_rest_apis(team_stack):
     assert created.returncode == 0, created.stdout + created.stderr
     out = _cli("deploy", "--pool", "team-pool", "--params", team_stack["params_file"], env=env)
     assert out.returncode == 0 and "sent to work pool team-pool" in out.stdout, out.stdout + out.stderr
+    with _client() as client:  # the search has its form in the UI: PipelineParams and the search space
+        tune = client.get(f"{prefect}/api/deployments/name/visionflow-tune/tune").json()
+        assert tune["work_pool_name"] == "team-pool"
+        assert {"params", "space", "trials", "parallel"} <= set(tune["parameter_openapi_schema"]["properties"])
+        assert "SearchSpace" in str(tune["parameter_openapi_schema"])
     worker = subprocess.Popen(
         [prefect_cli, "worker", "start", "--pool", "team-pool"],
         env=env,
