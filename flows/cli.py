@@ -468,13 +468,17 @@ def _use_local_stack(
     _route_output(ctx.invoked_subcommand or "visionflow", verbose)
 
 
+_WITHOUT_PREFECT = {"serve", "up", "down"}  # commands that never import Prefect (serve starts fast and light)
+
+
 def _route_output(command: str, verbose: bool) -> None:
     """Everything to this command's log file (handed to the training process too); to the terminal progress,
     results and warnings that matter (components.quiet), or everything with --verbose."""
     global _LOG_FILE
-    from prefect.logging.configuration import ensure_logging_setup
+    if command not in _WITHOUT_PREFECT:
+        from prefect.logging.configuration import ensure_logging_setup
 
-    ensure_logging_setup()  # Prefect's console handler first (on the root logger): route_output then filters it
+        ensure_logging_setup()  # Prefect's console handler first (on the root logger): route_output then filters it
     from components.quiet import LOG_FILE_ENV, VERBOSE_ENV, log_file_for, route_output
 
     _LOG_FILE = log_file_for(command)
@@ -509,18 +513,16 @@ def up(
         return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout, database_url, auth)
 
     state, started = _run_guarded(go)
-    console.print(
-        _summary_table(
-            "visionflow stack " + ("started" if started else "already running"),
-            [
-                ("Prefect UI", state.prefect_url),
-                ("MLflow UI", state.mlflow_url),
-                ("database", state.database),
-                ("basic auth", "on (user admin)" if state.auth else "off"),
-                ("state", state.state_dir),
-                ("stop", "visionflow down"),
-            ],
-        )
+    _print_summary(
+        "visionflow stack " + ("started" if started else "already running"),
+        [
+            ("Prefect UI", state.prefect_url),
+            ("MLflow UI", state.mlflow_url),
+            ("database", state.database),
+            ("basic auth", "on (user admin)" if state.auth else "off"),
+            ("state", state.state_dir),
+            ("stop", "visionflow down"),
+        ],
     )
     console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
     for line in state.exports():
@@ -689,8 +691,8 @@ def _print_runs(found: list[dict], uri: str) -> None:
             highlight=False,
             markup=False,
         )
-        prefect = r["tags"].get("prefect.flow_run_url") or r["tags"].get("prefect.flow_run_id")
-        links = [prefect if "://" in prefect else f"Prefect flow run {prefect}"] if prefect else []
+        url, flow_run_id = r["tags"].get("prefect.flow_run_url", ""), r["tags"].get("prefect.flow_run_id")
+        links = [url] if "://" in url else [f"Prefect flow run {flow_run_id}"] if flow_run_id else []
         links.append(tracking.run_link(r["run_id"], uri) if server else f"MLflow run {r['run_id']}")
         for link in links:
             console.print(f"  {link}", highlight=False, markup=False, soft_wrap=True)
