@@ -44,4 +44,5 @@ def test_pretrained_weights_offline_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: a download is attempted and fails offline
     with pytest.raises(VisionflowError) as info:
         build_model(ModelSpec(name="mobilenet_v3_small", num_classes=2, pretrained=True))
-    assert "could not download pretrained weights for mobilenet_v3_small" in str(info.value)
+    assert "pretrained weights for mobilenet_v3_small are not cached and could not be downloaded" in str(info.value)
+    assert "place mobilenet_v3_small-047dcff4.pth" in str(info.value)
