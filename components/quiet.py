@@ -1,9 +1,9 @@
 """What a visionflow process shows on the terminal and what only goes to its log file (one copy of the rules).
 
 - `OFFLINE_ENV`: environment defaults set before prefect / mlflow / albumentations are imported (no telemetry,
-  no update checks), plus the two settings that let visionflow route those libraries' output: Prefect's console
-  handler writes progress to stdout (stderr is kept for the one-line verdict of a failed command) and MLflow's
-  loggers propagate to the root logger instead of writing to stderr themselves.
+  no update checks); `TERMINAL_ENV`: the two settings that let visionflow route those libraries' output: Prefect's
+  console handler writes progress to stdout (stderr is kept for the one-line verdict of a failed command) and
+  MLflow's loggers propagate to the root logger instead of writing to stderr themselves.
 - `THIRD_PARTY_NOISE`: messages of other libraries (warnings and log records) that a user cannot act on; they are
   written to the log file only.
 - `route_output(log_file, verbose)`: the root logger writes everything to the log file and, filtered by
@@ -27,11 +27,15 @@ VERBOSE_ENV = "VISIONFLOW_VERBOSE"
 LOG_DIR_ENV = "VISIONFLOW_LOG_DIR"
 LOGS_KEPT = 50
 
+# No telemetry, no update checks (tests, benches and containers want these too).
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "NO_ALBUMENTATIONS_UPDATE": "1",
+}
+# What lets route_output route those libraries' output (the CLI sets these too).
+TERMINAL_ENV = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM": "ext://sys.stdout",
     "MLFLOW_CONFIGURE_LOGGING": "false",
 }
@@ -55,10 +59,10 @@ ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine
 _FAILED_STATE = re.compile(r"^Finished in state (Failed|Crashed)")
 
 
-def set_offline_defaults(environ: dict[str, str] | None = None) -> None:
-    """Set OFFLINE_ENV's values where the environment does not set them already."""
+def set_offline_defaults(environ: dict[str, str] | None = None, terminal: bool = False) -> None:
+    """Set OFFLINE_ENV's values (and TERMINAL_ENV's with `terminal`) where the environment does not set them."""
     target = os.environ if environ is None else environ
-    for key, value in OFFLINE_ENV.items():
+    for key, value in {**OFFLINE_ENV, **(TERMINAL_ENV if terminal else {})}.items():
         target.setdefault(key, value)
 
 

@@ -20,11 +20,10 @@ from rich.table import Table
 
 from components.config import load_params
 from components.errors import VisionflowError
-from components.quiet import OFFLINE_ENV
+from components.quiet import set_offline_defaults
 
 # Offline-safe defaults and output routing, set before prefect / mlflow / albumentations are imported (lazily).
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+set_offline_defaults(terminal=True)
 
 app = typer.Typer(
     add_completion=False,
