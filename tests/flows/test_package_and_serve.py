@@ -15,23 +15,21 @@ from mlflow import MlflowClient
 
 from components import tracking
 from components.bundle_format import verify_bundle
-from components.config import load_params
 from components.monitoring.profile import read_reference_profile
 from components.packaging.resolve import resolve_bundle
-from flows.package import promote_version, rollback_champion
+from flows.package import promote_version
 from flows.pipeline import pipeline
-from tests.flows.conftest import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, shapes_dir, prefect_harness):
-    """Two pipeline runs registering into one model: the second can only become champion by beating the first."""
-    tmp = tmp_path_factory.mktemp("package")
-    first = load_params(None, tiny_overrides(tmp, shapes_dir, train__max_epochs=4))
+def two_runs(shapes_run):
+    """Two pipeline runs registering into one model (the session's shared run is the first): the second can
+    only become champion by beating the first."""
+    first, result = shapes_run
     second = first.model_copy(update={"train": first.train.model_copy(update={"max_epochs": 1, "lr": 1e-5})})
-    return first, pipeline(first), pipeline(second)
+    return first, result, pipeline(second)
 
 
 def test_bundle_is_verified_and_self_contained(two_runs):
@@ -71,15 +69,25 @@ def test_first_model_is_champion_and_a_worse_one_stays_challenger(two_runs):
     assert "registry/champion_accuracy" in run.data.metrics
 
 
-def test_promote_and_rollback_are_recorded(two_runs):
+def test_promote_and_rollback_commands_are_recorded(two_runs):
+    """`visionflow promote VERSION --name` and `visionflow rollback --name`, as a user types them."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     params, _, _ = two_runs
     name = params.package.model_name
-    assert "version 2 is now champion" in promote_version(name, "2")
+    promoted = CliRunner().invoke(app, ["promote", "2", "--name", name])
+    assert promoted.exit_code == 0 and "version 2 is now champion" in promoted.output, promoted.output
     assert str(tracking.alias_version(name, tracking.CHAMPION).version) == "2"
-    assert "rolled back from version 2 to 1" in rollback_champion(name)
+    rolled = CliRunner().invoke(app, ["rollback", "--name", name])
+    assert rolled.exit_code == 0 and "rolled back from version 2 to 1" in rolled.output, rolled.output
     assert str(tracking.alias_version(name, tracking.CHAMPION).version) == "1"
     reasons = [h["reason"] for h in tracking.registry_history(name)]
     assert reasons[-2:] == ["manual promotion", "rollback from version 2"]
+    unknown = CliRunner().invoke(app, ["promote", "99", "--name", name])
+    assert unknown.exit_code == 2 and "Traceback" not in unknown.output
+    assert str(tracking.alias_version(name, tracking.CHAMPION).version) == "1"
 
 
 def _free_port() -> int:
@@ -117,13 +125,14 @@ def test_serve_the_champion_over_http(two_runs, tmp_path, shapes_dir):
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.5)
-        image = next((shapes_dir / "square").glob("*.png")).read_bytes()
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/predict", content=image, headers={"content-type": "image/png"}, timeout=30
-        )
-        assert response.status_code == 200, response.text
-        labels = [p["label"] for p in response.json()["predictions"][0]]
-        assert set(labels) <= {"circle", "square", "triangle"}
+        for kind in ("square", "circle", "triangle"):  # the champion (4 epochs) tells the shapes apart
+            image = (shapes_dir / kind / f"{kind}_000.png").read_bytes()
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/predict", content=image, headers={"content-type": "image/png"}, timeout=30
+            )
+            assert response.status_code == 200, response.text
+            (top, *rest) = response.json()["predictions"][0]
+            assert top["label"] == kind and top["probability"] > max(p["probability"] for p in rest), response.text
         bad = httpx.post(
             f"http://127.0.0.1:{port}/predict",
             content=b"not an image",
@@ -197,7 +206,10 @@ def test_package_command_repackages_a_finished_run_under_a_child_run(two_runs):
 
     run_dir = Path(child.data.tags[tracking.RUN_DIR_TAG])
     assert run_dir.parent == Path(first.run_dir) and run_dir.name.startswith("package-")
-    assert (run_dir / "package" / "export" / "model.torchscript.pt").is_file()
+    import torch
+
+    scripted = torch.jit.load(str(run_dir / "package" / "export" / "model.torchscript.pt"))
+    assert scripted(torch.zeros(2, 3, 16, 16)).shape == (2, 3)  # a batch of 16x16 RGB images -> 3 logits each
     assert "model.pte" in {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "bundle")}
     assert child.data.metrics["package/executorch_parity_top1_agreement"] == 1.0
     assert verify_bundle(Path(first.bundle).with_suffix("").with_suffix(""))  # the pipeline's own bundle untouched
