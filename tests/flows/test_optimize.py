@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from mlflow import MlflowClient
 
 from components import tracking
 from components.config import load_params
+from components.packaging.bundle import verify_bundle
 from flows.optimize import optimize_from_run
 from flows.pipeline import pipeline
 from tests.flows.conftest import tiny_overrides
@@ -25,8 +28,9 @@ COMPRESS = dict(
     optimize__prune__unstructured_amount=0.5,
     optimize__quantize__dynamic=True,
     optimize__quantize__calibration_images=16,
-    optimize__tolerance=1.0,
+    optimize__tolerance=0.1,  # about one test image of the ~12 in the shapes' test split
 )
+TOLERANCE = COMPRESS["optimize__tolerance"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,76 @@ def test_every_variant_has_a_child_run_and_a_row(compressed):
     assert parent.data.tags["visionflow.best_variant"] == result.best_variant != "fp32"
 
 
+def test_the_gate_rejects_a_variant_that_lost_accuracy(compressed):
+    """90 % of the channels pruned at random and no fine-tuning: near chance, far past the tolerance."""
+    _, result = compressed
+    bad = optimize_from_run(
+        result.run_id,
+        [
+            "optimize.latency_repeats=3",
+            "optimize.distill.enabled=false",
+            "optimize.quantize.static=false",
+            "optimize.quantize.dynamic=false",
+            "optimize.prune.enabled=true",
+            "optimize.prune.ratio=0.9",
+            "optimize.prune.importance=random",
+            "optimize.prune.finetune_epochs=0",
+            "optimize.prune.unstructured_amount=0",
+            f"optimize.tolerance={TOLERANCE}",
+        ],
+    )
+    variants = {v.name: v for v in bad.variants}
+    assert set(variants) == {"fp32", "pruned-90"}
+    assert variants["pruned-90"].accuracy_drop > TOLERANCE and not variants["pruned-90"].accepted
+    assert bad.best is None  # nothing accepted besides the reference
+
+
+def _variant_runs(client: MlflowClient, run_id: str) -> dict:
+    return {
+        r.data.tags["visionflow.variant"]: r
+        for r in client.search_runs(
+            [client.get_run(run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`visionflow.stage` = 'optimize'",
+        )
+    }
+
+
+def _comparison(md_path: str) -> dict[str, dict]:
+    with (Path(md_path).parent / "comparison.csv").open(newline="") as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+def test_each_variant_is_gated_on_its_accuracy_against_the_fp32_reference(compressed):
+    params, result = compressed
+    rows = _comparison(result.comparison)
+    runs = _variant_runs(MlflowClient(tracking.tracking_uri()), result.run_id)
+    reference = float(rows["fp32"]["accuracy"])
+    # The fp32 ONNX reference is the trained model on the same test split: the pipeline's own figure.
+    assert reference == pytest.approx(result.metrics["test/accuracy"])
+    for name, row in rows.items():
+        accuracy = runs[name].data.metrics["accuracy"]  # what the variant's own run measured
+        assert float(row["accuracy"]) == pytest.approx(accuracy)
+        assert float(row["accuracy_drop"]) == pytest.approx(reference - accuracy)
+        assert row["accepted"] == str(reference - accuracy <= TOLERANCE + 1e-9), row
+    # int8 of this small CNN keeps its predictions (within one test image): it is accepted and named in the bundle
+    assert reference - float(rows["int8-static"]["accuracy"]) <= TOLERANCE
+    assert rows[result.best_variant]["accepted"] == "True"
+
+
+def test_the_accepted_int8_model_enters_the_bundle(compressed):
+    _, result = compressed
+    bundle = Path(result.bundle).with_suffix("").with_suffix("")
+    contents = verify_bundle(bundle)
+    assert "model.int8.onnx" in contents["files"]
+    int8_artifact = Path(_comparison(result.comparison)["int8-static"]["artifact"])
+    assert (
+        hashlib.sha256((bundle / "model.int8.onnx").read_bytes()).hexdigest()
+        == hashlib.sha256(int8_artifact.read_bytes()).hexdigest()
+    )
+    names = {Path(a.path).name for a in MlflowClient(tracking.tracking_uri()).list_artifacts(result.run_id, "bundle")}
+    assert "model.int8.onnx" in names
+
+
 def test_pruned_model_is_really_smaller(compressed):
     _, result = compressed
     client = MlflowClient(tracking.tracking_uri())
@@ -96,6 +170,8 @@ def test_optimize_alone_from_a_finished_run_and_bad_ratio(compressed):
     )
     assert [v.name for v in alone.variants] == ["fp32", "int8-static"]
     assert MlflowClient(tracking.tracking_uri()).get_run(alone.run_id).info.status == "FINISHED"
+    table = Path(alone.comparison_md).read_text()
+    assert "fp32" in table and "int8-static" in table and "pruned" not in table
     from components.config import ParamsError
 
     with pytest.raises(ParamsError, match="optimize.prune.ratio"):
