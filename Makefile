@@ -3,10 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export MLFLOW_DISABLE_TELEMETRY ?= true
-export DO_NOT_TRACK ?= true
-export NO_ALBUMENTATIONS_UPDATE ?= 1
+# The offline defaults (no telemetry, no update checks) are set by visionflow itself: components/quiet.py.
 
 .PHONY: install run up down deploy test test-fast bench bench-overhead bench-techniques bench-compress clean
 
