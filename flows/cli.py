@@ -21,6 +21,7 @@ from rich.table import Table
 from components.config import load_params
 from components.errors import VisionflowError
 from components.quiet import set_offline_defaults
+from components.serving.settings import ServeSettings
 
 # Offline-safe defaults and output routing, set before prefect / mlflow / albumentations are imported (lazily).
 set_offline_defaults(terminal=True)
@@ -348,27 +349,27 @@ def _print_variants(result) -> None:
     console.print(f"MLflow run: {result.run_id}", highlight=False)
 
 
+def _serve_option(name: str, *flags: str, help: str | None = None):
+    """A `serve` option whose default and help come from ServeSettings (one definition of each limit)."""
+    field = ServeSettings.model_fields[name]
+    return typer.Option(field.default, *flags, help=help or field.description)
+
+
 @app.command()
 def serve(
     source: str = typer.Argument(
         ..., help="A bundle folder, a bundle .tar.gz, or a registry URI like models:/NAME@champion."
     ),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 by default; 0.0.0.0 exposes it)."),
-    port: int = typer.Option(8000, help="Port."),
-    max_body_bytes: int = typer.Option(10_000_000, help="Largest request body."),
-    max_pixels: int = typer.Option(40_000_000, help="Largest image (width x height)."),
-    max_images: int = typer.Option(32, help="Most images in one request."),
-    top_k: int = typer.Option(3, help="Labels returned per image."),
-    prediction_log: Path | None = typer.Option(
-        None,
-        "--prediction-log",
-        help="Log every prediction's statistics (and failed requests) here for `visionflow monitor`.",
-    ),
-    prediction_log_max_bytes: int = typer.Option(10_000_000, help="Largest prediction log file before it rotates."),
-    prediction_log_files: int = typer.Option(5, help="Most prediction log files kept (the oldest is deleted)."),
-    store_images: bool = typer.Option(
-        False, "--store-images", help="Also store each predicted image in the prediction log (off by default)."
-    ),
+    host: str = _serve_option("host"),
+    port: int = _serve_option("port"),
+    max_body_bytes: int = _serve_option("max_body_bytes"),
+    max_pixels: int = _serve_option("max_pixels"),
+    max_images: int = _serve_option("max_images"),
+    top_k: int = _serve_option("top_k"),
+    prediction_log: Path | None = _serve_option("prediction_log_dir", "--prediction-log"),
+    prediction_log_max_bytes: int = _serve_option("prediction_log_max_bytes"),
+    prediction_log_files: int = _serve_option("prediction_log_files"),
+    store_images: bool = _serve_option("store_images", "--store-images"),
 ) -> None:
     """Serve a model bundle over HTTP: POST /predict, GET /health /ready /metadata /metrics."""
 
@@ -376,7 +377,6 @@ def serve(
         from pydantic import ValidationError
 
         from components.packaging.resolve import resolve_bundle
-        from components.serving.app import ServeSettings
         from components.serving.app import serve as run_server
 
         try:
