@@ -630,7 +630,7 @@ class PipelineParams(_Section):
             raise ValueError(f"multitask.mode {multitask.mode} needs at least one extra task in multitask.tasks")
         if multitask.mode == "off" and multitask.tasks:
             raise ValueError("multitask.tasks is set but multitask.mode is off")
-        if multitask.mode == "shared_features" and self.model.name != "cnn":
+        if multitask.mode == "shared_features" and self.model.name not in ("cnn", "auto"):
             raise ValueError("multitask.mode shared_features (cross-stitch) is built for model.name cnn")
         if multitask.mode != "off" and (self.train.mixup_p or self.train.cutmix_p):
             raise ValueError("mixup/cutmix mix one label set; they are not available with multitask")

@@ -87,6 +87,8 @@ def _pretrained(p: _Planner) -> tuple[bool, WeightsMeta | None]:
         use = p.decide("model.pretrained", False, f"model.weights given: fine-tuning from {weights_file}")
     elif requested not in ("auto", *TORCHVISION_MODELS):
         use = p.decide("model.pretrained", False, f"{requested} has no pretrained weights")
+    elif p.get("multitask.mode") == "shared_features":
+        use = p.decide("model.pretrained", False, "cross-stitch multi-task learning is built for the small CNN")
     elif not photo:
         use = p.decide("model.pretrained", False, f"images of {fp.median_side} px are too small for ImageNet weights")
     elif candidate not in p.machine.cached_weights:

@@ -87,6 +87,8 @@ def test_rgb_photos_with_cached_weights_fine_tune_with_the_weights_preprocessing
     assert p.augment.mean == pytest.approx([0.485, 0.456, 0.406])
     assert p.augment.std == pytest.approx([0.229, 0.224, 0.225])
     assert p.train.freeze_backbone_epochs == 1 and p.train.backbone_lr_mult == 0.1 and p.train.max_epochs == 15
+    cross_stitch = plan_of(["multitask.mode=shared_features", "multitask.tasks=[shape]"], PHOTOS, UNSURE, machine)
+    assert cross_stitch.params.model.name == "cnn" and cross_stitch.params.model.pretrained is False
 
 
 def test_imbalanced_classes_get_a_weighted_loss():
