@@ -7,6 +7,9 @@ from components.quiet import set_offline_defaults
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="visionflow-tests-")
 set_offline_defaults()
+# Commands run as subprocesses start Prefect's temporary server; its 20 s default start-up limit is too short
+# on a loaded 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["PREFECT_HOME"] = os.path.join(_SESSION_DIR, "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(_SESSION_DIR, "mlflow.db")
 os.environ["VISIONFLOW_STACK_DIR"] = os.path.join(_SESSION_DIR, "stack")
