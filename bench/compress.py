@@ -19,11 +19,10 @@ import platform
 import subprocess
 import time
 
+from components.quiet import set_offline_defaults  # noqa: E402 - before prefect / mlflow / albumentations
+
+set_offline_defaults()
 for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
     # Prefect's 20 s default for its temporary server is too short on a loaded machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }.items():

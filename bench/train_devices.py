@@ -21,13 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-}.items():
-    os.environ.setdefault(key, value)
+from components.quiet import set_offline_defaults  # noqa: E402 - before prefect / mlflow / albumentations
+
+set_offline_defaults()
 
 import torch
 from rich.console import Console
