@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
 # The offline defaults (no telemetry, no update checks) are set by visionflow itself: components/quiet.py.
 
-.PHONY: install run up down deploy test test-fast bench bench-overhead bench-techniques bench-compress clean
+.PHONY: install run up down deploy lint test test-fast bench bench-overhead bench-techniques bench-compress clean
 
 install: $(VENV)/.installed
 
@@ -18,10 +18,14 @@ $(VENV)/.installed: pyproject.toml
 run: install  ## train, evaluate and track the default job (bundled digits)
 	$(BIN)/visionflow run --params $(PARAMS)
 
-test: install  ## every test, the slow end-to-end ones included
+lint: install  ## ruff: lint and format check (a finding fails `make test`)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint  ## lint, then every test, the slow end-to-end ones included
 	$(BIN)/python -m pytest
 
-test-fast: install  ## all but the slow end-to-end tests
+test-fast: install lint  ## lint, then all but the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: bench-overhead bench-techniques bench-compress  ## all three benchmarks (tables on stdout)

@@ -181,7 +181,9 @@ class ModelParams(_Section):
     name: ModelName | Auto = Field(
         "cnn",
         description="Architecture: cnn (the small CNN: conv32-pool-conv64-pool-dense128), rnn (GRU/LSTM over rows "
-        "or patches), vit (Vision Transformer), or a torchvision model: " + ", ".join(TORCHVISION_MODELS) + "."
+        "or patches), vit (Vision Transformer), or a torchvision model: "
+        + ", ".join(TORCHVISION_MODELS)
+        + "."
         + AUTO_NOTE,
     )
     pretrained: bool | Auto = Field(
@@ -251,7 +253,9 @@ class TrainParams(_Section):
         0.0,
         ge=0,
         lt=1,
-        description="Exponential moving average of the weights, evaluated beside the raw weights as val/acc_ema (0 = off).",
+        description=(
+            "Exponential moving average of the weights, evaluated beside the raw weights as val/acc_ema (0 = off)."
+        ),
     )
     class_balance: Literal["none", "loss", "sampler"] | Auto = Field(
         "none",
@@ -281,7 +285,8 @@ class TrainParams(_Section):
     num_workers: int | Literal["auto"] = Field(
         "auto",
         description="DataLoader worker processes per training process (0 = load in the training process; auto = the "
-        "CPU cores this process may use, shared among the devices of the node, less one for the training loop, at most 8). "
+        "CPU cores this process may use, shared among the devices of the node, less one for the training loop, at "
+        "most 8). "
         "The augmentation stream depends on it: set an int for identical results across machines.",
     )
     pin_memory: bool | Literal["auto"] = Field(
@@ -295,8 +300,9 @@ class TrainParams(_Section):
     )
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none",
-        description="Scale train.lr with the effective batch size (batch_size x devices x nodes x accumulation) against "
-        "lr_base_batch_size: linear (Goyal et al.) or sqrt; none keeps train.lr. The rule and the result are logged.",
+        description="Scale train.lr with the effective batch size (batch_size x devices x nodes x accumulation) "
+        "against lr_base_batch_size: linear (Goyal et al.) or sqrt; none keeps train.lr. The rule and the result "
+        "are logged.",
     )
     lr_base_batch_size: int = Field(
         64, ge=1, description="The batch size train.lr was chosen for (lr_scaling's reference)."
@@ -308,7 +314,8 @@ class TrainParams(_Section):
     def _compatible(self) -> TrainParams:
         if self.optimizer == "gd" and self.class_balance == "sampler":
             raise ValueError(
-                "optimizer gd uses every training image once per step; a weighted sampler does not apply (use class_balance: loss)"
+                "optimizer gd uses every training image once per step; a weighted sampler does not apply (use "
+                "class_balance: loss)"
             )
         if self.mixup_p + self.cutmix_p > 1:
             raise ValueError("mixup_p + cutmix_p must be at most 1 (one of them per batch)")
@@ -330,11 +337,16 @@ class TrainerParams(_Section):
     accumulate_grad_batches: int = Field(
         1,
         ge=1,
-        description="Batches whose gradients are summed before each optimizer step (multiplies the effective batch size).",
+        description=(
+            "Batches whose gradients are summed before each optimizer step (multiplies the effective batch size)."
+        ),
     )
     sync_batchnorm: bool = Field(
         True,
-        description="Under DDP with more than one GPU process, turn BatchNorm layers into SyncBatchNorm (statistics over the global batch; PyTorch has no CPU SyncBatchNorm, on CPUs rank zero's statistics are broadcast).",
+        description=(
+            "Under DDP with more than one GPU process, turn BatchNorm layers into SyncBatchNorm (statistics over the "
+            "global batch; PyTorch has no CPU SyncBatchNorm, on CPUs rank zero's statistics are broadcast)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -402,7 +414,10 @@ class PruneParams(_Section):
         0.0,
         ge=0,
         lt=1,
-        description="Also make a global magnitude (unstructured) pruned variant with this sparsity (0 = off); dense kernels do not get faster.",
+        description=(
+            "Also make a global magnitude (unstructured) pruned variant with this sparsity (0 = off); dense kernels do"
+            " not get faster."
+        ),
     )
 
 
@@ -450,7 +465,10 @@ class PackageParams(_Section):
     torchscript: bool = Field(False, description="Also export TorchScript (model.torchscript.pt, outside the bundle).")
     executorch: bool = Field(
         False,
-        description="Also export an ExecuTorch program (model.pte, XNNPACK, one image per call) into the bundle, parity-checked like ONNX; needs pip install 'visionflow[executorch]'.",
+        description=(
+            "Also export an ExecuTorch program (model.pte, XNNPACK, one image per call) into the bundle, "
+            "parity-checked like ONNX; needs pip install 'visionflow[executorch]'."
+        ),
     )
 
 
@@ -495,7 +513,10 @@ class RetrainParams(_Section):
     max_lateness_minutes: int = Field(
         60,
         ge=1,
-        description="A scheduled retrain starting later than this after its slot (e.g. after downtime) is skipped, so missed slots never run as a catch-up flood.",
+        description=(
+            "A scheduled retrain starting later than this after its slot (e.g. after downtime) is skipped, so missed "
+            "slots never run as a catch-up flood."
+        ),
     )
 
 
@@ -504,11 +525,16 @@ class MonitorParams(_Section):
 
     log_dir: str = Field(
         "prediction-log",
-        description="Prediction log folder the scheduled monitor reads (written by `visionflow serve --prediction-log DIR`).",
+        description=(
+            "Prediction log folder the scheduled monitor reads (written by `visionflow serve --prediction-log DIR`)."
+        ),
     )
     bundle: str | None = Field(
         None,
-        description="Bundle whose reference profile is the baseline: a folder, a .tar.gz or models:/NAME@ALIAS (None = models:/<package.model_name>@champion).",
+        description=(
+            "Bundle whose reference profile is the baseline: a folder, a .tar.gz or models:/NAME@ALIAS (None = "
+            "models:/<package.model_name>@champion)."
+        ),
     )
     feedback: str | None = Field(
         None, description="CSV of id,label: true labels of logged predictions (ids from /predict), for live accuracy."
@@ -525,13 +551,19 @@ class MonitorParams(_Section):
     psi_threshold: float = Field(
         0.2,
         gt=0,
-        description="Predicted-class distribution drifts when its population stability index exceeds this (0.1 moderate, 0.25 large).",
+        description=(
+            "Predicted-class distribution drifts when its population stability index exceeds this (0.1 moderate, 0.25 "
+            "large)."
+        ),
     )
     ks_pvalue: float = Field(
         0.01,
         gt=0,
         lt=1,
-        description="An image or prediction statistic drifts when its KS-test p-value is below this, Bonferroni-divided by the statistics tested ...",
+        description=(
+            "An image or prediction statistic drifts when its KS-test p-value is below this, Bonferroni-divided by the"
+            " statistics tested ..."
+        ),
     )
     ks_min_statistic: float = Field(
         0.1,
@@ -639,7 +671,8 @@ class PipelineParams(_Section):
             raise ValueError(f"multitask.loss_weights names unknown tasks: {', '.join(sorted(unknown))}")
         if self.train.optimizer == "gd" and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
-                "optimizer gd already accumulates over the whole training set; leave trainer.accumulate_grad_batches at 1"
+                "optimizer gd already accumulates over the whole training set; leave "
+                "trainer.accumulate_grad_batches at 1"
             )
         if self.model.name == "cnn" and size % 4:
             raise ValueError(f"augment.image_size must be a multiple of 4 for the cnn (got {size})")

@@ -40,4 +40,3 @@ class StageError(VisionflowError):
     def __init__(self, stage: str, message: str):
         super().__init__(f"stage {stage} failed: {message}")
         self.stage = stage
-

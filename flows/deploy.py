@@ -60,7 +60,9 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             # Prefect creates (and owns) an automation: a drift event of this model starts a retrain run.
             triggers=[retrain_trigger(params.package.model_name)],
-            description="Retrain when the data changed; promote the challenger only when it beats the champion by the margin.",
+            description=(
+                "Retrain when the data changed; promote the challenger only when it beats the champion by the margin."
+            ),
             **common,
         ),
         evaluate_flow.to_deployment(name="evaluate", description="Evaluate a checkpoint on any data set.", **common),

@@ -118,7 +118,7 @@ def test_drift_event_starts_the_retrain_deployment(prefect_harness, windows, mon
         assert events[0].payload["mlflow_run_id"] == drift.run_id
         for deployment_id in (selected, triggered):
             only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
-            runs = _wait_for(lambda: client.read_flow_runs(deployment_filter=only))
+            runs = _wait_for(lambda only=only: client.read_flow_runs(deployment_filter=only))
             assert len(runs) == 1, f"the automation did not start deployment {deployment_id}"
 
 

@@ -29,7 +29,10 @@ from tests.unit.test_serving import _LiveServer, _metrics
 MAX_BYTES, MAX_FILES, REQUESTS = 80_000, 3, 2000
 # The server runs in its own process: a uvicorn thread inside the pytest process answered ~8x slower
 # here (threads of one interpreter contend for the GIL), which 2,000 requests would feel.
-_LAUNCH = "import sys; from components.serving.app import ServeSettings, serve; serve(sys.argv[1], ServeSettings.model_validate_json(sys.argv[2]))"
+_LAUNCH = (
+    "import sys; from components.serving.app import ServeSettings, serve; serve(sys.argv[1], "
+    "ServeSettings.model_validate_json(sys.argv[2]))"
+)
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -327,7 +327,8 @@ def test_500_concurrent_requests_from_8_clients_complete_with_no_error(bundle):
 
 
 def _load(client: httpx.Client, pngs: list[bytes], clients: int, total: int):
-    """Send `total` requests from `clients` threads (request n carries pngs[n % len]); returns (answers, metrics before, after)."""
+    """Send `total` requests from `clients` threads (request n carries pngs[n % len]); returns (answers,
+    metrics before, after)."""
     before = _metrics(client)
     barrier = threading.Barrier(clients, timeout=10)
 
