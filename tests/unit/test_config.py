@@ -81,3 +81,11 @@ def test_every_field_has_a_description():
     for name, definition in schema["$defs"].items():
         for field, spec in definition["properties"].items():
             assert spec.get("description"), f"{name}.{field} has no description"
+
+
+@pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("space*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_spaces_are_valid(path):
+    from components.tuning.space import load_space
+
+    space = load_space(path)
+    assert space.params, f"{path.name} searches nothing"
