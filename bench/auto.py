@@ -38,7 +38,7 @@ from components.data.validate import validate  # noqa: E402
 from components.evaluation.evaluate import evaluate_checkpoint  # noqa: E402
 from components.planning import plan_for_manifest  # noqa: E402
 from components.training.fit import FitResult, FitSpec  # noqa: E402
-from tests.shapes import make_shapes  # noqa: E402
+from tests.helpers.shapes import make_shapes  # noqa: E402
 
 SHOWN = ("data.channels", "augment.image_size", "augment.hflip_p", "model.name", "train.max_epochs", "train.batch_size")
 

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from components.config import load_params
-from tests.shapes import make_shapes
+from tests.helpers.shapes import make_shapes
 
 
 @pytest.fixture(scope="session")

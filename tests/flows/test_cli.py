@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.shapes import make_shapes
+from tests.helpers.shapes import make_shapes
 
 
 def _visionflow(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:

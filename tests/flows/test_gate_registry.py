@@ -14,7 +14,7 @@ from components.config import load_params
 from flows.package import promote_version
 from flows.pipeline import pipeline
 from tests.flows.conftest import tiny_overrides
-from tests.unit.digits_bundle import digits_bundle
+from tests.helpers.digits_bundle import digits_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

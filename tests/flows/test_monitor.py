@@ -26,8 +26,8 @@ from flows.monitor import (
     monitor_flow,
     retrain_trigger,
 )
-from tests.unit.digits_bundle import digits_bundle, split
-from tests.unit.test_monitoring import _inverted, write_window
+from tests.components.monitoring.test_monitoring import _inverted, write_window
+from tests.helpers.digits_bundle import digits_bundle, split
 
 
 @flow(name="visionflow-monitor-test-target")

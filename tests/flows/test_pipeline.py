@@ -116,7 +116,7 @@ def test_training_decoded_through_the_image_cache_and_logged_its_batch(finished_
 
 
 def test_evaluate_flow_on_another_data_set(finished_run, tmp_path):
-    from tests.shapes import make_shapes
+    from tests.helpers.shapes import make_shapes
 
     params, result = finished_run
     other = make_shapes(tmp_path / "other", per_class=6, bad_files=False, seed=5)
@@ -140,7 +140,7 @@ def test_ingest_is_a_cache_hit_on_the_same_files_and_a_miss_when_a_file_is_added
     from prefect import flow
 
     from flows.tasks import ingest_task
-    from tests.shapes import make_shapes
+    from tests.helpers.shapes import make_shapes
 
     data_dir = make_shapes(tmp_path / "data", per_class=4, bad_files=False)
     params = load_params(None, tiny_overrides(tmp_path, data_dir))

@@ -12,7 +12,7 @@ from components.config import load_params
 from flows.cli import app
 from flows.retrain import retrain
 from tests.flows.conftest import tiny_overrides
-from tests.shapes import CLASSES, make_shapes
+from tests.helpers.shapes import CLASSES, make_shapes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

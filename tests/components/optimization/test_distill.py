@@ -12,8 +12,7 @@ from components.config import AugmentParams, TrainParams
 from components.models import build_model
 from components.optimization.distill import DistillationModule, check_teacher_classes, distillation_loss
 from components.training.module import load_classifier
-
-from .tiny import CLASSES, SPEC, tiny_data, trained_cnn
+from tests.helpers.tiny import CLASSES, SPEC, tiny_data, trained_cnn
 
 STUDENT = SPEC.model_copy(update={"width": 0.25})
 

@@ -23,8 +23,8 @@ from components.monitoring.drift import compare_window
 from components.monitoring.prediction_log import LOG_FILE, read_prediction_log
 from components.monitoring.profile import read_reference_profile
 from components.serving.app import ServeSettings, create_app
-from tests.unit.digits_bundle import digits_bundle, split
-from tests.unit.test_serving import _LiveServer, _metrics
+from tests.components.serving.test_serving import _LiveServer, _metrics
+from tests.helpers.digits_bundle import digits_bundle, split
 
 MAX_BYTES, MAX_FILES, REQUESTS = 80_000, 3, 2000
 # The server runs in its own process: a uvicorn thread inside the pytest process answered ~8x slower

@@ -16,7 +16,7 @@ from components.config import DataParams
 from components.data.ingest import ingest, read_manifest
 from components.data.validate import ValidationReport, format_report, validate
 from components.errors import DataError
-from tests.unit.bad_images import make_bad_corpus
+from tests.helpers.bad_images import make_bad_corpus
 
 
 def _image(path: Path, seed: int, size: int = 6) -> Path:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from components.data.images import load_image, probe_image
 from components.errors import DataError, ImageDecodeError
-from tests.unit.bad_images import DEFAULT_MAX_PIXELS, make_bad_corpus
+from tests.helpers.bad_images import DEFAULT_MAX_PIXELS, make_bad_corpus
 
 
 @pytest.fixture

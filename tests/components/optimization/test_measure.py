@@ -8,8 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from components.optimization.measure import VariantResult, best_variant, gate, measure_onnx, write_comparison
-
-from .tiny import CLASSES, tiny_data, trained_cnn_onnx
+from tests.helpers.tiny import CLASSES, tiny_data, trained_cnn_onnx
 
 
 def _variant(name, accuracy, size, latency, **extra):

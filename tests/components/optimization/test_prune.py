@@ -14,8 +14,7 @@ from components.optimization.prune import (
     save_pruned,
 )
 from components.packaging.export import export_onnx, onnx_parity
-
-from .tiny import SPEC, tiny_data, trained_cnn, trained_cnn_onnx
+from tests.helpers.tiny import SPEC, tiny_data, trained_cnn, trained_cnn_onnx
 
 CNN = ModelSpec(name="cnn", num_classes=3, image_size=16)
 

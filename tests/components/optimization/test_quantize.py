@@ -6,8 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from components.optimization.quantize import quantize_dynamic, quantize_static
-
-from .tiny import tiny_data, trained_cnn_onnx
+from tests.helpers.tiny import tiny_data, trained_cnn_onnx
 
 
 @pytest.fixture(scope="module")

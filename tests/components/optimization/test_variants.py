@@ -31,8 +31,7 @@ from components.optimization.variants import (
     with_checkpoint_channels,
 )
 from components.training.module import ClassifierModule
-
-from .tiny import CLASSES, SPEC, tiny_data, trained_cnn
+from tests.helpers.tiny import CLASSES, SPEC, tiny_data, trained_cnn
 
 AUGMENT = AugmentParams(image_size=16, mean=[0.5], std=[0.5], hflip_p=0.0, eval_resize_ratio=1.0)
 

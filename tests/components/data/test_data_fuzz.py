@@ -18,7 +18,7 @@ from components.config import DataParams
 from components.data.ingest import ingest, read_manifest
 from components.data.validate import ValidationReport, validate
 from components.errors import DataError
-from tests.unit.bad_images import make_bad_corpus
+from tests.helpers.bad_images import make_bad_corpus
 
 OUTSIDE = "link outside the data set"
 

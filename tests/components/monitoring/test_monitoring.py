@@ -27,7 +27,7 @@ from components.monitoring.profile import PROFILE_FILE, read_reference_profile
 from components.monitoring.report import write_drift_report
 from components.monitoring.resources import StageClock
 from components.serving.predictor import Predictor
-from tests.unit.digits_bundle import LABELS, digits_bundle, split
+from tests.helpers.digits_bundle import LABELS, digits_bundle, split
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from components.config import AugmentParams
 from components.data.augment import eval_preprocess_spec
 from components.packaging.bundle import verify_bundle, write_bundle
 from components.packaging.gate import bundle_incompatibility, decide_promotion, refuse_comparison
-from tests.unit.digits_bundle import LABELS, digits_bundle
+from tests.helpers.digits_bundle import LABELS, digits_bundle
 
 
 def test_first_model_becomes_champion():

@@ -8,7 +8,7 @@ import torch
 from components.config import ModelName
 from components.errors import VisionflowError
 from components.models import MODELS, ModelSpec, build_model
-from tests.network import reachable
+from tests.helpers.network import reachable
 
 
 def test_model_table_covers_exactly_the_config_names():

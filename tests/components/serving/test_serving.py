@@ -25,8 +25,8 @@ from components.packaging.bundle import write_bundle
 from components.packaging.model_card import model_card
 from components.serving.app import ServeSettings, create_app
 from components.serving.predictor import Predictor, decode_image_bytes
-from tests.unit.bad_images import png_with_declared_size
-from tests.unit.test_bundle import LABELS, preprocess_16, tiny_onnx_model
+from tests.components.packaging.test_bundle import LABELS, preprocess_16, tiny_onnx_model
+from tests.helpers.bad_images import png_with_declared_size
 
 SETTINGS = ServeSettings(
     max_body_bytes=300_000,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from components.data.sources import resolve_source
 from components.errors import DataError
-from tests.network import any_reachable
+from tests.helpers.network import any_reachable
 
 
 def _png(path: Path, value: int = 0, size: int = 4) -> Path:
