@@ -8,6 +8,7 @@ from PIL import Image
 
 from components.config import load_params, unresolved_fields
 from components.planning import Machine, MirrorTest, PlanError, fingerprint_of, format_plan, mirror_test, plan_params
+from components.planning.plan import MEMORY_SHARE, activation_bytes
 
 CPU = Machine(accelerator="cpu", memory_bytes=16 * 2**30)
 GPU = Machine(accelerator="cuda", memory_bytes=80 * 2**30)
@@ -122,7 +123,11 @@ def test_a_plan_over_the_machines_memory_is_refused_in_one_line():
     assert "does not fit this machine" in message and "train.batch_size 512" in message and "\n" not in message
     # Left to the plan, the batch shrinks to what fits instead.
     plan = plan_of(["augment.image_size=1024"], PHOTOS, SAFE, small)
-    assert 1 <= plan.params.train.batch_size < 64
+    batch, model, width = plan.params.train.batch_size, plan.params.model.name, plan.params.model.width
+    budget = small.memory_bytes * MEMORY_SHARE
+    # the largest power of two that fits (420 training images cap it at 32), and smaller than the unbounded 64
+    assert batch < 32 and batch & (batch - 1) == 0
+    assert activation_bytes(model, 1024, batch, width) <= budget < activation_bytes(model, 1024, 2 * batch, width)
 
 
 def test_auto_batch_size_is_found_on_one_gpu_and_auto_lr_refused_under_ddp():
