@@ -17,7 +17,7 @@ from components.config import DataParams
 
 def _folder(root: Path) -> Path:
     for c, name in enumerate(("a", "b")):
-        for i in range(5):
+        for i in range(8):  # enough that quarantining the conflicting copy leaves every split an image
             (root / name).mkdir(parents=True, exist_ok=True)
             pixels = np.random.default_rng(c * 100 + i).integers(0, 256, (6, 6, 3), dtype=np.uint8)
             Image.fromarray(pixels, "RGB").save(root / name / f"{i}.png")
