@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from components.config import load_params
+from tests.helpers.params import tiny_overrides
 from tests.helpers.shapes import make_shapes
 
 
@@ -23,27 +22,6 @@ def prefect_harness():
 def shapes_dir(tmp_path_factory):
     """A generated 3-class ImageFolder with two bad files (shared, never modified by tests)."""
     return make_shapes(tmp_path_factory.mktemp("shapes"))
-
-
-def tiny_overrides(tmp_path, data_path, **extra) -> list[str]:
-    """Overrides for a fast run on the shapes data; `extra` adds more (dots as __)."""
-    base = {
-        "data.path": str(data_path),
-        "augment.image_size": 16,
-        "augment.preview_images": 8,
-        "augment.rotate_p": 0.0,
-        "train.max_epochs": 3,
-        "train.batch_size": 16,
-        "train.lr": 0.005,
-        "train.progress_bar": False,
-        "trainer.accelerator": "cpu",
-        "run.experiment": f"test-{uuid.uuid4().hex[:8]}",
-        "package.model_name": f"test-model-{uuid.uuid4().hex[:8]}",
-        "run.output_dir": str(tmp_path / "runs"),
-        "run.cache_dir": str(tmp_path / "cache"),
-    }
-    base.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 @pytest.fixture(scope="session")

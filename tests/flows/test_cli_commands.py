@@ -30,7 +30,7 @@ from components import tracking
 from components.monitoring.prediction_log import read_prediction_log
 from components.training.fit import FitSpec
 from flows.cli import app
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -13,8 +13,8 @@ from components import tracking
 from components.config import load_params
 from flows.package import promote_version
 from flows.pipeline import pipeline
-from tests.flows.conftest import tiny_overrides
 from tests.helpers.digits_bundle import digits_bundle
+from tests.helpers.params import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -14,7 +14,7 @@ from components.config import load_params
 from components.packaging.bundle import verify_bundle
 from flows.optimize import optimize_from_run
 from flows.pipeline import pipeline
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -13,7 +13,7 @@ from components.config import load_params
 from components.errors import StageError
 from flows.evaluate import evaluate_flow
 from flows.pipeline import pipeline
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

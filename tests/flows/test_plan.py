@@ -82,28 +82,9 @@ def test_weights_for_another_architecture_stop_the_plan_in_one_line(tmp_path, sh
 
 
 def _tuner_spec(tmp_path, shapes_dir):
-    from components.config import load_params
-    from components.data.ingest import ingest
-    from components.data.validate import validate
-    from components.planning import plan_for_manifest
-    from components.training.fit import FitSpec
-    from tests.flows.conftest import tiny_overrides
+    from tests.helpers.params import planned_fit_spec
 
-    params = load_params(None, tiny_overrides(tmp_path, shapes_dir, train__max_epochs=1))
-    snapshot = ingest(params.data, tmp_path / "snapshot", Path(params.run.cache_dir))
-    report = validate(snapshot, params.data, tmp_path / "data")
-    params = plan_for_manifest(params, report.clean_manifest_path).params
-    run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
-    return FitSpec(
-        params=params,
-        manifest_path=report.clean_manifest_path,
-        classes=snapshot.classes,
-        run_dir=str(tmp_path / "train"),
-        result_path=str(tmp_path / "result.json"),
-        mlflow_run_id=run_id,
-        tracking_uri=tracking.tracking_uri(),
-        progress_bar=False,
-    )
+    return planned_fit_spec(tmp_path, shapes_dir, train__max_epochs=1)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from components.config import load_params
 from components.errors import StageError, VisionflowError
 from flows.pipeline import pipeline, resume_pipeline
 from flows.tasks import PID_STARTED_TAG, PID_TAG, resumable_pipeline_run
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 
 def _visionflow(*args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from components import tracking
 from components.config import load_params
 from flows.cli import app
 from flows.retrain import retrain
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 from tests.helpers.shapes import CLASSES, make_shapes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from components.config import load_params
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

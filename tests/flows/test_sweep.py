@@ -9,7 +9,7 @@ from components import tracking
 from components.errors import VisionflowError
 from flows.cli import app
 from flows.sweep import SWEEP_TAG, plan_sweep, sweep
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 runner = CliRunner()
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from components.config import load_params
-from tests.flows.conftest import tiny_overrides
 from tests.flows.test_stack import _cli, _free_port
+from tests.helpers.params import tiny_overrides
 
 pytestmark = pytest.mark.slow
 

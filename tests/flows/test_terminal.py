@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from components import tracking
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 NOISE = (

@@ -16,37 +16,20 @@ from mlflow import MlflowClient
 
 from components import tracking
 from components.config import load_params
-from components.data.ingest import ingest
-from components.data.validate import validate
-from components.planning import plan_for_manifest
 from components.quiet import LOG_FILE_ENV
 from components.training.fit import FitResult, FitSpec
 from components.training.launch import prepare_fit_spec
 from components.training.module import load_classifier
-from tests.flows.conftest import tiny_overrides
+from tests.helpers.params import planned_fit_spec, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
-    params = load_params(
-        None,
-        tiny_overrides(tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2),
-    )
-    snapshot = ingest(params.data, tmp_path / "snapshot", Path(params.run.cache_dir))
-    report = validate(snapshot, params.data, tmp_path / "data")
-    params = plan_for_manifest(params, report.clean_manifest_path).params  # no `auto` reaches fit
-    run_id = tracking.start_run(params.run.experiment, "train", {tracking.STAGE_TAG: "train"})
-    spec = FitSpec(
-        params=params,
-        manifest_path=report.clean_manifest_path,
-        classes=snapshot.classes,
-        run_dir=str(tmp_path / "train"),
-        result_path=str(tmp_path / "result.json"),
-        mlflow_run_id=run_id,
-        tracking_uri=tracking.tracking_uri(),
-        progress_bar=False,
-    )
+    spec = planned_fit_spec(
+        tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2
+    )  # no `auto` reaches fit
+    params, run_id = spec.params, spec.mlflow_run_id
     (tmp_path / "spec.json").write_text(spec.model_dump_json())
     log_file = tmp_path / "fit.log"  # as the CLI hands it down: Lightning's INFO lines go there
     out = subprocess.run(
@@ -59,7 +42,7 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = FitResult.model_validate_json((tmp_path / "result.json").read_text())
     assert result.error is None and Path(result.best_checkpoint).is_file()
-    assert load_classifier(result.best_checkpoint).classes == snapshot.classes
+    assert load_classifier(result.best_checkpoint).classes == spec.classes
     client = MlflowClient(tracking.tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name(params.run.experiment).experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the other rank created no run

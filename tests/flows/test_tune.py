@@ -18,8 +18,8 @@ from components import tracking
 from components.config import load_params
 from components.tuning.space import SpaceError, load_space, overrides_for, scalar
 from components.tuning.study import PRUNED_EPOCH_ATTR, distributions, open_study
-from tests.flows.conftest import tiny_overrides
 from tests.flows.test_stack import _cli
+from tests.helpers.params import tiny_overrides
 
 
 def _space(tmp_path, text: str, name: str = "space.yaml"):
