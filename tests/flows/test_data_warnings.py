@@ -16,14 +16,18 @@ from components.config import DataParams
 
 
 def _folder(root: Path) -> Path:
+    """Split folders fix each image's split, so quarantining the conflicting copy (a train image) leaves every
+    split of every class an image whatever bytes the PNG encoder writes."""
     for c, name in enumerate(("a", "b")):
-        for i in range(8):  # enough that quarantining the conflicting copy leaves every split an image
-            (root / name).mkdir(parents=True, exist_ok=True)
-            pixels = np.random.default_rng(c * 100 + i).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-            Image.fromarray(pixels, "RGB").save(root / name / f"{i}.png")
-    (root / "empty").mkdir()
-    shutil.copy(root / "a" / "0.png", root / "b" / "same_as_a0.png")
-    os.symlink("../gone.png", root / "a" / "dangling.png")  # a dangling link must not break the cache key
+        for split, count in (("train", 4), ("val", 2), ("test", 2)):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                seed = c * 100 + {"train": 0, "val": 10, "test": 20}[split] + i
+                pixels = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+                Image.fromarray(pixels, "RGB").save(root / split / name / f"{i}.png")
+    (root / "train" / "empty").mkdir()
+    shutil.copy(root / "train" / "a" / "0.png", root / "train" / "b" / "same_as_a0.png")
+    os.symlink("../gone.png", root / "train" / "a" / "dangling.png")  # a dangling link must not break the cache key
     return root
 
 
