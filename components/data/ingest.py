@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from components.config import DataParams
+from components.data import multilabel
 from components.data.images import probe_image
 from components.data.sources import SourceItem, archive_limits, resolve_source
 from components.errors import DataError
@@ -52,6 +53,7 @@ class DatasetSnapshot(BaseModel):
     split_counts: dict[str, int]
     class_counts: dict[str, int]
     extra_label_columns: list[str]
+    task: str = "single"  # "multilabel": label cells hold label sets, classes are the labels (components.data.multilabel)
     quarantined: list[QuarantinedFile] = []
     empty_classes: list[str] = []
 
@@ -156,37 +158,35 @@ def assign_splits(items: list[SourceItem], shas: list[str], params: DataParams) 
 
     Takes the items, their sha256 values (same order) and the data params; returns split names.
     A source with split folders but without val (or test) gets it carved from train, stratified.
+    Only readable items (those with a sha256) take part in a carve, so a broken file, which is quarantined
+    anyway, never moves a good image to another split; it is given "train" (or its own split folder).
     Raises DataError when only some items carry a split.
     """
-    keys = [sha or f"unreadable:{item.path}" for item, sha in zip(items, shas, strict=False)]
     given = [item.split for item in items]
-    if all(split is None for split in given):
-        return _carve(
-            keys, [i.label for i in items], params.seed, params.val_fraction, params.test_fraction, True, True
-        )
-    missing = [item.path for item in items if item.split is None]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(items)} images have no split while the others do (first: {missing[0]}); "
-            "give every image a split or none"
-        )
-    splits = list(given)
-    present = set(splits)
+    if any(split is not None for split in given):
+        missing = [item.path for item in items if item.split is None]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of {len(items)} images have no split while the others do (first: {missing[0]}); "
+                "give every image a split or none"
+            )
+    splits = [split or "train" for split in given]
+    present = set(given)
     need_val, need_test = "val" not in present, "test" not in present
-    train_idx = [i for i, split in enumerate(splits) if split == "train"]
-    if (need_val or need_test) and train_idx:
+    carve_idx = [i for i, split in enumerate(splits) if split == "train" and shas[i]]
+    if (need_val or need_test) and carve_idx:
         carved = _carve(
-            [keys[i] for i in train_idx],
-            [items[i].label for i in train_idx],
+            [shas[i] for i in carve_idx],
+            [items[i].label for i in carve_idx],
             params.seed,
             params.val_fraction,
             params.test_fraction,
             need_val,
             need_test,
         )
-        for i, split in zip(train_idx, carved, strict=False):
+        for i, split in zip(carve_idx, carved, strict=True):
             splits[i] = split
-    return splits  # type: ignore[return-value]
+    return splits
 
 
 # --- ingest ---------------------------------------------------------------------------------------
@@ -214,8 +214,8 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
     Returns a DatasetSnapshot; raises DataError when the source cannot be used.
     """
     out_dir = Path(out_dir)
-    listing = resolve_source(params.path, Path(cache_dir), params.label_column, archive_limits(params))
-    items = listing.items
+    listing = resolve_source(params.path, Path(cache_dir), params.label_column, archive_limits(params), params.task)
+    items, task = multilabel.apply_task(listing.items, listing.label_cells, params.task, params.empty_labels)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         described = list(pool.map(_describe, items))
@@ -238,6 +238,10 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
         row.update({c: item.extra_labels.get(c, "") for c in extra_columns})
         rows.append(row)
     classes = sorted({item.label for item in items})
+    label_counts = Counter(item.label for item in items)
+    if task == "multilabel":
+        classes = multilabel.vocabulary([item.label for item in items])
+        label_counts = Counter(label for item in items for label in multilabel.split_cell(item.label))
     manifest_path = out_dir / "manifest.csv"
     classes_path = out_dir / "classes.json"
     write_manifest(rows, manifest_path)
@@ -253,8 +257,9 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
         fingerprint=_fingerprint(rows, extra_columns),
         num_images=len(rows),
         split_counts={split: split_counter.get(split, 0) for split in SPLITS},
-        class_counts=dict(sorted(Counter(item.label for item in items).items())),
+        class_counts=dict(sorted(label_counts.items())),
         extra_label_columns=extra_columns,
+        task=task,
         quarantined=[
             QuarantinedFile(path=q.path, label=q.label, split=q.split or "", reason=q.reason)
             for q in listing.quarantined

@@ -180,3 +180,15 @@ def test_write_and_read_manifest_round_trip(tmp_path):
     assert read_manifest(tmp_path / "m.csv") == rows
     write_manifest([], tmp_path / "empty.csv", columns=MANIFEST_COLUMNS + ["task"])
     assert (tmp_path / "empty.csv").read_text().strip() == ",".join(MANIFEST_COLUMNS + ["task"])
+
+
+def test_a_broken_file_moves_no_good_image_to_another_split(tmp_path):
+    # a dangling link has no content hash: were it keyed by its path, the split of the good images of its
+    # class would depend on where the folder lives
+    splits = []
+    for where in ("here", "there", "somewhere/else", "x/y/z", "elsewhere", "w"):
+        root = _folder(tmp_path / where / "data", per_class=6)
+        for i in range(3):
+            (root / "a" / f"gone{i}.png").symlink_to(root / f"nothing{i}.png")
+        splits.append({sha: split for sha, split in _split_by_sha(_ingest(tmp_path / where, root)).items() if sha})
+    assert len(splits[0]) == 18 and all(other == splits[0] for other in splits[1:])
