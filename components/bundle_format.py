@@ -35,6 +35,8 @@ PREPROCESS_FILE = "preprocess.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "MODEL_CARD.md"
 CHECKSUMS_FILE = "SHA256SUMS"
+# Optional: {"temperature": T, ...}; the served probabilities are softmax(logits / T). Without it, T = 1.
+CALIBRATION_FILE = "calibration.json"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE, METRICS_FILE)
 
 # Files that unpickle (and can so run code) when loaded: never part of a bundle.
@@ -86,6 +88,14 @@ def check_preprocess(preprocess: Any) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{PREPROCESS_FILE}: missing keys {', '.join(missing)}")
     return preprocess
+
+
+def check_calibration(calibration: Any) -> float:
+    """The temperature of a calibration.json object: a finite number > 0; raises BundleError otherwise."""
+    value = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise BundleError(f"{CALIBRATION_FILE}: temperature must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def write_checksums(bundle_dir: Path) -> Path:
@@ -205,7 +215,8 @@ def verify_bundle(bundle_dir: Path) -> dict:
     Takes the bundle directory. Checks that SHA256SUMS parses, that every required file is present and
     listed, that nothing unlisted (or a link, folder or pickle) is there, that every checksum matches,
     and that no ONNX model's external data points outside the bundle.
-    Returns {"labels": list, "preprocess": dict, "metrics": dict, "files": {name: sha256}}.
+    Returns {"labels": list, "preprocess": dict, "metrics": dict, "files": {name: sha256}, "temperature": float}
+    (the temperature from the optional calibration.json; 1.0 for a bundle without one).
     Raises BundleError naming the file ("checksum mismatch: model.onnx", "missing file: labels.json",
     "unlisted file: x", ...).
     """
@@ -241,7 +252,8 @@ def verify_bundle(bundle_dir: Path) -> dict:
     metrics = _load_json(bundle_dir, METRICS_FILE)
     if not isinstance(metrics, dict):
         raise BundleError(f"{METRICS_FILE}: must be a JSON object")
-    return {"labels": labels, "preprocess": preprocess, "metrics": metrics, "files": listed}
+    temperature = check_calibration(_load_json(bundle_dir, CALIBRATION_FILE)) if CALIBRATION_FILE in listed else 1.0
+    return {"labels": labels, "preprocess": preprocess, "metrics": metrics, "files": listed, "temperature": temperature}
 
 
 def _check_members(members: list[tarfile.TarInfo], max_bytes: int) -> str:

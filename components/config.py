@@ -383,6 +383,13 @@ class EvaluateParams(_Section):
     misclassified_grid: int = Field(
         25, ge=0, le=100, description="Misclassified test images drawn in the grid (0 = none)."
     )
+    calibrate: bool = Field(
+        True,
+        description=(
+            "Fit temperature scaling on the validation split: the report, the bundle and the server give "
+            "calibrated probabilities (accuracy unchanged)."
+        ),
+    )
 
 
 class DistillParams(_Section):

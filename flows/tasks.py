@@ -315,14 +315,19 @@ def evaluate_task(
 ) -> tuple[EvalReport, str]:
     """Evaluate a checkpoint on one split of a manifest under its own MLflow run.
 
-    Returns (EvalReport, the evaluate run id). Metrics are logged as test/<name>.
+    Returns (EvalReport, the evaluate run id). Metrics are logged as test/<name>; with evaluate.calibrate, the
+    temperature fitted on the validation split (when the evaluated split is another one) as calibration/*.
     """
-    rows = rows_of_split(read_manifest(manifest_path), split)
+    manifest = read_manifest(manifest_path)
+    rows = rows_of_split(manifest, split)
+    calibration_rows = rows_of_split(manifest, "val") if split not in ("val", "all") else None
     with tracking.run_scope(experiment, "evaluate", {tracking.STAGE_TAG: "evaluate"}, parent_run_id) as run:
         run_id = run.run_id
-        report = evaluate_checkpoint(checkpoint, rows, Path(out_dir), evaluate, data.max_pixels)
+        report = evaluate_checkpoint(checkpoint, rows, Path(out_dir), evaluate, data.max_pixels, calibration_rows)
         tracking.log_params(run_id, {"checkpoint": checkpoint, "split": split, "evaluate.top_k": evaluate.top_k})
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in report.metrics.items()})
+        if report.calibration:
+            _log_calibration(run_id, report.calibration)
         tracking.log_artifacts(
             run_id,
             [
@@ -337,6 +342,27 @@ def evaluate_task(
         )
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])
     return report, run_id
+
+
+def _log_calibration(run_id: str, calibration) -> None:
+    """The fitted temperature and the ECE before and after it (metrics), its reliability diagram and JSON."""
+    tracking.log_metrics(
+        run_id,
+        {
+            "calibration/temperature": calibration.temperature,
+            "calibration/ece_before": calibration.ece_before,
+            "calibration/ece_after": calibration.ece_after,
+        },
+    )
+    tracking.log_params(run_id, {"evaluate.calibrate": True})
+    tracking.log_artifacts(run_id, [calibration.json_path, calibration.png_path], "evaluation")
+    get_run_logger().info(
+        "temperature %.3f fitted on %d validation images: test ECE %.4f -> %.4f",
+        calibration.temperature,
+        calibration.num_fitted,
+        calibration.ece_before,
+        calibration.ece_after,
+    )
 
 
 def pipeline_run(run_id: str):

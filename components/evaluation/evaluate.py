@@ -8,6 +8,7 @@ from components.config import EvaluateParams
 from components.data.augment import build_eval_transform
 from components.data.dataset import eval_loader
 from components.errors import DataError
+from components.evaluation.calibration import calibrate
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.predict import predict
 from components.evaluation.report import EvalReport, write_report
@@ -16,29 +17,41 @@ from components.training.module import load_classifier
 
 
 def evaluate_checkpoint(
-    checkpoint: str, rows: list[dict[str, str]], out_dir: Path, params: EvaluateParams, max_pixels: int
+    checkpoint: str,
+    rows: list[dict[str, str]],
+    out_dir: Path,
+    params: EvaluateParams,
+    max_pixels: int,
+    calibration_rows: list[dict[str, str]] | None = None,
 ) -> EvalReport:
     """Run the checkpoint over `rows` (manifest rows) with its own eval transform and write the report.
 
     The report covers the primary task; a multi-task model adds `<task>/accuracy` and
-    `<task>/macro_f1` of each extra task to the returned metrics. Raises DataError when the rows
-    are empty or carry classes the model does not know.
+    `<task>/macro_f1` of each extra task to the returned metrics. With `params.calibrate` and
+    `calibration_rows` (the validation split), a temperature is fitted on those rows' logits
+    (components.evaluation.calibration: calibration.json, reliability.png) and the report's probabilities
+    are the calibrated ones. Raises DataError when the rows are empty or carry classes the model does
+    not know.
     """
     classifier = load_classifier(checkpoint)
     if not rows:
         raise DataError("no images to evaluate")
-    unknown = sorted({r["label"] for r in rows} - set(classifier.classes))
+    unknown = sorted({r["label"] for r in [*rows, *(calibration_rows or [])]} - set(classifier.classes))
     if unknown:
         raise DataError(f"the data has classes the model does not know: {', '.join(unknown[:10])}")
-    loader = eval_loader(
-        rows,
-        classifier.classes,
-        build_eval_transform(classifier.augment),
-        classifier.spec.in_channels,
-        max_pixels,
-        task_classes=classifier.task_classes or None,
-    )
-    logits, targets = predict(classifier.model, loader)
+
+    def run(some_rows: list[dict[str, str]]):
+        loader = eval_loader(
+            some_rows,
+            classifier.classes,
+            build_eval_transform(classifier.augment),
+            classifier.spec.in_channels,
+            max_pixels,
+            task_classes=classifier.task_classes or None,
+        )
+        return predict(classifier.model, loader)
+
+    logits, targets = run(rows)
     extra: dict[str, float] = {}
     if classifier.task_classes:
         parts = split_logits(logits, classifier.spec.task_sizes())
@@ -47,6 +60,13 @@ def evaluate_checkpoint(
             extra[f"{task}/accuracy"] = summary["accuracy"]
             extra[f"{task}/macro_f1"] = summary["macro_f1"]
         logits, targets = parts[0], targets[:, 0]
+    calibration = None
+    if params.calibrate and calibration_rows:
+        val_logits, val_targets = run(calibration_rows)
+        if classifier.task_classes:
+            val_logits, val_targets = split_logits(val_logits, classifier.spec.task_sizes())[0], val_targets[:, 0]
+        calibration = calibrate(val_logits, val_targets, logits, targets, Path(out_dir), params.calibration_bins)
+        logits = logits / calibration.temperature
     report = write_report(
         logits,
         targets,
@@ -57,4 +77,5 @@ def evaluate_checkpoint(
         classifier.spec.in_channels,
     )
     report.metrics.update(extra)
+    report.calibration = calibration
     return report

@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel
 
 from components.config import EvaluateParams
+from components.evaluation.calibration import CalibrationResult, read_calibration
 from components.evaluation.metrics import compute_metrics
 
 
@@ -26,6 +27,7 @@ class EvalReport(BaseModel):
     confusion_png_path: str
     misclassified_png_path: str | None
     predictions_path: str
+    calibration: CalibrationResult | None = None  # temperature scaling, when evaluate.calibrate fitted one
 
 
 def _figure(width: float, height: float):
@@ -218,4 +220,5 @@ def read_report(out_dir: Path) -> EvalReport:
         confusion_png_path=str(files["confusion_matrix.png"]),
         misclassified_png_path=str(misclassified) if misclassified.is_file() else None,
         predictions_path=str(files["predictions.csv"]),
+        calibration=read_calibration(out_dir),
     )

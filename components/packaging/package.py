@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from components.bundle_format import MODEL_FILE, read_checksums
+from components.bundle_format import CALIBRATION_FILE, MODEL_FILE, read_checksums
 from components.config import PackageParams
 from components.data.augment import build_eval_transform, eval_preprocess_spec
 from components.data.dataset import eval_arrays
 from components.data.images import load_image
 from components.errors import VisionflowError
+from components.evaluation.calibration import CalibrationResult
 from components.evaluation.report import EvalReport
 from components.monitoring.profile import (
     PROFILE_FILE,
@@ -103,7 +105,11 @@ def package_checkpoint(
     if int8_onnx:
         extra["model.int8.onnx"] = Path(int8_onnx)
     preprocess = eval_preprocess_spec(classifier.augment, classifier.spec.in_channels)
-    profile = _reference_profile(exported.onnx_path, classifier.classes, preprocess, test_rows, max_pixels)
+    temperature = 1.0
+    if evaluation.calibration is not None:  # the temperature the evaluation fitted travels with the model
+        temperature = evaluation.calibration.temperature
+        extra[CALIBRATION_FILE] = _write_calibration(out_dir / "export" / CALIBRATION_FILE, evaluation.calibration)
+    profile = _reference_profile(exported.onnx_path, classifier.classes, preprocess, test_rows, max_pixels, temperature)
     if profile is not None:
         extra[PROFILE_FILE] = save_reference_profile(out_dir / "export" / PROFILE_FILE, profile)
     metrics = {**evaluation.metrics, "onnx_parity": exported.parity}
@@ -161,18 +167,31 @@ def _export(classifier: Classifier, images: torch.Tensor, params: PackageParams,
     return exported
 
 
+def _write_calibration(path: Path, calibration: CalibrationResult) -> Path:
+    """The bundle's calibration.json: the temperature the served probabilities use and how it was fitted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = calibration.model_dump(exclude={"json_path", "png_path"})
+    path.write_text(json.dumps({**fields, "method": "temperature scaling", "fitted_on": "val"}, indent=2) + "\n")
+    return path
+
+
 def _reference_profile(
-    onnx_path: Path, labels: list[str], preprocess: dict, rows: list[dict[str, str]], max_pixels: int
+    onnx_path: Path,
+    labels: list[str],
+    preprocess: dict,
+    rows: list[dict[str, str]],
+    max_pixels: int,
+    temperature: float = 1.0,
 ) -> ReferenceProfile | None:
     """Predictions and image statistics on up to PROFILE_MAX_IMAGES test images (evenly spaced), through
-    onnxruntime and the bundle's own preprocessing, of the exported model the bundle will carry; None
-    without rows."""
+    onnxruntime and the bundle's own preprocessing and temperature, of the exported model the bundle will
+    carry; None without rows."""
     if not rows:
         return None
     rows = rows[:: max(1, -(-len(rows) // PROFILE_MAX_IMAGES))]
     # Not a bundle yet: the predictor is handed what the bundle will hold instead of verifying one.
     files = {MODEL_FILE: file_sha256(onnx_path)}
-    contents = {"labels": labels, "preprocess": preprocess, "metrics": {}, "files": files}
+    contents = {"labels": labels, "preprocess": preprocess, "metrics": {}, "files": files, "temperature": temperature}
     predictor = Predictor(onnx_path.parent, max_pixels=max_pixels, contents=contents)
     channels = int(predictor.preprocess["channels"])
     images = (load_image(r["path"], channels, max_pixels) for r in rows)

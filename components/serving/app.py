@@ -155,7 +155,7 @@ async def ready(request: Request):
 
 @router.get("/metadata")
 async def metadata(request: Request):
-    """Model name, version, labels, metrics.json, preprocess.json, input and limits."""
+    """Model name, version, labels, metrics.json, preprocess.json, the calibration temperature, input and limits."""
     state = _state(request)
     predictor, settings = state.predictor, state.settings
     return {
@@ -163,6 +163,7 @@ async def metadata(request: Request):
         "labels": predictor.labels,
         "metrics": predictor.metrics,
         "preprocess": predictor.preprocess,
+        "temperature": predictor.temperature,  # probabilities are softmax(logits / temperature)
         "input": {"name": predictor.input_name, "shape": predictor.input_shape},
         "model_sha256": predictor.files.get(MODEL_FILE),
         "limits": {

@@ -102,6 +102,8 @@ class Predictor:
         self.preprocess: dict[str, Any] = contents["preprocess"]
         self.metrics: dict[str, Any] = contents["metrics"]
         self.files: dict[str, str] = contents["files"]
+        # Temperature scaling fitted at evaluation (calibration.json); 1.0 for a bundle without one.
+        self.temperature = float(contents.get("temperature", 1.0))
         self.max_pixels = int(max_pixels)
         self._read_preprocess(self.preprocess)
 
@@ -176,15 +178,15 @@ class Predictor:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a preprocessed batch.
 
-        Takes a float32 NxCxHxW array. Returns float32 NxL softmax probabilities over the labels: only
-        the first len(labels) output columns are used (a multi-task model concatenates the logits of
-        its other tasks after the primary task's).
+        Takes a float32 NxCxHxW array. Returns float32 NxL softmax probabilities over the labels, with the
+        bundle's temperature applied (softmax(logits / T)): only the first len(labels) output columns are used
+        (a multi-task model concatenates the logits of its other tasks after the primary task's).
         """
         logits = self.session.run([self.output_name], {self.input_name: np.asarray(batch, dtype=np.float32)})[0]
         logits = np.asarray(logits).reshape(len(batch), -1)
         if logits.shape[1] < len(self.labels):
             raise RuntimeError(f"model gives {logits.shape[1]} outputs for {len(self.labels)} labels")
-        return softmax(logits[:, : len(self.labels)])
+        return softmax(logits[:, : len(self.labels)] / self.temperature)
 
     def predict(self, images: list[np.ndarray], top_k: int = 3) -> list[list[dict[str, Any]]]:
         """Classify decoded images in one batch.
