@@ -383,6 +383,19 @@ class EvaluateParams(_Section):
     misclassified_grid: int = Field(
         25, ge=0, le=100, description="Misclassified test images drawn in the grid (0 = none)."
     )
+    explain: bool = Field(
+        True,
+        description=(
+            "Draw explanations.png: where the model looked for its prediction (Grad-CAM for CNNs, Integrated "
+            "Gradients for the ViT and the RNN) on the most confident mistakes and a sample of correct test images."
+        ),
+    )
+    explain_images: int = Field(16, ge=1, le=64, description="Images in the explanation grid (mistakes first).")
+    explain_method: Literal["auto", "gradcam", "integrated_gradients"] = Field(
+        "auto",
+        description="auto: integrated_gradients for vit and rnn, gradcam (on the last feature map larger than 1x1) "
+        "for the convolutional families.",
+    )
     calibrate: bool = Field(
         True,
         description=(

@@ -1,0 +1,252 @@
+"""Why a model decided what it did: attribution maps overlaid on the images the model saw.
+
+Convolutional networks get Grad-CAM (Selvaraju et al., 2017) on their last feature map larger than 1x1; the ViT
+and the RNN get Integrated Gradients (Sundararajan et al., 2017: input gradients integrated along the path from
+a baseline image, here the normalization's mean colour, to the image), both from Captum. Maps explain the
+predicted class. `explain_predictions` draws the evaluation's grid (mistakes first, then a sample of correct
+images); `explain_files` writes one PNG per image for `visionflow explain`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from components.config import EvaluateParams
+from components.data.augment import build_eval_transform
+from components.data.images import load_image
+from components.errors import VisionflowError
+from components.training.module import Classifier, load_classifier
+
+ExplainMethod = Literal["auto", "gradcam", "integrated_gradients"]
+# Sequence models: their only conv (the ViT's patch embedding) or none (the RNN) gives no useful class map.
+GRADIENT_MODELS = ("vit", "rnn")
+IG_STEPS = 24  # Riemann steps of the path integral (the paper: 20 to 300; the maps change little past ~20)
+METHOD_TITLES = {"gradcam": "Grad-CAM", "integrated_gradients": "Integrated Gradients"}
+
+
+class UnsupportedModelError(VisionflowError):
+    """The model has no layer the chosen explanation method can use."""
+
+
+class Explanation(BaseModel):
+    """One explained image: the file, the model's answer and the PNG drawn for it (None in a grid)."""
+
+    path: str
+    predicted: str
+    confidence: float
+    target: str | None = None
+    png: str | None = None
+
+
+class ExplainResult(BaseModel):
+    """What explaining an evaluation produced: the grid (None when skipped), the method used and why it skipped."""
+
+    png_path: str | None = None
+    method: str | None = None
+    layer: str | None = None
+    skipped: str | None = None
+    images: list[Explanation] = []
+
+
+def feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The name of the last module (in execution order) that outputs a 4-D feature map larger than 1x1, found by
+    running `example` once with forward hooks; None when no module does (e.g. a recurrent network)."""
+    fired: list[str] = []
+
+    def hook(name: str):
+        def record(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
+                fired.append(name)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fired[-1] if fired else None
+
+
+def resolve_method(model_name: str, method: ExplainMethod) -> Literal["gradcam", "integrated_gradients"]:
+    """`auto` → Integrated Gradients for the ViT and the RNN, Grad-CAM for every convolutional family; else
+    `method`."""
+    if method == "auto":
+        return "integrated_gradients" if model_name in GRADIENT_MODELS else "gradcam"
+    return method
+
+
+def _normalized(maps: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) maps scaled to [0, 1] per image (an all-zero map stays zero)."""
+    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    return (maps / peak).clamp(0, 1)
+
+
+def attribution_maps(
+    model: nn.Module, model_name: str, images: torch.Tensor, targets: Sequence[int], method: ExplainMethod = "auto"
+) -> tuple[torch.Tensor, str, str | None]:
+    """Attribution maps of `targets` (class indices into the model's logits) for normalized (N, C, H, W) images.
+
+    Returns ((N, H, W) maps in [0, 1] on the CPU, the method used, the Grad-CAM layer or None). Raises
+    UnsupportedModelError when Grad-CAM is asked of a model without a spatial feature map.
+    """
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+
+    model = model.eval()
+    images = images.detach().float().requires_grad_()
+    target = torch.as_tensor(list(targets), dtype=torch.long)
+    chosen = resolve_method(model_name, method)
+    if chosen == "integrated_gradients":  # baseline 0 in normalized space: the mean colour
+        attr = IntegratedGradients(model).attribute(images, target=target, n_steps=IG_STEPS, internal_batch_size=256)
+        return _normalized(attr.detach().abs().sum(dim=1)), chosen, None
+    layer = feature_layer(model, images[:1])
+    if layer is None:
+        raise UnsupportedModelError(f"{model_name} has no convolutional feature map for Grad-CAM")
+    cam = LayerGradCam(model, model.get_submodule(layer)).attribute(images, target=target, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear")
+    return _normalized(cam[:, 0].clamp_min(0)), chosen, layer
+
+
+def _load(classifier: Classifier, paths: Sequence[str], max_pixels: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The images as the model sees them (normalized (N, C, H, W)) and as shown (H x W x C uint8, same geometry).
+    Raises ImageDecodeError naming a file that cannot be read."""
+    model_view = build_eval_transform(classifier.augment)
+    display_view = build_eval_transform(classifier.augment, normalize=False)
+    tensors, shown = [], []
+    for path in paths:
+        pixels = load_image(path, classifier.spec.in_channels, max_pixels)
+        tensors.append(model_view(image=pixels)["image"])
+        shown.append(np.asarray(display_view(image=pixels)["image"]))
+    return torch.stack(tensors), shown
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: Agg on savefig, no global state (safe in task threads)
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _overlay(ax, image: np.ndarray, heat: np.ndarray | None) -> None:
+    """The image (H x W x C uint8) with the [0, 1] map over it (none: the plain image)."""
+    gray = image.shape[-1] == 1
+    ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, interpolation="nearest")
+    if heat is not None:
+        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, interpolation="bilinear")
+    ax.axis("off")
+
+
+def _describe(method: str, layer: str | None) -> str:
+    return f"{METHOD_TITLES[method]} on layer {layer}" if layer else METHOD_TITLES[method]
+
+
+def _class_scores(model: nn.Module, images: torch.Tensor, num_classes: int) -> tuple[list[int], list[float]]:
+    """Predicted class and softmax confidence of each image (primary task of a multi-task model)."""
+    with torch.inference_mode():
+        probs = torch.softmax(model(images)[:, :num_classes].float(), dim=1)
+    confidence, predicted = probs.max(dim=1)
+    return predicted.tolist(), confidence.tolist()
+
+
+def explain_files(
+    checkpoint: str, paths: Sequence[str], out_dir: Path, method: ExplainMethod = "auto", max_pixels: int = 40_000_000
+) -> list[Explanation]:
+    """Explain a checkpoint's prediction on each image file: one PNG per image in `out_dir` (`<stem>.explain.png`,
+    `<stem>-2.explain.png` on a name clash): the image and its overlay, titled with the predicted class, its
+    confidence and the method. Every image is read before anything is written. Raises CheckpointError,
+    ImageDecodeError (one line naming the file) or UnsupportedModelError."""
+    classifier = load_classifier(checkpoint)
+    images, shown = _load(classifier, paths, max_pixels)
+    predicted, confidence = _class_scores(classifier.model, images, len(classifier.classes))
+    maps, chosen, layer = attribution_maps(classifier.model, classifier.spec.name, images, predicted, method)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, used = [], set()
+    for i, path in enumerate(paths):
+        stem, n = Path(path).stem, 1
+        while (name := f"{stem}{'' if n == 1 else f'-{n}'}.explain.png") in used:
+            n += 1
+        used.add(name)
+        label = classifier.classes[predicted[i]]
+        fig = _figure(5.0, 2.8)
+        left, right = fig.subplots(1, 2)
+        _overlay(left, shown[i], None)
+        _overlay(right, shown[i], maps[i].numpy())
+        fig.suptitle(f"predicted {label} ({confidence[i]:.2f})\n{_describe(chosen, layer)}", fontsize=9)
+        fig.savefig(out_dir / name, format="png", dpi=110)
+        results.append(Explanation(path=str(path), predicted=label, confidence=confidence[i], png=str(out_dir / name)))
+    return results
+
+
+def pick_rows(rows: list[dict[str, str]], limit: int, seed: int = 0) -> list[dict[str, str]]:
+    """Up to `limit` prediction rows to explain: the most confident mistakes first (at most three quarters of
+    the places while correct rows remain), then a seeded random sample of correct rows."""
+    wrong = sorted((r for r in rows if r["target"] != r["predicted"]), key=lambda r: -float(r["confidence"]))
+    right = [r for r in rows if r["target"] == r["predicted"]]
+    keep_wrong = min(len(wrong), max(limit - min(len(right), limit // 4), 0))
+    sample = random.Random(seed).sample(right, min(len(right), limit - keep_wrong))
+    return wrong[:keep_wrong] + sample
+
+
+def _grid(rows: list[dict[str, str]], shown: list[np.ndarray], maps: torch.Tensor, title: str, path: Path) -> Path:
+    columns = max(1, math.ceil(math.sqrt(len(rows))))
+    grid_rows = math.ceil(len(rows) / columns)
+    fig = _figure(2.0 * columns, 2.0 * grid_rows + 0.4)
+    axes = fig.subplots(grid_rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row, image, heat in zip(axes.flat, rows, shown, maps, strict=False):
+        _overlay(ax, image, heat.numpy())
+        wrong = row["target"] != row["predicted"]
+        text = f"{row['target']} → {row['predicted']} ({float(row['confidence']):.2f})"
+        ax.set_title(text, fontsize=8, color="tab:red" if wrong else "black")
+    fig.suptitle(f"{title} of the predicted class (true → predicted; mistakes in red)", fontsize=9)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def explain_predictions(
+    checkpoint: str, predictions_csv: str | Path, out_dir: Path, params: EvaluateParams, max_pixels: int
+) -> ExplainResult:
+    """The evaluation's explanation grid `explanations.png` in `out_dir`, from the rows of its predictions.csv
+    (path, target, predicted, confidence). Never raises for the model: an architecture the method cannot
+    explain, or rows whose classes the model does not have, give a result with `skipped` saying why."""
+    if not params.explain:
+        return ExplainResult(skipped="evaluate.explain is off")
+    classifier = load_classifier(checkpoint)
+    with Path(predictions_csv).open(newline="") as f:
+        known = set(classifier.classes)
+        rows = [r for r in csv.DictReader(f) if r.get("target") in known and r.get("predicted") in known]
+    chosen = pick_rows(rows, params.explain_images)
+    if not chosen:
+        return ExplainResult(skipped="no single-label predictions to explain")
+    images, shown = _load(classifier, [r["path"] for r in chosen], max_pixels)
+    index = {name: i for i, name in enumerate(classifier.classes)}
+    try:
+        maps, method, layer = attribution_maps(
+            classifier.model,
+            classifier.spec.name,
+            images,
+            [index[r["predicted"]] for r in chosen],
+            params.explain_method,
+        )
+    except UnsupportedModelError as err:
+        return ExplainResult(skipped=str(err))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    png = _grid(chosen, shown, maps, _describe(method, layer), Path(out_dir) / "explanations.png")
+    explained = [
+        Explanation(path=r["path"], target=r["target"], predicted=r["predicted"], confidence=float(r["confidence"]))
+        for r in chosen
+    ]
+    return ExplainResult(png_path=str(png), method=method, layer=layer, images=explained)
