@@ -43,8 +43,8 @@ class CalibrationResult(BaseModel):
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
     """The temperature T minimising the NLL of softmax(logits / T) against integer `targets` (L-BFGS over log T),
     clipped to [MIN_TEMPERATURE, MAX_TEMPERATURE]. Raises ValueError without rows."""
-    logits = logits.detach().float().cpu()
-    targets = targets.detach().reshape(-1).long().cpu()
+    logits = logits.detach().float().cpu().clone()  # a copy: predict's logits are inference tensors (no autograd)
+    targets = targets.detach().reshape(-1).long().cpu().clone()
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"need (N, C) logits and N targets, got {tuple(logits.shape)} and {tuple(targets.shape)}")
     log_t = torch.zeros(1, requires_grad=True)
