@@ -307,6 +307,18 @@ class TrainParams(_Section):
     lr_base_batch_size: int = Field(
         64, ge=1, description="The batch size train.lr was chosen for (lr_scaling's reference)."
     )
+    suspicious_labels: bool = Field(
+        True,
+        description="Rank the training images whose label is probably wrong by their area under the margin (AUM, "
+        "Pleiss et al. 2020: the given label's logit minus the largest other logit, averaged over the epochs; "
+        "mixed-up batches are left out): suspicious_labels.csv and a grid in the train run.",
+    )
+    suspicious_top_k: int = Field(
+        50,
+        ge=1,
+        description="How many of the lowest-margin training images suspicious_labels.csv lists (the grid shows the "
+        "first 64 at most).",
+    )
     resume: bool = Field(False, description="Continue from the run's last checkpoint (set by `visionflow resume`).")
     progress_bar: bool = Field(True, description="Show Lightning's progress bar.")
 

@@ -22,7 +22,8 @@ class ManifestDataset(Dataset):
     tensor); with `task_classes` (extra task → its classes) the
     target is a LongTensor of class indices, primary task first. A decode error names the file.
     With `cache` (built from the same rows) images come from the memory-mapped cache instead of
-    the files; each process maps it on first use.
+    the files; each process maps it on first use. With `with_index` each item also carries its position in
+    `rows` (image, target, index), so per-sample training signals can be attributed (training/margins.py).
     """
 
     def __init__(
@@ -34,7 +35,9 @@ class ManifestDataset(Dataset):
         max_pixels: int,
         task_classes: dict[str, list[str]] | None = None,
         cache: ImageCache | None = None,
+        with_index: bool = False,
     ):
+        self.with_index = with_index
         index = {name: i for i, name in enumerate(classes)}
         self.paths = [row["path"] for row in rows]
         self.targets = [index[row["label"]] for row in rows]
@@ -72,7 +75,7 @@ class ManifestDataset(Dataset):
         target = self.targets[i]
         if self.extra_targets is not None:
             target = torch.tensor([target, *self.extra_targets[i]])
-        return image, target
+        return (image, target, i) if self.with_index else (image, target)
 
 
 def _reseed_worker_transform(worker_id: int) -> None:
@@ -116,8 +119,10 @@ class ImageDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         normalize: tuple[list[float], list[float]] | None = None,
+        index_train: bool = False,
     ):
         super().__init__()
+        self.index_train = index_train  # train batches carry the samples' row positions as a third item
         self.normalize = normalize
         self.balanced_sampler = balanced_sampler
         self.task_classes = task_classes
@@ -158,14 +163,14 @@ class ImageDataModule(L.LightningDataModule):
     def normalize_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H, W, C) uint8 images → (N, C, H, W) float32 (x - mean·255) · 1/(std·255), computed in float32
         exactly as albumentations' Normalize does; batches of float images (or without `normalize`) pass as they are."""
-        x, y = batch
+        x, y, *rest = batch  # rest: the samples' row positions when the dataset yields them
         if self.normalize is None or x.dtype != torch.uint8:
-            return x, y
+            return (x, y, *rest)
         mean, std = (np.asarray(v, dtype=np.float32) for v in self.normalize)
         shift = torch.from_numpy(mean * np.float32(255.0)).to(x.device).view(1, -1, 1, 1)
         scale = torch.from_numpy(np.reciprocal(std * np.float32(255.0))).to(x.device).view(1, -1, 1, 1)
         images = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32, device=x.device)
-        return images.copy_(x.permute(0, 3, 1, 2)).sub_(shift).mul_(scale), y
+        return (images.copy_(x.permute(0, 3, 1, 2)).sub_(shift).mul_(scale), y, *rest)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Lightning hook: normalise the uint8 batch on the training device."""
@@ -179,9 +184,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, transform: Callable) -> ManifestDataset:
         rows = rows_of_split(self.rows, split)
+        with_index = self.index_train and split == "train"
         return ManifestDataset(
-            rows, self.classes, transform, self.channels, self.max_pixels, self.task_classes, self._cache(rows)
-        )
+            rows, self.classes, transform, self.channels, self.max_pixels, self.task_classes, self._cache(rows),
+            with_index,
+        )  # fmt: skip
 
     def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         workers = self.num_workers

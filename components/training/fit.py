@@ -30,6 +30,7 @@ from components.models import ModelSpec
 from components.models.weights import head_prefixes, is_head
 from components.quiet import LOG_FILE_ENV, VERBOSE_ENV, route_output
 from components.training.devices import DevicePlan, effective_batch_size, plan_devices, resolve_accelerator, scaled_lr
+from components.training.margins import MarginRecorder, SuspiciousLabels, write_suspicious_labels
 from components.training.module import ClassifierModule
 
 
@@ -61,6 +62,7 @@ class FitResult(BaseModel):
     effective_batch_size: int | None = None
     lr: float | None = None
     weights_sha256: str | None = None  # of this rank's final state_dict
+    suspicious_labels: SuspiciousLabels | None = None  # train.suspicious_labels: the ranking's files and counts
 
 
 class EpochSummary(Callback):
@@ -207,11 +209,16 @@ def datamodule_from_params(
         persistent_workers=train.persistent_workers,
         prefetch_factor=train.prefetch_factor,
         normalize=(params.augment.mean, params.augment.std) if on_device else None,
+        index_train=params.train.suspicious_labels,
     )
 
 
 def build_trainer(
-    spec: FitSpec, logger: MLFlowLogger | bool, accumulate_grad_batches: int = 1, plan: DevicePlan | None = None
+    spec: FitSpec,
+    logger: MLFlowLogger | bool,
+    accumulate_grad_batches: int = 1,
+    plan: DevicePlan | None = None,
+    extra_callbacks: list[Callback] | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """A Lightning Trainer configured from the spec's params (devices from `plan` when given; SyncBatchNorm when
     more than one CUDA process trains under DDP: PyTorch's SyncBatchNorm has no CPU kernel, and on CPUs DDP
@@ -239,6 +246,7 @@ def build_trainer(
     from components.tuning.pruning import trial_callbacks
 
     callbacks += trial_callbacks()  # a trial of `visionflow tune`: report val/acc per epoch, stop when pruned
+    callbacks += extra_callbacks or []
     trainer = L.Trainer(
         max_epochs=params.train.max_epochs,
         accelerator=params.trainer.accelerator,
@@ -308,7 +316,9 @@ def fit(spec: FitSpec) -> FitResult:
         logger = MLFlowLogger(
             experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id, synchronous=False
         )
-    trainer, checkpoint = build_trainer(spec, logger, accumulate, plan)
+    train_rows = [row for row in rows if row["split"] == "train"]
+    margins = MarginRecorder(len(train_rows)) if params.train.suspicious_labels else None
+    trainer, checkpoint = build_trainer(spec, logger, accumulate, plan, [margins] if margins else None)
     last = Path(spec.run_dir) / "checkpoints" / "last.ckpt"
     resume_from = str(last) if params.train.resume and last.is_file() else None
     if params.train.find and resume_from is None:
@@ -322,6 +332,7 @@ def fit(spec: FitSpec) -> FitResult:
         monitor.start()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+        suspicious = report_suspicious_labels(margins, spec, train_rows, logger) if trainer.is_global_zero else None
     finally:
         if monitor is not None:
             finish_system_metrics(monitor)
@@ -341,7 +352,35 @@ def fit(spec: FitSpec) -> FitResult:
         effective_batch_size=effective_batch,
         lr=lr,
         weights_sha256=state_dict_sha256(module),
+        suspicious_labels=suspicious,
     )
+
+
+def report_suspicious_labels(
+    margins: MarginRecorder | None, spec: FitSpec, train_rows: list[dict[str, str]], logger: MLFlowLogger | bool
+) -> SuspiciousLabels | None:
+    """Rank zero: write the suspicious-label ranking into the run directory, log it to the MLflow run (artifacts
+    under suspicious_labels/, metric train/suspicious_labels) and print its summary line."""
+    if margins is None:
+        return None
+    params = spec.params
+    found = write_suspicious_labels(
+        margins,
+        train_rows,
+        spec.classes,
+        Path(spec.run_dir),
+        params.train.suspicious_top_k,
+        params.data.channels,
+        params.data.max_pixels,
+    )
+    print(f"[visionflow] {found.summary}", flush=True)
+    if logger:
+        client = logger.experiment
+        for path in (found.csv, found.grid):
+            if path:
+                client.log_artifact(logger.run_id, path, "suspicious_labels")
+        client.log_metric(logger.run_id, "train/suspicious_labels", found.flagged)
+    return found
 
 
 def _announce(trainer, logger, params, plan: DevicePlan, accumulate: int, effective_batch: int, lr: float, batch: int):

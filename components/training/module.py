@@ -207,8 +207,9 @@ class ClassifierModule(L.LightningModule):
             extra.append((task, parts[i], target[:, i]))
         return ce, parts[0], extra
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch[0], batch[1]  # a third item, the samples' row positions, is for callbacks (training/margins.py)
+        inputs = x
         x, target = self.mix_batch(x, y)
         logits = self(x)
         ce, logits, _ = self._task_losses(logits, target)
@@ -228,7 +229,8 @@ class ClassifierModule(L.LightningModule):
         self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        # The primary task's logits of an unmixed batch go to callbacks (on_train_batch_end's outputs).
+        return {"loss": loss} if x is not inputs else {"loss": loss, "logits": logits.detach()}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:

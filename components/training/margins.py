@@ -1,0 +1,185 @@
+"""Suspicious labels from training dynamics: the area under the margin (AUM, Pleiss et al. 2020).
+
+At every training step the margin of each sample is the logit of its given label minus the largest other logit;
+its AUM is the mean margin over the epochs (over every unmixed visit). A sample the network keeps disagreeing with
+has a low, often negative AUM: its label is probably wrong. Mixed-up / cutmix batches are left out (their logits
+answer a blend of two images and two labels; an extra unmixed forward pass would cost a third of the step), so
+with mixup_p = 0.5 each image is scored from about half its epochs.
+
+Under DDP every process records the samples its sampler gave it; the per-epoch sums are all-reduced over the
+processes before validation (so every process, and every checkpoint, holds the same totals and a resumed run
+keeps the epochs before it). Rank zero writes the ranking.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from pydantic import BaseModel
+
+CSV_NAME = "suspicious_labels.csv"
+GRID_NAME = "suspicious_labels.png"
+GRID_MAX = 64
+
+
+class SuspiciousLabels(BaseModel):
+    """The ranking the training process wrote (rank zero): files, counts and a one-line summary."""
+
+    csv: str
+    grid: str | None = None
+    flagged: int  # training images whose AUM is below 0 (the network prefers another class on average)
+    scored: int  # training images with at least one unmixed visit
+    summary: str
+
+
+def batch_margins(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(margin, other class) per row: the given class's logit minus the largest other logit, and that class."""
+    logits = logits.float()
+    given = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    top, other = others.max(dim=1)
+    return given - top, other
+
+
+class MarginRecorder(Callback):
+    """Records every training sample's margin per step and keeps their sums across epochs (see the module doc).
+
+    Needs train batches that carry the samples' row positions as a third item (ImageDataModule(index_train=True))
+    and a training_step that returns the primary logits of unmixed batches as outputs["logits"]; other batches
+    (mixed, multi-hot targets) are skipped."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.total = torch.zeros(size)
+        self.count = torch.zeros(size)
+        self.likely = torch.full((size,), -1, dtype=torch.long)  # the largest other class at the last visit
+        self._epoch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        self.total, self.count, self.likely = (t.to(device) for t in (self.total, self.count, self.likely))
+        self._reset_epoch(device)
+
+    def _reset_epoch(self, device: torch.device) -> None:
+        self._epoch = (
+            torch.zeros(self.size, device=device),
+            torch.zeros(self.size, device=device),
+            torch.full((self.size,), -1, dtype=torch.long, device=device),
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._epoch is None or not isinstance(outputs, Mapping) or "logits" not in outputs or len(batch) < 3:
+            return
+        targets, rows = batch[1], batch[2]
+        if targets.is_floating_point():  # multi-hot targets: the margin of one given label is not defined
+            return
+        if targets.ndim == 2:  # multi-task: the primary task's labels
+            targets = targets[:, 0]
+        margin, other = batch_margins(outputs["logits"], targets)
+        total, count, likely = self._epoch
+        total.index_add_(0, rows, margin)
+        count.index_add_(0, rows, torch.ones_like(margin))
+        likely[rows] = other
+
+    def _fold(self, trainer: L.Trainer) -> None:
+        """Add this epoch's sums (all processes together) to the totals; every process runs it at the same point."""
+        if self._epoch is None:
+            return
+        total, count, likely = self._epoch
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        count = trainer.strategy.reduce(count, reduce_op="sum")
+        likely = trainer.strategy.reduce(likely, reduce_op="max")
+        self.total += total
+        self.count += count
+        self.likely = torch.where(likely >= 0, likely, self.likely)
+        self._reset_epoch(total.device)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._fold(trainer)  # before the checkpoints of this epoch are written
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fold(trainer)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"total": self.total.cpu(), "count": self.count.cpu(), "likely": self.likely.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if state_dict.get("total") is not None and len(state_dict["total"]) == self.size:
+            self.total, self.count, self.likely = state_dict["total"], state_dict["count"], state_dict["likely"]
+
+    def ranking(self) -> list[tuple[int, float, int, int]]:
+        """(row position, AUM, likely class, visits) of every scored sample, lowest AUM first (ties by position)."""
+        count = self.count.cpu()
+        seen = torch.nonzero(count > 0).flatten()
+        aum = (self.total.cpu()[seen] / count[seen]).tolist()
+        likely, visits = self.likely.cpu()[seen].tolist(), count[seen].long().tolist()
+        order = sorted(range(len(aum)), key=lambda i: (aum[i], int(seen[i])))
+        return [(int(seen[i]), aum[i], likely[i], visits[i]) for i in order]
+
+
+def write_suspicious_labels(
+    recorder: MarginRecorder,
+    rows: list[dict[str, str]],
+    classes: list[str],
+    out_dir: Path,
+    top_k: int,
+    channels: int,
+    max_pixels: int,
+) -> SuspiciousLabels:
+    """Write the `top_k` lowest-AUM training rows (`rows`: the train split in the loader's order) to
+    out_dir/suspicious_labels.csv (rank, path, given_label, likely_label, score = AUM, epochs_seen) and the first
+    64 of them as a grid; returns the files and counts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranked = recorder.ranking()
+    top = ranked[:top_k]
+    path = out_dir / CSV_NAME
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "path", "given_label", "likely_label", "score", "epochs_seen"])
+        for rank, (i, aum, likely, visits) in enumerate(top, start=1):
+            writer.writerow([rank, rows[i]["path"], rows[i]["label"], classes[likely], f"{aum:.4f}", visits])
+    grid = None
+    if top:
+        cells = [(rows[i]["path"], rows[i]["label"], classes[likely], aum) for i, aum, likely, _ in top[:GRID_MAX]]
+        grid = str(suspicious_grid(cells, out_dir / GRID_NAME, channels, max_pixels))
+    flagged = sum(1 for _, aum, _, _ in ranked if aum < 0)
+    summary = (
+        f"{flagged} training image(s) look mislabelled (area under the margin below 0, of {len(ranked)} scored): "
+        f"see {CSV_NAME}"
+    )
+    return SuspiciousLabels(csv=str(path), grid=grid, flagged=flagged, scored=len(ranked), summary=summary)
+
+
+def suspicious_grid(
+    cells: list[tuple[str, str, str, float]], path: Path, channels: int, max_pixels: int, columns: int = 8
+) -> Path:
+    """A grid of (image path, given label, likely label, AUM) cells, saved as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from components.data.images import load_image
+
+    columns = min(columns, len(cells))
+    lines = -(-len(cells) // columns)
+    fig, axes = plt.subplots(
+        lines, columns, figsize=(1.9 * columns, 2.5 * lines + 0.4), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image_path, given, likely, aum) in zip(axes.flat, cells, strict=False):
+        image = load_image(image_path, channels, max_pixels)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        ax.set_title(f"given {given}\nlikely {likely}\nAUM {aum:.2f}", fontsize=8, color="C3" if aum < 0 else "k")
+    fig.suptitle("Training images whose label is probably wrong (lowest area under the margin first)", fontsize=10)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,71 @@
+"""Suspicious labels: labels flipped on purpose rank at the top of the area-under-the-margin ranking."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from components import tracking
+from components.data.ingest import read_manifest
+from components.training.fit import fit
+from components.training.margins import MarginRecorder, batch_margins
+from tests.helpers.params import planned_fit_spec
+from tests.helpers.shapes import CLASSES, make_shapes
+
+FLIPPED = 5
+
+
+def _flip_train_labels(manifest: Path, count: int, seed: int = 3) -> set[str]:
+    """Give `count` train rows of the manifest another class (a copy's labels only; no image changes)."""
+    rows = read_manifest(str(manifest))
+    train = [row for row in rows if row["split"] == "train"]
+    rng = random.Random(seed)
+    flipped = rng.sample(train, count)
+    for row in flipped:
+        row["label"] = rng.choice([c for c in CLASSES if c != row["label"]])
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {row["path"] for row in flipped}
+
+
+def test_flipped_labels_rank_first_and_reach_mlflow(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=24, size=16, bad_files=False, seed=5)
+    spec = planned_fit_spec(
+        tmp_path, data, train__max_epochs=5, train__num_workers=0, train__suspicious_top_k=2 * FLIPPED
+    )
+    flipped = _flip_train_labels(Path(spec.manifest_path), FLIPPED)
+    result = fit(spec)
+    found = result.suspicious_labels
+    assert found is not None and Path(found.csv).is_file() and Path(found.grid).is_file()
+    ranked = list(csv.DictReader(Path(found.csv).read_text().splitlines()))
+    assert len(ranked) == 2 * FLIPPED and [r["rank"] for r in ranked[:2]] == ["1", "2"]
+    top = [row["path"] for row in ranked[:FLIPPED]]
+    # A random order of the ~50 train rows puts 0.5 of the 5 flipped ones in its top 5; AUM must find nearly all.
+    assert len(flipped & set(top)) >= FLIPPED - 1, (flipped, ranked)
+    assert all(row["likely_label"] != row["given_label"] for row in ranked[:FLIPPED] if row["path"] in flipped)
+    assert found.flagged >= FLIPPED - 1
+    artifacts = tracking.client().list_artifacts(spec.mlflow_run_id, "suspicious_labels")
+    assert {Path(a.path).name for a in artifacts} == {"suspicious_labels.csv", "suspicious_labels.png"}
+
+
+def test_margins_of_mixed_batches_are_skipped_and_averaged_over_visits():
+    """Rows 1 and 3 are seen in two epochs (a mixed batch, without logits, in between counts for nothing)."""
+    recorder = MarginRecorder(4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    recorder.on_train_start(trainer, L.LightningModule())
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
+    margin, other = batch_margins(logits, torch.tensor([0, 0]))
+    assert margin.tolist() == [1.0, -3.0] and other.tolist() == [2, 1]
+    batch = (None, torch.tensor([0, 0]), torch.tensor([1, 3]))
+    recorder.on_train_batch_end(None, None, {"loss": torch.tensor(0.0)}, batch, 0)  # mixed: no logits
+    recorder.on_train_batch_end(None, None, {"loss": torch.tensor(0.0), "logits": logits}, batch, 0)
+    recorder._fold(trainer)
+    recorder.on_train_batch_end(None, None, {"loss": torch.tensor(0.0), "logits": logits * 3}, batch, 1)
+    recorder._fold(trainer)
+    assert recorder.ranking() == [(3, -6.0, 1, 2), (1, 2.0, 2, 2)]
