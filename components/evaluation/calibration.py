@@ -5,7 +5,7 @@ One scalar T > 0 divides every logit before the softmax: the predicted class (ar
 never change, only how sure the probabilities say the model is. T is fitted by L-BFGS on the negative
 log-likelihood of the validation split (over log T, so T stays positive) and kept within
 [MIN_TEMPERATURE, MAX_TEMPERATURE]: a validation split the model gets all right would otherwise drive T
-towards 0 (every probability 1.0).
+towards 0 (every probability 1.0); one without any wrong answer keeps T = 1 (nothing to fit on).
 """
 
 from __future__ import annotations
@@ -42,11 +42,14 @@ class CalibrationResult(BaseModel):
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
     """The temperature T minimising the NLL of softmax(logits / T) against integer `targets` (L-BFGS over log T),
-    clipped to [MIN_TEMPERATURE, MAX_TEMPERATURE]. Raises ValueError without rows."""
+    clipped to [MIN_TEMPERATURE, MAX_TEMPERATURE]. Rows without a single wrong answer leave T = 1: their NLL
+    only falls as T shrinks, which would turn every probability into 1.0. Raises ValueError without rows."""
     logits = logits.detach().float().cpu().clone()  # a copy: predict's logits are inference tensors (no autograd)
     targets = targets.detach().reshape(-1).long().cpu().clone()
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"need (N, C) logits and N targets, got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if bool((logits.argmax(dim=1) == targets).all()):
+        return 1.0
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
     low, high = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)

@@ -55,11 +55,12 @@ def test_an_under_confident_model_is_sharpened_and_argmax_never_changes():
     assert torch.equal((logits / temperature).argmax(1), logits.argmax(1))
 
 
-def test_a_perfectly_separated_validation_split_keeps_a_finite_temperature():
+def test_a_validation_split_without_errors_keeps_t_1_and_one_error_gives_a_bounded_fit():
     targets = torch.arange(40) % 4
     logits = torch.nn.functional.one_hot(targets, 4).float() * 8.0
-    temperature = fit_temperature(logits, targets)
-    assert 0 < temperature < MAX_TEMPERATURE
+    assert fit_temperature(logits, targets) == 1.0  # nothing to fit on: T -> 0 would make every answer 1.0
+    logits[0] = torch.nn.functional.one_hot(torch.tensor(1), 4).float() * 8.0  # one confident mistake
+    assert 1.0 < fit_temperature(logits, targets) < MAX_TEMPERATURE
 
 
 def test_reliability_bins_follow_torchmetrics_binning():
