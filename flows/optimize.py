@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from components import tracking
 from components.config import PipelineParams, load_params
 from components.errors import VisionflowError
-from components.optimization.measure import VariantResult, best_variant, gate, write_comparison
+from components.optimization.measure import VariantResult, best_variant, gate, slower_than, write_comparison
 from components.optimization.variants import (
     REFERENCE,
     QuantizeMode,
@@ -64,7 +64,7 @@ def _logged(run_id: str, outcome: VariantOutcome) -> VariantResult:
     result = outcome.result
     figures = {k: v for k, v in result.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(run_id, {**outcome.extra_metrics, **figures})
-    tracking.log_artifacts(run_id, [result.artifact], "model")
+    tracking.log_artifacts(run_id, [result.artifact, *outcome.files], "model")
     return result
 
 
@@ -90,7 +90,7 @@ def quantize_task(
     """int8 post-training quantization of the fp32 ONNX model with onnxruntime (static QDQ or dynamic)."""
     q = params.optimize.quantize
     name = quantized_name(mode)
-    run_params = {"method": name, "per_channel": q.per_channel, "calibration_images": q.calibration_images}
+    run_params = {"method": name, **{k: v for k, v in q.model_dump().items() if k not in ("static", "dynamic")}}
     with _variant_run(parent_run_id, params.run.experiment, name, run_params) as run_id:
         outcome = quantized_variant(reference_onnx, mode, checkpoint, manifest, params, out_dir)
         return _logged(run_id, outcome)
@@ -130,17 +130,35 @@ def distill_task(
         return _logged(run_id, student_variant(checkpoint, manifest, params, out_dir, with_teacher))
 
 
+def _flag_slower(gated: list[VariantResult]) -> list[VariantResult]:
+    """Warn about, and note in the table, every variant slower than the fp32 reference on this machine."""
+    reference = next(v for v in gated if v.name == REFERENCE)
+    flagged = []
+    for v in gated:
+        slower = slower_than(v, reference) if v.name != REFERENCE else []
+        if slower:
+            get_run_logger().warning(
+                "%s is slower than fp32 on this machine (%s): %s", v.name, v.machine or "?", "; ".join(slower)
+            )
+            note = "; ".join(filter(None, [v.note, f"slower than fp32 at {', '.join(slower)}"]))
+            v = v.model_copy(update={"note": note})
+        flagged.append(v)
+    return flagged
+
+
 @task(name="optimize-compare")
 def compare_task(
     variants: list[VariantResult], params: PipelineParams, out_dir: str, parent_run_id: str
 ) -> tuple[list[VariantResult], str | None, tuple[str, str, str]]:
     """Gate every variant against the fp32 reference, pick the best accepted one, write and log the comparison."""
     o = params.optimize
-    gated = gate(variants, REFERENCE, o.tolerance)
-    best = best_variant([v for v in gated if v.name != REFERENCE], o.objective)
+    gated = _flag_slower(gate(variants, REFERENCE, o.tolerance))
+    reference = next(v for v in gated if v.name == REFERENCE)
+    best = best_variant([v for v in gated if v.name != REFERENCE], o.objective, reference)
     files = write_comparison(gated, Path(out_dir))
     tracking.log_artifacts(parent_run_id, files, "optimize")
-    tracking.set_tags(parent_run_id, {"visionflow.best_variant": best.name if best else "none"})
+    tags = {"visionflow.best_variant": best.name if best else "none", "visionflow.measured_on": reference.machine}
+    tracking.set_tags(parent_run_id, tags)
     for v in gated:
         tracking.log_metrics(
             parent_run_id,

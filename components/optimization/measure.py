@@ -34,6 +34,7 @@ class VariantResult(BaseModel):
     accuracy_drop: float = 0.0
     accepted: bool = True
     note: str = ""
+    machine: str = ""  # machine_summary(threads) of the machine that measured it
 
 
 def cpu_model() -> str:
@@ -47,6 +48,28 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or "unknown CPU"
+
+
+# The CPU flags that decide how fast int8 runs (AMX and VNNI multiply int8 in hardware; plain AVX2 / AVX-512
+# must widen to 16 bits), in the order they are printed.
+INT8_FLAGS = ("amx_int8", "amx_tile", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimddp", "i8mm")
+
+
+def int8_instruction_sets() -> list[str]:
+    """Which of INT8_FLAGS this CPU reports in /proc/cpuinfo (empty where there is none)."""
+    from components.optimization.quantize import cpu_flags
+
+    flags = cpu_flags()
+    return [f for f in INT8_FLAGS if f in flags]
+
+
+def machine_summary(threads: int) -> str:
+    """One line naming the machine a latency was measured on: CPU model, int8 instruction sets,
+    onnxruntime version and intra-op threads."""
+    import onnxruntime as ort
+
+    isa = ", ".join(int8_instruction_sets()) or "none found"
+    return f"{cpu_model()}; int8 instruction sets: {isa}; onnxruntime {ort.__version__}; {threads} thread(s)"
 
 
 def _session(onnx_path: Path, threads: int):
@@ -128,10 +151,33 @@ def gate(variants: list[VariantResult], reference: str, tolerance: float) -> lis
     return gated
 
 
-def best_variant(variants: list[VariantResult], objective: Literal["smallest", "fastest"]) -> VariantResult | None:
+def slower_than(variant: VariantResult, reference: VariantResult) -> list[str]:
+    """The batch sizes at which `variant` ran slower than `reference`, as short phrases (empty: never slower)."""
+    return [
+        f"batch {batch}: {mine:.2f} ms against {theirs:.2f} ms {reference.name}"
+        for batch, mine, theirs in (
+            (1, variant.latency_b1_ms, reference.latency_b1_ms),
+            (32, variant.latency_b32_ms, reference.latency_b32_ms),
+        )
+        if mine > theirs
+    ]
+
+
+def best_variant(
+    variants: list[VariantResult],
+    objective: Literal["smallest", "fastest"],
+    reference: VariantResult | None = None,
+) -> VariantResult | None:
     """The accepted variant with the smallest file ("smallest") or the lowest batch-1 latency
-    ("fastest"); ties go to the higher accuracy. Returns None when none is accepted."""
+    ("fastest"); ties go to the higher accuracy. Returns None when none is accepted.
+
+    With the `reference` measured on the same machine, a variant slower than it at batch 1 or 32 is
+    never chosen as "fastest", and "smallest" takes it only when no accepted variant is as fast as
+    the reference (a smaller file that runs slower is rarely what a user wants)."""
     accepted = [v for v in variants if v.accepted]
+    if reference is not None:
+        quick = [v for v in accepted if not slower_than(v, reference)]
+        accepted = quick if objective == "fastest" or quick else accepted
     if not accepted:
         return None
     if objective == "smallest":
@@ -185,10 +231,11 @@ def _markdown_cell(v: VariantResult, field: str) -> str:
 
 def write_comparison(variants: list[VariantResult], out_dir: Path) -> tuple[Path, Path, Path]:
     """Write the comparison of `variants` into `out_dir` (created): comparison.csv (every
-    VariantResult field, one row per variant), comparison.md (a line naming the CPU model and
-    thread count, then a markdown table, one row per variant) and tradeoff.png (accuracy against
-    batch-1 latency, marker area proportional to file size, each point labelled, accepted variants
-    filled and rejected ones hollow red). Returns (csv path, markdown path, png path)."""
+    VariantResult field, one row per variant), comparison.md (a line naming the machine: CPU model,
+    int8 instruction sets, onnxruntime version and threads, then a markdown table, one row per
+    variant) and tradeoff.png (accuracy against batch-1 latency, marker area proportional to file
+    size, each point labelled, accepted variants filled and rejected ones hollow red).
+    Returns (csv path, markdown path, png path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "tradeoff.png"
@@ -201,9 +248,9 @@ def write_comparison(variants: list[VariantResult], out_dir: Path) -> tuple[Path
             writer.writerow(v.model_dump())
 
     threads = sorted({v.threads for v in variants})
+    machines = sorted({v.machine for v in variants if v.machine}) or [machine_summary(threads[0] if threads else 1)]
     lines = [
-        f"Measured with onnxruntime (CPU provider) on {cpu_model()}, "
-        f"{', '.join(map(str, threads)) or '?'} intra-op thread(s); latency is the median per run.",
+        f"Measured with onnxruntime (CPU provider) on {'; '.join(machines)}; latency is the median per run.",
         "",
         "| " + " | ".join(title for _, title in _COLUMNS) + " |",
         "|" + "|".join("---" for _ in _COLUMNS) + "|",

@@ -22,7 +22,8 @@ from components.data.augment import build_eval_transform
 from components.data.dataset import eval_arrays, rows_of_split
 from components.data.ingest import read_manifest
 from components.optimization.distill import DistillationModule, check_teacher_classes
-from components.optimization.measure import VariantResult, measure_onnx
+from components.optimization.int8_fallback import quantize_with_fallback
+from components.optimization.measure import VariantResult, machine_summary, measure_onnx
 from components.optimization.prune import count_macs_params, prune_structured, prune_unstructured, save_pruned
 from components.optimization.quantize import quantize_dynamic, quantize_static
 from components.packaging.export import export_onnx
@@ -40,6 +41,7 @@ class VariantOutcome(BaseModel):
     result: VariantResult
     extra_metrics: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    files: list[str] = Field(default_factory=list)  # logged beside the model (the int8 fallback report)
 
 
 class _TestSet(NamedTuple):
@@ -100,7 +102,14 @@ def _measured(
     figures = measure_onnx(
         onnx_path, test.images, test.targets, test.classifier.classes, threads=o.threads, repeats=o.latency_repeats
     )
-    return VariantResult(name=name, method=method, artifact=str(onnx_path), threads=o.threads, **{**figures, **extra})
+    return VariantResult(
+        name=name,
+        method=method,
+        artifact=str(onnx_path),
+        threads=o.threads,
+        machine=machine_summary(o.threads),
+        **{**figures, **extra},
+    )
 
 
 def reference_variant(checkpoint: str, manifest: str, params: PipelineParams, out_dir: str) -> VariantOutcome:
@@ -121,33 +130,90 @@ def reference_variant(checkpoint: str, manifest: str, params: PipelineParams, ou
     return VariantOutcome(result=result, warnings=warnings)
 
 
+def _split_arrays(classifier: Classifier, manifest: str, split: str, limit: int, max_pixels: int):
+    """(images, targets) of the first `limit` rows of a split through the model's eval transform ([] when empty)."""
+    rows = rows_of_split(read_manifest(manifest), split)[:limit]
+    if not rows:
+        return [], []
+    transform = build_eval_transform(classifier.augment)
+    return eval_arrays(rows, classifier.classes, transform, classifier.spec.in_channels, max_pixels)
+
+
+def _static_int8(
+    reference_onnx: str, test: _TestSet, manifest: str, params: PipelineParams, out: Path
+) -> tuple[str, dict[str, float], list[str]]:
+    """Static int8 of the fp32 file into `out` with the fp32 fallback search; returns (note, metrics, warnings)."""
+    q, classifier = params.optimize.quantize, test.classifier
+    calibration, _ = _split_arrays(classifier, manifest, "train", q.calibration_images, params.data.max_pixels)
+    held_out, targets = _split_arrays(classifier, manifest, "val", 10**9, params.data.max_pixels)
+    if len(held_out) == 0:  # no validation split: judge the search on the test split the gate uses
+        held_out, targets = test.images, test.targets
+
+    def score(path: Path) -> float:
+        return measure_onnx(path, held_out, targets, classifier.classes, repeats=1, warmup=0)["accuracy"]
+
+    if len(calibration) == 0:
+        quantize_static(Path(reference_onnx), calibration, out)  # raises its one-line error
+    report = quantize_with_fallback(
+        Path(reference_onnx),
+        calibration,
+        out,
+        score,
+        target=score(Path(reference_onnx)) - params.optimize.tolerance,
+        max_layers=q.fallback_layers,
+        per_channel=q.per_channel,
+        activation_type=q.activation_type,
+        reduce_range=q.reduce_range,
+    )
+    (out.parent / "int8_fallback.json").write_text(report.model_dump_json(indent=2))
+    metrics = {"fallback_full_int8_score": report.full_int8_score, "fallback_fp32_nodes": len(report.excluded_nodes)}
+    if report.full_int8_path:
+        full = measure_onnx(
+            Path(report.full_int8_path),
+            test.images,
+            test.targets,
+            classifier.classes,
+            threads=params.optimize.threads,
+            repeats=params.optimize.latency_repeats,
+        )
+        metrics |= {f"fallback_full_int8_{k}": full[k] for k in ("accuracy", "latency_b1_ms", "latency_b32_ms")}
+    if report.full_int8_score >= report.target:
+        return "", metrics, []
+    if report.passed:
+        note = f"kept in fp32 to pass: {', '.join(report.excluded_nodes)}"
+        return note, metrics, [f"int8-static missed the tolerance fully quantized; {note}"]
+    tried = f"{len(report.tries)} fp32 fallback tries" if report.tries else "no fp32 fallback (fallback_layers 0)"
+    return f"misses the tolerance after {tried}", metrics, [f"int8-static misses the tolerance after {tried}"]
+
+
 def quantized_variant(
     reference_onnx: str, mode: QuantizeMode, checkpoint: str, manifest: str, params: PipelineParams, out_dir: str
 ) -> VariantOutcome:
     """int8 post-training quantization of the fp32 ONNX file with onnxruntime: static QDQ calibrated on the
-    first optimize.quantize.calibration_images training images, or dynamic. Writes out_dir/int8-MODE/model.onnx."""
+    first optimize.quantize.calibration_images training images, or dynamic. Writes out_dir/int8-MODE/model.onnx.
+
+    A static model that misses the tolerance on the validation split (the test split when there is none)
+    keeps its most damaged layers in fp32 until it passes or optimize.quantize.fallback_layers runs out
+    (int8_fallback.json beside the model says what was tried); the note names the layers kept in fp32 and
+    the run logs the fully quantized model's score and latency, so the speed cost shows."""
     test = _test_set(checkpoint, manifest, params.data.max_pixels)
-    q, classifier, name = params.optimize.quantize, test.classifier, quantized_name(mode)
+    name = quantized_name(mode)
     out = Path(out_dir) / name / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
+    note, metrics, warnings = "", {}, []
     if mode == "static":
-        train_rows = rows_of_split(read_manifest(manifest), "train")[: q.calibration_images]
-        calibration, _ = (
-            eval_arrays(
-                train_rows,
-                classifier.classes,
-                build_eval_transform(classifier.augment),
-                classifier.spec.in_channels,
-                params.data.max_pixels,
-            )
-            if train_rows
-            else ([], [])
-        )
-        quantize_static(Path(reference_onnx), calibration, out, per_channel=q.per_channel)
+        note, metrics, warnings = _static_int8(reference_onnx, test, manifest, params, out)
     else:
         quantize_dynamic(Path(reference_onnx), out)
-    result = _measured(name, f"onnxruntime {mode} int8", out, test, params, params=_count_params(classifier.model))
-    return VariantOutcome(result=result)
+    if "fallback_full_int8_latency_b32_ms" in metrics:
+        note += f" (speed cost at batch 32: {metrics['fallback_full_int8_latency_b32_ms']:.2f} ms fully int8 → "
+    result = _measured(
+        name, f"onnxruntime {mode} int8", out, test, params, params=_count_params(test.classifier.model), note=note
+    )
+    if "fallback_full_int8_latency_b32_ms" in metrics:
+        result = result.model_copy(update={"note": f"{note}{result.latency_b32_ms:.2f} ms)"})
+    files = [str(f) for f in [out.parent / "int8_fallback.json"] if f.is_file()]
+    return VariantOutcome(result=result, extra_metrics=metrics, warnings=warnings, files=files)
 
 
 def pruned_variant(checkpoint: str, manifest: str, params: PipelineParams, out_dir: str) -> VariantOutcome:

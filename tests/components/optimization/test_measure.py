@@ -7,7 +7,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from components.optimization.measure import VariantResult, best_variant, gate, measure_onnx, write_comparison
+from components.optimization.measure import (
+    VariantResult,
+    best_variant,
+    gate,
+    machine_summary,
+    measure_onnx,
+    slower_than,
+    write_comparison,
+)
 from tests.helpers.tiny import CLASSES, tiny_data, trained_cnn_onnx
 
 
@@ -90,6 +98,23 @@ def test_best_variant_by_objective_among_accepted_only():
     assert best_variant([v.model_copy(update={"accepted": False}) for v in gated], "smallest") is None
 
 
+def test_a_variant_slower_than_fp32_is_never_best_for_speed():
+    """int8-static faster at batch 1 but slower at batch 32 than fp32 (as measured on some x86 CPUs), int8-dynamic
+    smallest and slower at both: neither is best for speed, and the smallest is the one not slower than fp32."""
+    fp32 = _variant("fp32", 0.95, 1000, 2.0)
+    static = _variant("int8-static", 0.95, 300, 1.5).model_copy(update={"latency_b32_ms": 25.0})
+    dynamic = _variant("int8-dynamic", 0.95, 290, 5.0)
+    pruned = _variant("pruned", 0.95, 500, 1.0)
+    gated = gate([fp32, static, dynamic, pruned], "fp32", 0.01)
+    assert slower_than(gated[1], fp32) == ["batch 32: 25.00 ms against 20.00 ms fp32"]
+    assert len(slower_than(gated[2], fp32)) == 2 and slower_than(gated[3], fp32) == []
+    assert best_variant(gated[1:], "fastest", fp32).name == "pruned"
+    assert best_variant(gated[1:], "smallest", fp32).name == "pruned"
+    assert best_variant(gated[1:3], "fastest", fp32) is None  # every accepted variant is slower than fp32
+    assert best_variant(gated[1:3], "smallest", fp32).name == "int8-dynamic"  # by size, when none is as fast
+    assert best_variant(gated[1:], "smallest").name == "int8-dynamic"  # without a reference: size alone
+
+
 def test_write_comparison_writes_table_and_plot(tmp_path):
     variants = gate(
         [
@@ -106,6 +131,8 @@ def test_write_comparison_writes_table_and_plot(tmp_path):
     assert rows[2]["accepted"] == "False"
     text = md_path.read_text().splitlines()
     assert "thread" in text[0] and ("on " in text[0])
+    assert "int8 instruction sets" in text[0] and "onnxruntime" in text[0]  # which machine measured it
+    assert machine_summary(1) in text[0]
     table = [line for line in text if line.startswith("|")]
     assert len(table) == 2 + len(variants)  # header, separator, one row per variant
     assert "**no**" in table[-1]

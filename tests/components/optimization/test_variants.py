@@ -106,8 +106,12 @@ def test_quantized_variants_are_new_int8_files(inputs, reference, mode):
     assert outcome.result.name == f"int8-{mode}" and Path(outcome.result.artifact).is_file()
     assert outcome.result.artifact != reference.result.artifact
     assert outcome.result.macs is None and outcome.result.params == reference.result.params
+    assert "int8 instruction sets" in outcome.result.machine and "onnxruntime" in outcome.result.machine
     if mode == "static":
         assert outcome.result.size_bytes < reference.result.size_bytes
+        # the fallback search's report is logged beside the model, with the fully quantized model's score
+        assert [Path(f).name for f in outcome.files] == ["int8_fallback.json"]
+        assert 0 <= outcome.extra_metrics["fallback_full_int8_score"] <= 1
 
 
 def test_sparse_variant_reports_its_sparsity(inputs, reference):
