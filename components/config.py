@@ -460,6 +460,24 @@ class QuantizeParams(_Section):
     dynamic: bool = Field(False, description="Dynamic int8 (suits Linear-heavy models; often slower for CNNs).")
     per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
     calibration_images: int = Field(128, ge=1, description="Training images (eval transform) used for calibration.")
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8",
+        description=(
+            "Static int8 activation type: uint8 is the fast one on x86 (onnxruntime runs int8-activation QDQ convolutions"
+            " in fp32 there); int8 suits ARM."
+        ),
+    )
+    reduce_range: bool | None = Field(
+        None, description="7-bit weights for static int8; null = on for x86 CPUs without VNNI / AMX, off elsewhere."
+    )
+    fallback_layers: int = Field(
+        4,
+        ge=0,
+        description=(
+            "When static int8 misses the tolerance, keep up to this many of its most damaged activations (and the"
+            " layers around them) in fp32 until it passes; 0 = off."
+        ),
+    )
 
 
 class OptimizeParams(_Section):

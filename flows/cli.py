@@ -1,5 +1,5 @@
 """The `visionflow` command line: run, resume, validate-data, evaluate, optimize, serve, promote, rollback,
-up, down, deploy, retrain, compare, runs, sweep, fit-spec.
+up, down, deploy, retrain, compare, diff, runs, sweep, fit-spec.
 
 Expected failures (bad params, bad data, a failed stage) print one line and exit 2.
 """
@@ -907,6 +907,45 @@ def fit_spec(
             console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
 
     _run_guarded(go)
+
+
+@app.command()
+def diff(
+    run_a: str = typer.Argument(..., help="MLflow run id of the earlier model (A, before)."),
+    run_b: str = typer.Argument(..., help="MLflow run id of the later model (B, after)."),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="Score on this data set (any source `run` accepts) instead of a run's split."
+    ),
+    split: str | None = typer.Option(
+        None, help="all, train, val or test (default: the newer run's test split; all of --data)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for the diff's files (default runs/diff-<time>-<A>-<B>)."
+    ),
+    grid: int = typer.Option(25, min=0, max=100, help="Images drawn per grid of fixed and of broken images."),
+) -> None:
+    """What changed between two runs' models on the same images: per-class deltas, confusion difference, fixed and
+    broken images, calibration curves; logged to a new MLflow run tagged with both run ids."""
+
+    def go():
+        if split not in (None, "all", "train", "val", "test"):
+            raise VisionflowError(f"invalid --split {split!r}: choose all, train, val or test")
+        from flows.diff import check_pair, diff_flow
+
+        check_pair(run_a, run_b)  # an unknown run, a run without a model, other label sets: before any flow starts
+        _check_writable()
+        return diff_flow(run_a, run_b, data, split, str(out.resolve()) if out else None, grid)
+
+    done = _run_guarded(go)
+    result = done.result
+    rows = [("images", f"{result.num_images} ({result.source})")]
+    for name in ("accuracy", "macro_f1", "ece"):
+        if name in result.summary_a and name in result.summary_b:
+            a, b = result.summary_a[name], result.summary_b[name]
+            rows.append((name, f"{a:.4f} → {b:.4f} ({b - a:+.4f})"))
+    rows += [(kind, str(count)) for kind, count in result.counts.items()]
+    rows += [("MLflow run", done.run_id), ("summary", result.files["summary.md"]), ("folder", done.out_dir)]
+    _print_summary(f"visionflow diff {run_a[:8]} → {run_b[:8]}", rows)
 
 
 def main() -> None:

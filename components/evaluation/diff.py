@@ -1,0 +1,377 @@
+"""The run diff: two models scored on the same rows, and what changed between them.
+
+`score_model` runs one model (a bundle through onnxruntime with its own preprocessing and temperature, or a
+checkpoint through PyTorch with its evaluation's temperature) over manifest rows and returns its
+probabilities; `write_diff` compares two such answers on the same rows and writes per-class metric deltas,
+the difference of the confusion matrices as a heat map, the images whose prediction changed (fixed and
+broken) as grids with both answers, both reliability curves side by side and a markdown summary.
+
+What "right", "the answer" and the per-class metrics mean depends on the task: `TASK_DIFFS` maps a
+`data.task` value to its TaskDiff (single-label here; another task plugs in its own entry).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from components.errors import DataError, VisionflowError
+from components.evaluation.calibration import reliability_bins, write_reliability_png
+from components.evaluation.metrics import compute_metrics
+
+CHANGE_KINDS = ("fixed", "broken", "changed")  # wrong → right, right → wrong, wrong → another wrong answer
+SCORE_BATCH = 64
+
+
+class ModelSource(BaseModel):
+    """One side of a diff: the run, and the model file that answers for it."""
+
+    run_id: str
+    kind: str = Field(description="bundle (a verified bundle folder) or checkpoint (a .ckpt file).")
+    path: str
+    temperature: float = Field(1.0, description="Checkpoint only: the temperature its evaluation fitted.")
+    task: str = "single"
+
+
+class DiffResult(BaseModel):
+    """What the diff found and where its files are."""
+
+    run_a: str
+    run_b: str
+    task: str
+    num_images: int
+    source: str = Field(description="Where the rows came from (a run's split, or a data set).")
+    summary_a: dict[str, float]
+    summary_b: dict[str, float]
+    counts: dict[str, int] = Field(description="Images per change kind: fixed, broken, changed.")
+    files: dict[str, str] = Field(description="File name → path of every file written.")
+    markdown: str = Field(description="The summary as markdown (also in summary.md).")
+
+
+@dataclass(frozen=True)
+class TaskDiff:
+    """How one task reads probabilities: compute_metrics-like metrics (summary, per_class, confusion_matrix or
+    None), whether each answer is right, the answer as text with its confidence, and the headline metrics."""
+
+    metrics: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, Any]]
+    correct: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    answer: Callable[[np.ndarray, list[str]], list[tuple[str, float]]]
+    target_text: Callable[[np.ndarray, list[str]], list[str]]
+    headline: tuple[str, ...]
+
+
+def _single_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, 1.0))).float()  # softmax(log p) = p
+    return compute_metrics(logits, torch.from_numpy(targets).long(), classes, top_k=1)
+
+
+SINGLE_LABEL = TaskDiff(
+    metrics=_single_metrics,
+    correct=lambda probs, targets: probs.argmax(axis=1) == targets,
+    answer=lambda probs, classes: [
+        (classes[int(i)], float(p[i])) for p, i in zip(probs, probs.argmax(axis=1), strict=True)
+    ],
+    target_text=lambda targets, classes: [classes[int(t)] for t in targets],
+    headline=("accuracy", "macro_f1", "ece"),
+)
+TASK_DIFFS: dict[str, TaskDiff] = {"single": SINGLE_LABEL}
+
+
+def task_diff(task: str) -> TaskDiff:
+    """The TaskDiff of a `data.task` value; raises VisionflowError for a task the diff cannot read yet."""
+    if task not in TASK_DIFFS:
+        raise VisionflowError(f"diff does not support data.task {task} models yet (supported: {', '.join(TASK_DIFFS)})")
+    return TASK_DIFFS[task]
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def model_labels(source: ModelSource) -> list[str]:
+    """The class names of a model in its output order (bundle labels.json, or the checkpoint's classes)."""
+    if source.kind == "bundle":
+        from components.bundle_format import LABELS_FILE, check_labels
+
+        return check_labels(json.loads((Path(source.path) / LABELS_FILE).read_text()))
+    from components.training.module import load_classifier
+
+    return list(load_classifier(source.path).classes)
+
+
+def score_model(source: ModelSource, rows: list[dict[str, str]], max_pixels: int) -> tuple[np.ndarray, list[str]]:
+    """The model's probabilities (N, C) on `rows`, in its own label order, and those labels. A bundle runs through
+    its Predictor (preprocess.json, onnxruntime, calibration.json); a checkpoint through its own eval transform
+    with `source.temperature`. Raises a VisionflowError (one line) for a model or image that cannot be read."""
+    if source.kind == "bundle":
+        from components.data.images import load_image
+        from components.serving.predictor import Predictor
+
+        predictor = Predictor(Path(source.path), max_pixels=max_pixels)
+        parts = []
+        for start in range(0, len(rows), SCORE_BATCH):
+            images = [load_image(r["path"], predictor.channels, max_pixels) for r in rows[start : start + SCORE_BATCH]]
+            parts.append(predictor.probabilities(np.stack([predictor.preprocess_image(i) for i in images])))
+        return np.concatenate(parts), list(predictor.labels)
+    from components.data.augment import build_eval_transform
+    from components.data.dataset import eval_loader
+    from components.evaluation.predict import predict
+    from components.training.module import load_classifier
+
+    classifier = load_classifier(source.path)
+    plain = [{**r, "label": classifier.classes[0]} for r in rows]  # targets come from the rows, not the loader
+    loader = eval_loader(
+        plain, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, max_pixels
+    )
+    logits, _ = predict(classifier.model, loader)
+    logits = logits[:, : len(classifier.classes)]  # a multi-task model's primary task comes first
+    return torch.softmax(logits / source.temperature, dim=1).numpy(), list(classifier.classes)
+
+
+def align(probs: np.ndarray, labels: list[str], order: list[str]) -> np.ndarray:
+    """`probs` with its columns put in `order` (the same label set in another order)."""
+    return probs[:, [labels.index(name) for name in order]]
+
+
+def label_set_problem(labels_a: list[str], labels_b: list[str]) -> str | None:
+    """Why two models' answers cannot be compared (different label sets), or None."""
+    if set(labels_a) == set(labels_b):
+        return None
+    only_a, only_b = sorted(set(labels_a) - set(labels_b)), sorted(set(labels_b) - set(labels_a))
+    shown = lambda names: ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "") or "none"  # noqa: E731
+    return f"the label sets differ (only A has: {shown(only_a)}; only B has: {shown(only_b)})"
+
+
+def targets_of(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+    """The rows' class indices in `classes`; DataError naming labels the models do not know."""
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise DataError(f"the rows have labels the models do not know: {', '.join(unknown[:10])}")
+    if not rows:
+        raise DataError("no images to compare the two models on")
+    index = {name: i for i, name in enumerate(classes)}
+    return np.asarray([index[r["label"]] for r in rows], dtype=np.int64)
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def write_confusion_diff_png(a: list[list[int]], b: list[list[int]], classes: list[str], path: Path) -> Path:
+    """The confusion matrix of B minus A's (rows true, columns predicted) as a heat map: green where B is better
+    (more on the diagonal, fewer off it), red where it is worse; each cell says its signed count change."""
+    delta = np.asarray(b, dtype=np.int64) - np.asarray(a, dtype=np.int64)
+    better = np.where(np.eye(len(classes), dtype=bool), delta, -delta)
+    n = len(classes)
+    side = min(max(4.5, 0.38 * n + 2.5), 24.0)
+    font = max(6.0, min(10.0, 350.0 / n))
+    fig = _figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    limit = max(1, int(np.abs(delta).max()))
+    image = ax.imshow(better, cmap="RdYlGn", vmin=-limit, vmax=limit, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="better for B (count)")
+    ax.set_xticks(range(n), labels=classes, fontsize=font, rotation=45 if n <= 8 else 90, ha="right")
+    ax.set_yticks(range(n), labels=classes, fontsize=font)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix: B − A")
+    for i in range(n):
+        for j in range(n):
+            if delta[i, j]:
+                ax.text(j, i, f"{int(delta[i, j]):+d}", ha="center", va="center", fontsize=font)
+    fig.savefig(path, format="png", dpi=110)
+    return Path(path)
+
+
+def _display(path: str) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_change_grid(changes: list[dict[str, Any]], title: str, path: Path, limit: int) -> Path | None:
+    """Up to `limit` changed images in a grid, each titled with the true answer and both models' answers and
+    confidences; None when there is nothing to draw."""
+    changes = changes[:limit]
+    if not changes:
+        return None
+    columns = max(1, math.ceil(math.sqrt(len(changes))))
+    rows = math.ceil(len(changes) / columns)
+    fig = _figure(2.3 * columns, 2.5 * rows + 0.4)
+    fig.suptitle(title, fontsize=10)
+    for ax, change in zip(fig.subplots(rows, columns, squeeze=False).flat, [*changes, *[None] * columns], strict=False):
+        ax.axis("off")
+        if change is None:
+            continue
+        image = _display(change["path"])
+        if image is None:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.imshow(image, interpolation="nearest")
+        ax.set_title(
+            f"true {change['target']}\nA {change['answer_a']} ({change['confidence_a']:.2f})\n"
+            f"B {change['answer_b']} ({change['confidence_b']:.2f})",
+            fontsize=7,
+        )
+    fig.savefig(path, format="png", dpi=100)
+    return Path(path)
+
+
+# --- the diff -----------------------------------------------------------------------------------
+
+
+def changed_images(
+    probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray, classes: list[str], paths: list[str], task: TaskDiff
+) -> list[dict[str, Any]]:
+    """The images whose answer changed, each with its kind (fixed, broken, changed), the true answer and both
+    answers with their confidences: fixed and broken first, the most confident new answer first within each."""
+    answers_a, answers_b = task.answer(probs_a, classes), task.answer(probs_b, classes)
+    right_a, right_b = task.correct(probs_a, targets), task.correct(probs_b, targets)
+    truth = task.target_text(targets, classes)
+    changes = []
+    for i, path in enumerate(paths):
+        if answers_a[i][0] == answers_b[i][0]:
+            continue
+        kind = "fixed" if right_b[i] and not right_a[i] else "broken" if right_a[i] and not right_b[i] else "changed"
+        changes.append(
+            {
+                "path": path,
+                "kind": kind,
+                "target": truth[i],
+                "answer_a": answers_a[i][0],
+                "confidence_a": answers_a[i][1],
+                "answer_b": answers_b[i][0],
+                "confidence_b": answers_b[i][1],
+            }
+        )
+    return sorted(changes, key=lambda c: (CHANGE_KINDS.index(c["kind"]), -c["confidence_b"]))
+
+
+def _per_class_rows(metrics_a: dict, metrics_b: dict) -> list[dict[str, Any]]:
+    """One row per class: support and every per-class metric of A, B and B − A."""
+    rows = []
+    for a, b in zip(metrics_a["per_class"], metrics_b["per_class"], strict=True):
+        row: dict[str, Any] = {"class": a["class"], "support": a.get("support", "")}
+        for key in [k for k in a if k not in ("class", "support")]:
+            row[f"{key}_a"], row[f"{key}_b"], row[f"{key}_delta"] = a[key], b[key], b[key] - a[key]
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    return path
+
+
+def summary_markdown(result: DiffResult, per_class: list[dict[str, Any]], headline: tuple[str, ...]) -> str:
+    """The diff's short markdown summary: headline metrics of A and B, the change counts, the classes that
+    moved most, and the files."""
+    lines = [
+        f"## Run diff: A `{result.run_a}` → B `{result.run_b}`",
+        "",
+        f"{result.num_images} images ({result.source}), {result.task} task.",
+        "",
+        "| metric | A | B | B − A |",
+        "|---|---|---|---|",
+    ]
+    for name in headline:
+        a, b = result.summary_a.get(name), result.summary_b.get(name)
+        if a is not None and b is not None:
+            lines.append(f"| {name} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+    counts = result.counts
+    lines += [
+        "",
+        f"**{counts['fixed']} fixed** (A wrong, B right) · **{counts['broken']} broken** (A right, B wrong) · "
+        f"{counts['changed']} changed between two wrong answers.",
+    ]
+    delta_key = next((k for k in ("f1_delta", "ap_delta") if per_class and k in per_class[0]), None)
+    if delta_key:
+        moved = sorted(per_class, key=lambda r: -abs(r[delta_key]))[:8]
+        keys = [k for k in per_class[0] if k.endswith("_delta")]
+        lines += ["", "| class | support | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        lines += [
+            f"| {r['class']} | {r['support']} | " + " | ".join(f"{r[k]:+.4f}" for k in keys) + " |" for r in moved
+        ]
+    lines += ["", "Files: " + ", ".join(f"`{name}`" for name in result.files), ""]
+    return "\n".join(lines)
+
+
+def write_diff(
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    targets: np.ndarray,
+    classes: list[str],
+    paths: list[str],
+    out_dir: Path,
+    names: tuple[str, str],
+    source: str,
+    task: str = "single",
+    grid_limit: int = 25,
+    bins: int = 15,
+) -> DiffResult:
+    """Compare two models' probabilities (N, C; columns in `classes` order) on the same N images.
+
+    Writes into `out_dir`: per_class_deltas.csv, confusion_diff.png (tasks with a confusion matrix),
+    changed.csv, fixed.png and broken.png (up to `grid_limit` images each, when there are any), reliability.png
+    (A and B side by side), summary.md and diff.json. `names` are the two run ids, `source` says where the rows
+    came from. Returns the DiffResult.
+    """
+    rule = task_diff(task)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_a, metrics_b = rule.metrics(probs_a, targets, classes), rule.metrics(probs_b, targets, classes)
+    per_class = _per_class_rows(metrics_a, metrics_b)
+    files = {"per_class_deltas.csv": _write_csv(out_dir / "per_class_deltas.csv", per_class, list(per_class[0]))}
+    if metrics_a.get("confusion_matrix") is not None:
+        files["confusion_diff.png"] = write_confusion_diff_png(
+            metrics_a["confusion_matrix"], metrics_b["confusion_matrix"], classes, out_dir / "confusion_diff.png"
+        )
+    changes = changed_images(probs_a, probs_b, targets, classes, paths, rule)
+    fields = ["path", "kind", "target", "answer_a", "confidence_a", "answer_b", "confidence_b"]
+    files["changed.csv"] = _write_csv(out_dir / "changed.csv", changes, fields)
+    for kind, title in (("fixed", "fixed: A wrong, B right"), ("broken", "broken: A right, B wrong")):
+        grid = write_change_grid([c for c in changes if c["kind"] == kind], title, out_dir / f"{kind}.png", grid_limit)
+        if grid:
+            files[f"{kind}.png"] = grid
+    panels = []
+    for side, name, metrics, probs in (("A", names[0], metrics_a, probs_a), ("B", names[1], metrics_b, probs_b)):
+        curve = reliability_bins(probs, rule.correct(probs, targets), bins)
+        panels.append((f"{side} {name[:8]} (ECE {metrics['summary'].get('ece', float('nan')):.3f})", [(side, curve)]))
+    files["reliability.png"] = write_reliability_png(panels, out_dir / "reliability.png")
+    result = DiffResult(
+        run_a=names[0],
+        run_b=names[1],
+        task=task,
+        num_images=len(paths),
+        source=source,
+        summary_a={k: float(v) for k, v in metrics_a["summary"].items()},
+        summary_b={k: float(v) for k, v in metrics_b["summary"].items()},
+        counts={kind: sum(c["kind"] == kind for c in changes) for kind in CHANGE_KINDS},
+        files={},
+        markdown="",
+    )
+    files["summary.md"] = out_dir / "summary.md"
+    files["diff.json"] = out_dir / "diff.json"
+    result.files = {name: str(path) for name, path in files.items()}
+    result.markdown = summary_markdown(result, per_class, rule.headline)
+    (out_dir / "summary.md").write_text(result.markdown)
+    (out_dir / "diff.json").write_text(result.model_dump_json(indent=2))
+    return result
