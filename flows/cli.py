@@ -1,4 +1,4 @@
-"""The `visionflow` command line: run, resume, validate-data, evaluate, optimize, serve, promote, rollback,
+"""The `visionflow` command line: run, resume, validate-data, evaluate, explain, optimize, serve, promote, rollback,
 up, down, deploy, retrain, compare, diff, runs, sweep, fit-spec.
 
 Expected failures (bad params, bad data, a failed stage) print one line and exit 2.
@@ -295,6 +295,27 @@ def evaluate(
             ("run directory", result.run_dir),
         ],
     )
+
+
+@app.command()
+def explain(
+    images: list[str] = typer.Argument(None, help="Image files to explain."),
+    run: str | None = typer.Option(None, "--run", help="MLflow run id of a finished pipeline run (its checkpoint)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (.ckpt)."),
+    out: Path = typer.Option(Path("explanations"), "--out", "-o", help="Folder for the PNGs (created)."),
+    method: str = typer.Option("auto", help="auto, gradcam or integrated_gradients (evaluate.explain_method)."),
+) -> None:
+    """Show where the model looked: one PNG per image, overlay titled with the predicted class and confidence."""
+
+    def go():
+        from flows.explain import explain_command
+
+        if method not in ("auto", "gradcam", "integrated_gradients"):
+            raise VisionflowError(f"invalid --method {method!r}: choose auto, gradcam or integrated_gradients")
+        return explain_command(run, str(checkpoint) if checkpoint else None, images or [], str(out), method)
+
+    for item in _run_guarded(go):
+        console.print(f"{item.predicted} ({item.confidence:.2f})  {item.path} -> {item.png}", highlight=False)
 
 
 @app.command()

@@ -30,6 +30,7 @@ from components.data.ingest import DatasetSnapshot, ingest, read_manifest
 from components.data.validate import ValidationReport, validate
 from components.errors import TrainingError, VisionflowError
 from components.evaluation.evaluate import evaluate_checkpoint
+from components.evaluation.explain import explain_predictions
 from components.evaluation.report import EvalReport
 from components.training.fit import FitResult, FitSpec
 
@@ -299,6 +300,26 @@ def train_task(
     )
 
 
+def _log_explanations(run_id: str, checkpoint: str, report: EvalReport, evaluate: EvaluateParams, data: DataParams):
+    """Draw the explanation grid of an evaluation and log it; an explanation never fails the evaluation: any
+    problem is a warning and the grid is skipped."""
+    logger = get_run_logger()
+    tracking.log_params(
+        run_id, {"evaluate.explain": evaluate.explain, "evaluate.explain_method": evaluate.explain_method}
+    )
+    try:
+        out_dir = Path(report.predictions_path).parent
+        result = explain_predictions(checkpoint, report.predictions_path, out_dir, evaluate, data.max_pixels)
+    except Exception as err:  # noqa: BLE001 (explanations are extra: the evaluation stands without them)
+        logger.warning("explanations skipped: %s: %s", type(err).__name__, err)
+        return
+    if result.png_path:
+        tracking.log_artifacts(run_id, [result.png_path], "evaluation")
+        logger.info("explained %d test images with %s", len(result.images), result.method)
+    elif evaluate.explain:
+        logger.warning("explanations skipped: %s", result.skipped)
+
+
 # --- evaluate -----------------------------------------------------------------------------------
 
 
@@ -340,6 +361,7 @@ def evaluate_task(
             ],
             "evaluation",
         )
+        _log_explanations(run_id, checkpoint, report, evaluate, data)
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f", report.metrics["accuracy"], report.metrics["macro_f1"])
     return report, run_id
 

@@ -147,8 +147,11 @@ def _overlay(ax, image: np.ndarray, heat: np.ndarray | None) -> None:
     ax.axis("off")
 
 
-def _describe(method: str, layer: str | None) -> str:
-    return f"{METHOD_TITLES[method]} on layer {layer}" if layer else METHOD_TITLES[method]
+def _describe(model: nn.Module, method: str, layer: str | None) -> str:
+    """ "Grad-CAM on layer4 (Sequential)" or the method's name alone."""
+    if not layer:
+        return METHOD_TITLES[method]
+    return f"{METHOD_TITLES[method]} on layer {layer} ({type(model.get_submodule(layer)).__name__})"
 
 
 def _class_scores(model: nn.Module, images: torch.Tensor, num_classes: int) -> tuple[list[int], list[float]]:
@@ -183,7 +186,9 @@ def explain_files(
         left, right = fig.subplots(1, 2)
         _overlay(left, shown[i], None)
         _overlay(right, shown[i], maps[i].numpy())
-        fig.suptitle(f"predicted {label} ({confidence[i]:.2f})\n{_describe(chosen, layer)}", fontsize=9)
+        fig.suptitle(
+            f"predicted {label} ({confidence[i]:.2f})\n{_describe(classifier.model, chosen, layer)}", fontsize=9
+        )
         fig.savefig(out_dir / name, format="png", dpi=110)
         results.append(Explanation(path=str(path), predicted=label, confidence=confidence[i], png=str(out_dir / name)))
     return results
@@ -244,7 +249,7 @@ def explain_predictions(
     except UnsupportedModelError as err:
         return ExplainResult(skipped=str(err))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    png = _grid(chosen, shown, maps, _describe(method, layer), Path(out_dir) / "explanations.png")
+    png = _grid(chosen, shown, maps, _describe(classifier.model, method, layer), Path(out_dir) / "explanations.png")
     explained = [
         Explanation(path=r["path"], target=r["target"], predicted=r["predicted"], confidence=float(r["confidence"]))
         for r in chosen

@@ -1,0 +1,69 @@
+"""Explanations of the session's shared shapes run: the grid its evaluation logged, `visionflow explain --run` on
+image files, and the one-line refusals (a run without checkpoint, an unreadable image, --run with --checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from components import tracking
+from flows.cli import app
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+
+
+def _assert_one_line_error(out, expected: str) -> None:
+    assert out.exit_code == 2, out.output
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert "Traceback" not in out.output
+
+
+def test_the_pipeline_evaluation_logs_its_explanation_grid(shapes_run):
+    _, result = shapes_run
+    grid = Path(result.run_dir) / "evaluation" / "explanations.png"
+    assert grid.is_file() and grid.stat().st_size > 5000
+    client = tracking.client()
+    assert "evaluation/explanations.png" in [
+        a.path for a in client.list_artifacts(result.evaluate_run_id, "evaluation")
+    ]
+    params = tracking.get_run(result.evaluate_run_id).data.params
+    assert (params["evaluate.explain"], params["evaluate.explain_method"]) == ("True", "auto")
+
+
+def test_explain_command_writes_one_png_per_image(shapes_run, shapes_dir, tmp_path):
+    _, result = shapes_run
+    images = [str(shapes_dir / "circle" / "circle_000.png"), str(shapes_dir / "square" / "square_001.png")]
+    out = _invoke("explain", "--run", result.run_id, "--out", str(tmp_path / "png"), *images)
+    assert out.exit_code == 0, out.output
+    written = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert written == ["circle_000.explain.png", "square_001.explain.png"]
+    assert all((tmp_path / "png" / name).stat().st_size > 3000 for name in written)
+    assert "circle_000.explain.png" in out.stdout and "(" in out.stdout  # predicted class (confidence) -> png
+
+
+def test_explain_command_refuses_bad_input_in_one_line(shapes_run, shapes_dir, tmp_path):
+    params, result = shapes_run
+    image = str(shapes_dir / "circle" / "circle_000.png")
+    unreadable = str(shapes_dir / "circle" / "notes.png")  # a text file named .png
+    out = _invoke("explain", "--checkpoint", result.checkpoint, "--out", str(tmp_path / "a"), image, unreadable)
+    _assert_one_line_error(out, "notes.png: not an image")
+    assert not (tmp_path / "a").exists()
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({"checkpoint": str(tmp_path / "gone.ckpt")}))
+    no_checkpoint = tracking.start_run(params.run.experiment, "no-checkpoint", {tracking.RUN_DIR_TAG: str(run_dir)})
+    tracking.end_run(no_checkpoint)
+    _assert_one_line_error(_invoke("explain", "--run", no_checkpoint, image), "has no checkpoint to explain")
+
+    both = _invoke("explain", "--run", result.run_id, "--checkpoint", result.checkpoint, image)
+    _assert_one_line_error(both, "exactly one of --run RUN_ID or --checkpoint CKPT")
+    _assert_one_line_error(_invoke("explain", "--run", result.run_id), "at least one image")
