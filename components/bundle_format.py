@@ -37,6 +37,11 @@ CARD_FILE = "MODEL_CARD.md"
 CHECKSUMS_FILE = "SHA256SUMS"
 # Optional: {"temperature": T, ...}; the served probabilities are softmax(logits / T). Without it, T = 1.
 CALIBRATION_FILE = "calibration.json"
+# Optional: {"task": "multilabel"} for a sigmoid model (one yes/no per label); it then needs THRESHOLDS_FILE,
+# {"thresholds": {label: t}}: a label is answered when its sigmoid probability is at least t.
+TASK_FILE = "task.json"
+THRESHOLDS_FILE = "thresholds.json"
+TASKS = ("single", "multilabel")
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE, METRICS_FILE)
 
 # Files that unpickle (and can so run code) when loaded: never part of a bundle.
@@ -96,6 +101,30 @@ def check_calibration(calibration: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise BundleError(f"{CALIBRATION_FILE}: temperature must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_task(bundle_dir: Path, listed: dict[str, str], labels: list[str]) -> tuple[str, dict[str, float] | None]:
+    """(task, {label: threshold} or None) of a verified bundle: "single" without task.json; a multilabel bundle
+    must carry thresholds.json with a threshold in [0, 1] for every label. Raises BundleError (one line)."""
+    if TASK_FILE not in listed:
+        return "single", None
+    task = _load_json(bundle_dir, TASK_FILE)
+    task = task.get("task") if isinstance(task, dict) else None
+    if task not in TASKS:
+        raise BundleError(f"{TASK_FILE}: task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "single":
+        return task, None
+    if THRESHOLDS_FILE not in listed:
+        raise BundleError(f"multilabel bundle without {THRESHOLDS_FILE}: its per-label thresholds are missing")
+    raw = _load_json(bundle_dir, THRESHOLDS_FILE)
+    thresholds = raw.get("thresholds") if isinstance(raw, dict) else None
+    if not isinstance(thresholds, dict):
+        raise BundleError(f"{THRESHOLDS_FILE}: must hold an object 'thresholds' (label -> threshold)")
+    for label in labels:
+        value = thresholds.get(label)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BundleError(f"{THRESHOLDS_FILE}: label {label!r} needs a threshold in [0, 1], got {value!r}")
+    return task, {label: float(thresholds[label]) for label in labels}
 
 
 def write_checksums(bundle_dir: Path) -> Path:
@@ -216,7 +245,8 @@ def verify_bundle(bundle_dir: Path) -> dict:
     listed, that nothing unlisted (or a link, folder or pickle) is there, that every checksum matches,
     and that no ONNX model's external data points outside the bundle.
     Returns {"labels": list, "preprocess": dict, "metrics": dict, "files": {name: sha256}, "temperature": float}
-    (the temperature from the optional calibration.json; 1.0 for a bundle without one).
+    (the temperature from the optional calibration.json; 1.0 for a bundle without one), "task" and "thresholds"
+    (task.json and thresholds.json: "single" and None for a bundle without them; see check_task).
     Raises BundleError naming the file ("checksum mismatch: model.onnx", "missing file: labels.json",
     "unlisted file: x", ...).
     """
@@ -253,7 +283,16 @@ def verify_bundle(bundle_dir: Path) -> dict:
     if not isinstance(metrics, dict):
         raise BundleError(f"{METRICS_FILE}: must be a JSON object")
     temperature = check_calibration(_load_json(bundle_dir, CALIBRATION_FILE)) if CALIBRATION_FILE in listed else 1.0
-    return {"labels": labels, "preprocess": preprocess, "metrics": metrics, "files": listed, "temperature": temperature}
+    task, thresholds = check_task(bundle_dir, listed, labels)
+    return {
+        "labels": labels,
+        "preprocess": preprocess,
+        "metrics": metrics,
+        "files": listed,
+        "temperature": temperature,
+        "task": task,
+        "thresholds": thresholds,
+    }
 
 
 def _check_members(members: list[tarfile.TarInfo], max_bytes: int) -> str:

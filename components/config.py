@@ -38,6 +38,18 @@ class DataParams(_Section):
         "'torchvision:FashionMNIST' / 'torchvision:CIFAR10' (downloaded when online).",
     )
     label_column: str = Field("label", description="Label column of a CSV manifest.")
+    task: Literal["single", "multilabel"] | Auto = Field(
+        "single",
+        description="single: one label per image (softmax head). multilabel: a CSV manifest's label cell holds "
+        "several labels separated by ';' (e.g. cat;outdoor): a sigmoid head, one yes/no per label, per-label "
+        "thresholds tuned on the validation split. auto: multilabel when any label cell of a CSV manifest holds ';' "
+        "(an explicit value wins).",
+    )
+    empty_labels: Literal["negative", "refuse"] = Field(
+        "negative",
+        description="multilabel: a row whose label cell is empty is an image where none of the labels is present "
+        "(negative: trained as all-negative) or an error (refuse: one line, nothing trained).",
+    )
     channels: Literal[1, 3] | Auto = Field(
         3, description="Channels every image is converted to (1 = L, 3 = RGB)." + AUTO_NOTE
     )
@@ -320,6 +332,11 @@ class TrainParams(_Section):
         "first 64 at most).",
     )
     resume: bool = Field(False, description="Continue from the run's last checkpoint (set by `visionflow resume`).")
+    pos_weight: Literal["auto", "off"] = Field(
+        "off",
+        description="data.task multilabel: weight each label's positives in the BCE loss by negatives/positives "
+        "of the train split (auto, computed in the training process from the label frequencies) or not (off).",
+    )
     progress_bar: bool = Field(True, description="Show Lightning's progress bar.")
 
     @model_validator(mode="after")
@@ -645,7 +662,7 @@ class MonitorParams(_Section):
 # Fields that are `auto` by default in a pipeline's params (decided by components.planning from the data); a
 # section built on its own keeps the concrete default written in its field.
 AUTO_FIELDS: dict[str, tuple[str, ...]] = {
-    "data": ("channels",),
+    "data": ("channels", "task"),
     "augment": ("image_size", "eval_resize_ratio", "hflip_p", "mean", "std"),
     "model": ("name", "width", "pretrained"),
     "train": (
@@ -714,6 +731,8 @@ class PipelineParams(_Section):
             raise ValueError("multitask.tasks is set but multitask.mode is off")
         if multitask.mode == "shared_features" and self.model.name not in ("cnn", "auto"):
             raise ValueError("multitask.mode shared_features (cross-stitch) is built for model.name cnn")
+        if self.data.task == "multilabel":
+            _check_multilabel(self)
         if multitask.mode != "off" and (self.train.mixup_p or self.train.cutmix_p):
             raise ValueError("mixup/cutmix mix one label set; they are not available with multitask")
         unknown = set(multitask.loss_weights) - {"label", *multitask.tasks}
@@ -731,6 +750,23 @@ class PipelineParams(_Section):
             if values != "auto" and self.data.channels != "auto" and len(values) != self.data.channels:
                 raise ValueError(f"augment.{name} has {len(values)} values but data.channels is {self.data.channels}")
         return self
+
+
+def _check_multilabel(params: PipelineParams) -> None:
+    """Refuse (one line) what a multi-label run cannot do: mixup/cutmix and multi-task mix or add one-label
+    targets; class_balance and label_smoothing are softmax tools (train.pos_weight weighs the labels); the EMA's
+    accuracy is a one-label figure."""
+    train = params.train
+    refused = {
+        "train.mixup_p / train.cutmix_p (they mix one-label targets)": train.mixup_p or train.cutmix_p,
+        "multitask (its tasks are extra one-label columns)": params.multitask.mode != "off",
+        "train.class_balance loss/sampler (use train.pos_weight: auto)": train.class_balance in ("loss", "sampler"),
+        "train.label_smoothing": train.label_smoothing > 0,
+        "train.ema_decay": train.ema_decay > 0,
+    }
+    for what, on in refused.items():
+        if on:
+            raise ValueError(f"data.task multilabel does not support {what}")
 
 
 def unresolved_fields(params: PipelineParams) -> list[str]:

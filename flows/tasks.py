@@ -358,6 +358,8 @@ def evaluate_task(
                 report.confusion_png_path,
                 report.misclassified_png_path,
                 report.predictions_path,
+                report.pr_curves_png_path,  # multi-label: precision-recall curves and the tuned thresholds
+                report.thresholds_path,
             ],
             "evaluation",
         )

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from components.data.image_cache import ImageCache, cache_would_upsample, ensure_image_cache
 from components.data.images import load_image
+from components.data.multilabel import multi_hot
 
 
 class ManifestDataset(Dataset):
@@ -36,11 +37,15 @@ class ManifestDataset(Dataset):
         task_classes: dict[str, list[str]] | None = None,
         cache: ImageCache | None = None,
         with_index: bool = False,
+        multilabel: bool = False,
     ):
         self.with_index = with_index
         index = {name: i for i, name in enumerate(classes)}
         self.paths = [row["path"] for row in rows]
-        self.targets = [index[row["label"]] for row in rows]
+        if multilabel:  # the label cell holds a label set: a float 0/1 target per class (components.data.multilabel)
+            self.targets = list(torch.from_numpy(multi_hot(rows, classes)))
+        else:
+            self.targets = [index[row["label"]] for row in rows]
         self.extra_targets = None
         if task_classes:
             indices = {task: {name: i for i, name in enumerate(names)} for task, names in task_classes.items()}
@@ -120,8 +125,10 @@ class ImageDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         normalize: tuple[list[float], list[float]] | None = None,
         index_train: bool = False,
+        multilabel: bool = False,
     ):
         super().__init__()
+        self.multilabel = multilabel
         self.index_train = index_train  # train batches carry the samples' row positions as a third item
         self.normalize = normalize
         self.balanced_sampler = balanced_sampler
@@ -187,7 +194,7 @@ class ImageDataModule(L.LightningDataModule):
         with_index = self.index_train and split == "train"
         return ManifestDataset(
             rows, self.classes, transform, self.channels, self.max_pixels, self.task_classes, self._cache(rows),
-            with_index,
+            with_index, multilabel=self.multilabel,
         )  # fmt: skip
 
     def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
@@ -228,18 +235,25 @@ def eval_loader(
     max_pixels: int,
     batch_size: int = 256,
     task_classes: dict[str, list[str]] | None = None,
+    multilabel: bool = False,
 ) -> DataLoader:
     """An ordered DataLoader over `rows` with `transform` (for evaluation); the order is the rows' order."""
-    dataset = ManifestDataset(rows, classes, transform, channels, max_pixels, task_classes)
+    dataset = ManifestDataset(rows, classes, transform, channels, max_pixels, task_classes, multilabel=multilabel)
     return DataLoader(dataset, batch_size=batch_size)
 
 
 def eval_arrays(
-    rows: list[dict[str, str]], classes: list[str], transform: Callable, channels: int, max_pixels: int
+    rows: list[dict[str, str]],
+    classes: list[str],
+    transform: Callable,
+    channels: int,
+    max_pixels: int,
+    multilabel: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows' images through `transform` as one float32 (N, C, S, S) array, and their class indices (N,)."""
+    """The rows' images through `transform` as one float32 (N, C, S, S) array, and their class indices (N,)
+    (multilabel: their 0/1 targets (N, C))."""
     images, targets = [], []
-    for x, y in eval_loader(rows, classes, transform, channels, max_pixels):
+    for x, y in eval_loader(rows, classes, transform, channels, max_pixels, multilabel=multilabel):
         images.append(x.numpy())
         targets.append(np.asarray(y))
     return np.concatenate(images).astype(np.float32), np.concatenate(targets)

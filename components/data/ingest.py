@@ -53,7 +53,7 @@ class DatasetSnapshot(BaseModel):
     split_counts: dict[str, int]
     class_counts: dict[str, int]
     extra_label_columns: list[str]
-    task: str = "single"  # "multilabel": label cells hold label sets, classes are the labels (components.data.multilabel)
+    task: str = "single"  # multilabel: label cells hold label sets, the classes are the labels (data/multilabel.py)
     quarantined: list[QuarantinedFile] = []
     empty_classes: list[str] = []
 

@@ -29,7 +29,7 @@ from components.errors import DataError
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 TORCHVISION_DATASETS = ("CIFAR10", "FashionMNIST", "MNIST")
-BUNDLED_DATASETS = ("digits", "digits-multitask")
+BUNDLED_DATASETS = ("digits", "digits-multitask", "digits-multilabel")
 # Top-level folder names read as splits, and the split they stand for.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Names a CSV's extra label column may not take (they are columns of the ingest manifest).
@@ -48,13 +48,19 @@ class SourceItem(BaseModel):
 
 
 def resolve_source(
-    path: str, cache_dir: Path, label_column: str = "label", limits: safety.ArchiveLimits | None = None
+    path: str,
+    cache_dir: Path,
+    label_column: str = "label",
+    limits: safety.ArchiveLimits | None = None,
+    task: str = "single",
 ) -> SourceListing:
     """List the labelled images of a data source.
 
     Takes `DataParams.path` ("bundled:digits", "torchvision:NAME", a folder, a .csv manifest or an
     archive), the cache folder for materialized/extracted data, the CSV label column and the archive
-    limits (default: DataParams' defaults). Returns a SourceListing: items sorted by path, files refused
+    limits (default: DataParams' defaults) and data.task (a CSV's empty label cells are refused for "single";
+    components.data.multilabel reads the cells of the others).
+    Returns a SourceListing: items sorted by path, files refused
     before opening (links out of the data set) and empty class folders. Raises DataError (one line)
     when the source cannot be used.
     """
@@ -71,6 +77,9 @@ def resolve_source(
             listing.items = [
                 item.model_copy(update={"extra_labels": digit_tasks(item.label)}) for item in listing.items
             ]
+        if name == "digits-multilabel":
+            listing.items = [item.model_copy(update={"label": digit_labels(item.label)}) for item in listing.items]
+            listing.label_cells = True
         return listing
     if path.startswith("torchvision:"):
         return _from_folder(materialize_torchvision(path.split(":", 1)[1], cache_dir))
@@ -81,9 +90,9 @@ def resolve_source(
     if target.is_dir():
         return _from_folder(target)
     if target.suffix.lower() == ".csv":
-        return SourceListing(items=_from_csv(target, label_column))
+        return SourceListing(items=_from_csv(target, label_column, task != "single"), label_cells=True)
     if target.name.lower().endswith(ARCHIVE_SUFFIXES):
-        return _from_extracted(extract_archive(target, cache_dir, limits), label_column)
+        return _from_extracted(extract_archive(target, cache_dir, limits), label_column, task != "single")
     raise DataError(
         f"unsupported data source {path}: expected a folder, a .csv manifest, a .zip/.tar.gz/.tgz/.tar "
         "archive, bundled:digits or torchvision:MNIST|FashionMNIST|CIFAR10"
@@ -102,6 +111,7 @@ class SourceListing(BaseModel):
     items: list[SourceItem]
     quarantined: list[SourceItem] = []
     empty_classes: list[str] = []
+    label_cells: bool = False  # labels are manifest cells (a CSV, the multi-label demo) rather than folder names
 
 
 def _hidden(name: str) -> bool:
@@ -234,8 +244,9 @@ def _normalize_split(value: str) -> str | None:
     return SPLIT_FOLDERS.get(value) if value else None
 
 
-def _from_csv(csv_path: Path, label_column: str) -> list[SourceItem]:
-    """Items of a CSV manifest (`path`, the label column, optional `split`, extra label columns)."""
+def _from_csv(csv_path: Path, label_column: str, allow_empty_label: bool = False) -> list[SourceItem]:
+    """Items of a CSV manifest (`path`, the label column, optional `split`, extra label columns); an empty label
+    cell is refused unless `allow_empty_label` (multi-label data, components.data.multilabel decides)."""
     base = csv_path.parent
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -260,7 +271,7 @@ def _from_csv(csv_path: Path, label_column: str) -> list[SourceItem]:
             label = (row.get(label_column) or "").strip()
             if not raw_path:
                 raise DataError(f"{where}: empty path")
-            if not label:
+            if not label and not allow_empty_label:
                 raise DataError(f"{where}: empty {label_column!r} for {raw_path}")
             file = Path(raw_path).expanduser()
             file = file if file.is_absolute() else base / file
@@ -333,7 +344,7 @@ def archive_limits(params: DataParams) -> safety.ArchiveLimits:
     )
 
 
-def _from_extracted(folder: Path, label_column: str) -> SourceListing:
+def _from_extracted(folder: Path, label_column: str, allow_empty_label: bool = False) -> SourceListing:
     """Items of an extracted archive: one wrapping folder is descended; a single CSV is a manifest."""
     entries = [p for p in folder.iterdir() if not _hidden(p.name)]
     if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in SPLIT_FOLDERS:
@@ -341,7 +352,7 @@ def _from_extracted(folder: Path, label_column: str) -> SourceListing:
         entries = [p for p in folder.iterdir() if not _hidden(p.name)]
     csvs = [p for p in entries if p.is_file() and p.suffix.lower() == ".csv"]
     if len(csvs) == 1:
-        return SourceListing(items=_from_csv(csvs[0], label_column))
+        return SourceListing(items=_from_csv(csvs[0], label_column, allow_empty_label), label_cells=True)
     return _from_folder(folder)
 
 
@@ -352,6 +363,14 @@ def digit_tasks(digit: str) -> dict[str, str]:
     """The derived labels of the multi-task digits demo: parity ("even"/"odd") and ge5 ("yes"/"no")."""
     value = int(digit)
     return {"parity": "even" if value % 2 == 0 else "odd", "ge5": "yes" if value >= 5 else "no"}
+
+
+def digit_labels(digit: str) -> str:
+    """The label cell of the multi-label digits demo: even, ge5 (>= 5) and loop (0, 6, 8, 9: a closed loop),
+    several at once (8 is even;ge5;loop) or none (1 and 3)."""
+    value = int(digit)
+    names = [n for n, on in (("even", value % 2 == 0), ("ge5", value >= 5), ("loop", value in (0, 6, 8, 9))) if on]
+    return ";".join(names)
 
 
 def materialize_digits(cache_dir: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from components.config import DataParams
+from components.data import multilabel
 from components.data.images import load_image
 from components.data.ingest import SPLITS, DatasetSnapshot, QuarantinedFile, read_manifest, write_manifest
 from components.errors import DataError, ImageDecodeError
@@ -162,6 +163,8 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
     counts: dict[str, dict[str, int]] = {s: {c: 0 for c in snapshot.classes} for s in split_names}
     for row in clean:
         counts[row["split"]][row["label"]] = counts[row["split"]].get(row["label"], 0) + 1
+    if snapshot.task == "multilabel":  # the classes are the labels; a row counts for each label it carries
+        counts = multilabel.label_counts(clean, snapshot.classes)
 
     paths_by_sha: dict[str, list[str]] = defaultdict(list)
     splits_by_sha: dict[str, set[str]] = defaultdict(set)
@@ -200,7 +203,13 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
     _write_quarantine(quarantined, quarantine_path)
     report_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
-    refusal = _refusal(report, snapshot.classes, params, snapshot.source)
+    if snapshot.task == "multilabel":
+        refusal, label_warnings = multilabel.split_problems(counts, snapshot.classes, snapshot.source)
+        refusal = _refusal(report, [], params, snapshot.source) if report.num_valid == 0 else refusal
+        report.warnings += label_warnings
+        report_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    else:
+        refusal = _refusal(report, snapshot.classes, params, snapshot.source)
     if refusal:
         raise DataError(refusal)
     return report

@@ -10,6 +10,7 @@ from components.data.dataset import eval_loader
 from components.errors import DataError
 from components.evaluation.calibration import calibrate
 from components.evaluation.metrics import compute_metrics
+from components.evaluation.multilabel import evaluate_multilabel
 from components.evaluation.predict import predict
 from components.evaluation.report import EvalReport, write_report
 from components.models.multitask import split_logits
@@ -34,6 +35,8 @@ def evaluate_checkpoint(
     not know.
     """
     classifier = load_classifier(checkpoint)
+    if classifier.task == "multilabel":  # thresholds tuned on the validation rows, sigmoid metrics
+        return evaluate_multilabel(classifier, rows, calibration_rows, Path(out_dir), max_pixels)
     if not rows:
         raise DataError("no images to evaluate")
     unknown = sorted({r["label"] for r in [*rows, *(calibration_rows or [])]} - set(classifier.classes))

@@ -28,6 +28,8 @@ class EvalReport(BaseModel):
     misclassified_png_path: str | None
     predictions_path: str
     calibration: CalibrationResult | None = None  # temperature scaling, when evaluate.calibrate fitted one
+    pr_curves_png_path: str | None = None  # multi-label: precision-recall curve per label
+    thresholds_path: str | None = None  # multi-label: thresholds.json, the per-label thresholds tuned on val
 
 
 def _figure(width: float, height: float):

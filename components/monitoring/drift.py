@@ -376,7 +376,7 @@ def compare_window(
     if profile is not None and model_sha256 is not None and profile.model_sha256 != model_sha256:
         report.notes.append("the bundle's reference profile was computed with another model.onnx: drift tests skipped")
         profile = None
-    report.predicted_counts = _predicted_counts(records)
+    report.predicted_counts = _predicted_counts(records, profile is not None and profile.task == "multilabel")
     report.window_samples = _window_samples(records)
     report.checks.extend(_drift_checks(profile, records, report, params))
     if feedback_path is not None:
@@ -404,12 +404,14 @@ def _window_notes(log_dir: Path, window: WindowSummary, model_sha256: str | None
     return notes
 
 
-def _predicted_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+def _predicted_counts(records: list[dict[str, Any]], multilabel: bool = False) -> dict[str, int]:
+    """Predictions per label; multilabel: how many images were answered with each label (label frequencies)."""
     counts: dict[str, int] = {}
     for record in records:
         label = record.get("predicted")
         if isinstance(label, str):
-            counts[label] = counts.get(label, 0) + 1
+            for name in [n for n in label.split(";") if n] if multilabel else [label]:
+                counts[name] = counts.get(name, 0) + 1
     return counts
 
 

@@ -33,8 +33,14 @@ class ReferenceProfile(BaseModel):
     model_sha256: str = Field(description="SHA-256 of the model.onnx the profile was computed with.")
     labels: list[str] = Field(description="The model's labels, in output order.")
     num_images: int = Field(description="Images the profile was computed on.")
-    predicted_counts: dict[str, int] = Field(description="Top-1 predictions per label.")
-    accuracy: float | None = Field(None, description="Top-1 accuracy on those images (None without true labels).")
+    predicted_counts: dict[str, int] = Field(
+        description="Top-1 predictions per label (multilabel: images answered with the label, at its threshold)."
+    )
+    accuracy: float | None = Field(
+        None,
+        description="Top-1 accuracy (multilabel: exact match of the label set) on those images (None without labels).",
+    )
+    task: str = Field("single", description="The bundle's task: single or multilabel (label frequencies).")
     samples: dict[str, list[float]] = Field(description="Per statistic, a sample of its values (evenly spaced).")
 
 
@@ -55,6 +61,7 @@ def build_reference_profile(
     statistic. Returns the ReferenceProfile. Raises VisionflowError when there are no images.
     """
     labels = list(predictor.labels)
+    multilabel = getattr(predictor, "task", "single") == "multilabel"
     truth = iter(true_labels) if true_labels is not None else None
     counts = {label: 0 for label in labels}
     samples: dict[str, list[float]] = {}
@@ -64,8 +71,10 @@ def build_reference_profile(
         nonlocal correct, total
         probabilities = predictor.probabilities(np.stack([predictor.preprocess_image(image) for image in batch]))
         for image, row in zip(batch, probabilities, strict=False):
-            predicted = labels[int(np.argmax(row))]
-            counts[predicted] += 1
+            predicted = predictor.predicted_cell(row)  # multilabel: "a;b" (labels over threshold), "" for none
+            for label in predicted.split(";") if multilabel else [predicted]:
+                if label:
+                    counts[label] += 1
             for name, value in {**image_statistics(image), **prediction_statistics(row)}.items():
                 samples.setdefault(name, []).append(value)
             if truth is not None:
@@ -88,6 +97,7 @@ def build_reference_profile(
         num_images=total,
         predicted_counts=counts,
         accuracy=correct / total if truth is not None else None,
+        task="multilabel" if multilabel else "single",
         samples={name: _thin(values, max_samples) for name, values in samples.items()},
     )
 

@@ -75,6 +75,9 @@ def incompatibility(challenger: dict[str, Any], champion: dict[str, Any]) -> str
             return "the labels are the same but in another order"
         gone, new = [x for x in theirs if x not in ours], [x for x in ours if x not in theirs]
         return f"the labels differ (only the champion has: {_names(gone)}; only this version has: {_names(new)})"
+    tasks = champion.get("task", "single"), challenger.get("task", "single")
+    if tasks[0] != tasks[1]:
+        return f"the task differs (champion {tasks[0]}, this version {tasks[1]})"
     if _input_shape(challenger["preprocess"]) != _input_shape(champion["preprocess"]):
         return (
             f"the input shape differs (champion {_input_shape(champion['preprocess'])}, "

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from components.bundle_format import CALIBRATION_FILE, MODEL_FILE, read_checksums
+from components.bundle_format import CALIBRATION_FILE, MODEL_FILE, TASK_FILE, THRESHOLDS_FILE, read_checksums
 from components.config import PackageParams
 from components.data.augment import build_eval_transform, eval_preprocess_spec
 from components.data.dataset import eval_arrays
 from components.data.images import load_image
 from components.errors import VisionflowError
 from components.evaluation.calibration import CalibrationResult
+from components.evaluation.multilabel import read_thresholds
 from components.evaluation.report import EvalReport
 from components.monitoring.profile import (
     PROFILE_FILE,
@@ -99,6 +100,7 @@ def package_checkpoint(
         build_eval_transform(classifier.augment),
         classifier.spec.in_channels,
         max_pixels,
+        multilabel=classifier.task == "multilabel",
     )
     exported = _export(classifier, torch.from_numpy(images), params, out_dir / "export")
     extra = {"confusion_matrix.png": Path(evaluation.confusion_png_path), **exported.files}
@@ -109,7 +111,10 @@ def package_checkpoint(
     if evaluation.calibration is not None:  # the temperature the evaluation fitted travels with the model
         temperature = evaluation.calibration.temperature
         extra[CALIBRATION_FILE] = _write_calibration(out_dir / "export" / CALIBRATION_FILE, evaluation.calibration)
-    profile = _reference_profile(exported.onnx_path, classifier.classes, preprocess, test_rows, max_pixels, temperature)
+    thresholds = _multilabel_files(classifier, evaluation, out_dir / "export", extra)
+    profile = _reference_profile(
+        exported.onnx_path, classifier.classes, preprocess, test_rows, max_pixels, temperature, thresholds
+    )
     if profile is not None:
         extra[PROFILE_FILE] = save_reference_profile(out_dir / "export" / PROFILE_FILE, profile)
     metrics = {**evaluation.metrics, "onnx_parity": exported.parity}
@@ -182,6 +187,7 @@ def _reference_profile(
     rows: list[dict[str, str]],
     max_pixels: int,
     temperature: float = 1.0,
+    thresholds: dict[str, float] | None = None,
 ) -> ReferenceProfile | None:
     """Predictions and image statistics on up to PROFILE_MAX_IMAGES test images (evenly spaced), through
     onnxruntime and the bundle's own preprocessing and temperature, of the exported model the bundle will
@@ -192,16 +198,38 @@ def _reference_profile(
     # Not a bundle yet: the predictor is handed what the bundle will hold instead of verifying one.
     files = {MODEL_FILE: file_sha256(onnx_path)}
     contents = {"labels": labels, "preprocess": preprocess, "metrics": {}, "files": files, "temperature": temperature}
+    contents.update(task="multilabel" if thresholds else "single", thresholds=thresholds)
     predictor = Predictor(onnx_path.parent, max_pixels=max_pixels, contents=contents)
     channels = int(predictor.preprocess["channels"])
     images = (load_image(r["path"], channels, max_pixels) for r in rows)
     return build_reference_profile(predictor, images, [r["label"] for r in rows])
 
 
+def _multilabel_files(classifier: Classifier, evaluation: EvalReport, export_dir: Path, extra: dict) -> dict | None:
+    """A multi-label model's bundle files, added to `extra`: task.json, thresholds.json (tuned on the validation
+    split by the evaluation) and pr_curves.png. Returns {label: threshold}, None for a single-label model. Raises
+    PackagingError when the evaluation tuned no thresholds."""
+    if classifier.task != "multilabel":
+        return None
+    if not evaluation.thresholds_path or not Path(evaluation.thresholds_path).is_file():
+        raise PackagingError("a multilabel model needs the per-label thresholds its evaluation tuned (thresholds.json)")
+    thresholds = read_thresholds(evaluation.thresholds_path)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    (export_dir / TASK_FILE).write_text(json.dumps({"task": "multilabel", "activation": "sigmoid"}) + "\n")
+    extra[TASK_FILE] = export_dir / TASK_FILE
+    extra[THRESHOLDS_FILE] = Path(evaluation.thresholds_path)
+    if evaluation.pr_curves_png_path:
+        extra["pr_curves.png"] = Path(evaluation.pr_curves_png_path)
+    return thresholds
+
+
 def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: int) -> float:
-    """Top-1 accuracy of a bundle (its own preprocessing, onnxruntime) on manifest rows."""
+    """Top-1 accuracy of a bundle (its own preprocessing, onnxruntime) on manifest rows; for a multilabel bundle
+    the registry gate's figure is its macro average precision (mAP) instead."""
     predictor = Predictor(Path(bundle_dir))
     channels = int(predictor.preprocess["channels"])
+    if predictor.task == "multilabel":
+        return bundle_map(predictor, rows, channels, max_pixels)
     correct = 0
     for start in range(0, len(rows), 64):
         batch = rows[start : start + 64]
@@ -209,3 +237,19 @@ def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: in
         predictions = predictor.predict(images, top_k=1)
         correct += sum(p[0]["label"] == r["label"] for p, r in zip(predictions, batch, strict=False))
     return correct / max(1, len(rows))
+
+
+def bundle_map(predictor: Predictor, rows: list[dict[str, str]], channels: int, max_pixels: int) -> float:
+    """Macro average precision (torchmetrics) of a multilabel bundle's probabilities on manifest rows."""
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    from components.data.multilabel import multi_hot
+
+    probabilities = []
+    for start in range(0, len(rows), 64):
+        images = [load_image(r["path"], channels, max_pixels) for r in rows[start : start + 64]]
+        probabilities.append(predictor.probabilities(np.stack([predictor.preprocess_image(i) for i in images])))
+    targets = torch.from_numpy(multi_hot(rows, predictor.labels)).int()
+    return float(
+        multilabel_average_precision(torch.from_numpy(np.concatenate(probabilities)), targets, len(predictor.labels))
+    )

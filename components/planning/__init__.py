@@ -37,7 +37,7 @@ def plan_for_manifest(params: PipelineParams, manifest_path: str | Path) -> Plan
     are missing offline or do not fit the model."""
     rows = read_manifest(manifest_path)
     mirror = mirror_test(rows, params.data.max_pixels) if params.augment.hflip_p == "auto" else None
-    plan = plan_params(params, fingerprint_of(rows, mirror), machine_of(params.trainer))
+    plan = plan_params(params, fingerprint_of(rows, mirror, params.data.task), machine_of(params.trainer))
     model = plan.params.model
     check_weights(
         model.name, model.pretrained, model.weights

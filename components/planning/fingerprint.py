@@ -7,6 +7,7 @@ from collections import Counter
 
 from pydantic import BaseModel
 
+from components.data import multilabel
 from components.planning.mirror import MirrorTest
 
 GREY_MODES = {"1", "L", "LA", "F", "I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -27,6 +28,7 @@ class DataFingerprint(BaseModel):
     modes: dict[str, int]
     grey_fraction: float
     mirror: MirrorTest | None = None
+    multilabel: bool = False  # the label cells hold label sets (counts are per label)
 
     @property
     def grey(self) -> bool:
@@ -34,20 +36,23 @@ class DataFingerprint(BaseModel):
         return self.grey_fraction >= 1.0
 
 
-def fingerprint_of(rows: list[dict[str, str]], mirror: MirrorTest | None = None) -> DataFingerprint:
-    """The DataFingerprint of clean manifest rows (columns label, split, width, height, mode)."""
+def fingerprint_of(rows: list[dict[str, str]], mirror: MirrorTest | None = None, task: str = "auto") -> DataFingerprint:
+    """The DataFingerprint of clean manifest rows (columns label, split, width, height, mode); with `task`
+    multilabel (or auto and a label cell holding the separator) the classes and counts are per label."""
     widths = [int(r["width"]) for r in rows]
     heights = [int(r["height"]) for r in rows]
     sides = [min(w, h) for w, h in zip(widths, heights, strict=True)]
     ratios = [w / h for w, h in zip(widths, heights, strict=True) if h]
-    train = Counter(r["label"] for r in rows if r["split"] == "train")
+    multi = multilabel.resolve_task(task, [r["label"] for r in rows]) == "multilabel"
+    cells = [multilabel.split_cell(r["label"]) if multi else [r["label"]] for r in rows]
+    train = Counter(label for r, labels in zip(rows, cells, strict=True) if r["split"] == "train" for label in labels)
     modes = Counter(r.get("mode", "") for r in rows)
     grey = sum(n for mode, n in modes.items() if mode in GREY_MODES)
     counts = list(train.values())
     return DataFingerprint(
         num_images=len(rows),
-        num_train=sum(counts),
-        num_classes=len({r["label"] for r in rows}),
+        num_train=sum(1 for r in rows if r["split"] == "train"),
+        num_classes=len({label for labels in cells for label in labels}),
         train_counts=dict(sorted(train.items())),
         imbalance_ratio=round(max(counts) / min(counts), 3) if counts and min(counts) else 0.0,
         median_side=int(statistics.median(sides)) if sides else 0,
@@ -57,4 +62,5 @@ def fingerprint_of(rows: list[dict[str, str]], mirror: MirrorTest | None = None)
         modes=dict(modes.most_common()),
         grey_fraction=round(grey / len(rows), 3) if rows else 0.0,
         mirror=mirror,
+        multilabel=multi,
     )

@@ -176,7 +176,9 @@ def _model_and_schedule(p: _Planner, tuned: bool) -> None:
     p.decide("train.max_epochs", epochs, why)
     p.decide("train.early_stopping_patience", patience, why)
     ratio = p.fp.imbalance_ratio
-    if ratio >= 3:
+    if p.get("data.task") == "multilabel":
+        p.decide("train.class_balance", "none", "multi-label: labels are weighed by train.pos_weight, not classes")
+    elif ratio >= 3:
         p.decide("train.class_balance", "loss", f"largest/smallest train class {ratio:.1f} >= 3: weighted loss")
     else:
         p.decide("train.class_balance", "none", f"classes balanced enough (ratio {ratio:.1f} < 3)")
@@ -252,6 +254,12 @@ def plan_params(params: PipelineParams, fingerprint: DataFingerprint, machine: M
     contradict the plan.
     """
     p = _Planner(params, fingerprint, machine)
+    task = "multilabel" if fingerprint.multilabel else "single"
+    p.decide(
+        "data.task",
+        task,
+        "a label cell holds ';' (several labels)" if fingerprint.multilabel else "one label per image",
+    )
     tuned, meta = _pretrained(p)
     _input(p, tuned, meta)
     _flips(p)

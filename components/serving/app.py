@@ -41,7 +41,7 @@ from components.monitoring.prediction_log import PredictionLog
 from components.serving.batching import Batcher
 from components.serving.limits import ErrorKind, RequestRejected, bad_input, decode_uploads, error_response, read_images
 from components.serving.metrics import CountRequests, ServerMetrics, make_metrics
-from components.serving.predictor import Predictor, top_k_predictions
+from components.serving.predictor import Predictor
 from components.serving.recording import PredictionRecorder
 from components.serving.settings import ServeSettings
 
@@ -118,7 +118,8 @@ router = APIRouter()
 @router.post("/predict")
 async def predict(request: Request, top_k: int | None = None) -> JSONResponse:
     """Raw image bytes or multipart files -> {"predictions": [[{"label", "probability"}, ...]], "model"}
-    (and "ids" of the logged predictions when the prediction log is on)."""
+    (and "ids" of the logged predictions when the prediction log is on). A multilabel bundle answers every
+    label over its threshold ({"label", "probability", "threshold"}; top_k does not apply)."""
     state = _state(request)
     settings, predictor, recorder = state.settings, state.predictor, state.recorder
     if top_k is not None and top_k < 1:
@@ -129,7 +130,7 @@ async def predict(request: Request, top_k: int | None = None) -> JSONResponse:
         decode_uploads, predictor, blobs, logging_on, logging_on and settings.store_images
     )
     rows = await state.batcher.submit([upload.array for upload in uploads])
-    results = top_k_predictions(np.stack(rows), predictor.labels, top_k or settings.top_k)
+    results = predictor.answer(np.stack(rows), top_k or settings.top_k)  # multilabel: the labels over threshold
     state.metrics.count_predictions(results)
     # A JSONResponse, not a dict: FastAPI's jsonable_encoder walk of every prediction cost ~20% of the
     # server's CPU per request (bench/serve.py).
@@ -161,6 +162,8 @@ async def metadata(request: Request):
     return {
         **state.model_info,
         "labels": predictor.labels,
+        "task": predictor.task,
+        "thresholds": predictor.thresholds,
         "metrics": predictor.metrics,
         "preprocess": predictor.preprocess,
         "temperature": predictor.temperature,  # probabilities are softmax(logits / temperature)
@@ -210,7 +213,8 @@ def _new_state(bundle_dir: Path, settings: ServeSettings) -> _State:
         log = PredictionLog(
             Path(settings.prediction_log_dir), settings.prediction_log_max_bytes, settings.prediction_log_files
         )
-        state.recorder = PredictionRecorder(log, model_info, predictor.files[MODEL_FILE])
+        multilabel = predictor.task == "multilabel"
+        state.recorder = PredictionRecorder(log, model_info, predictor.files[MODEL_FILE], multilabel)
     return state
 
 

@@ -25,8 +25,9 @@ class ServerMetrics:
     def count_predictions(self, results: list[list[dict[str, Any]]]) -> None:
         """Count each image's top-1 label and observe its probability."""
         for result in results:
-            self.predictions.labels(result[0]["label"]).inc()
-            self.confidence.observe(result[0]["probability"])
+            if result:  # a multilabel answer may hold no label
+                self.predictions.labels(result[0]["label"]).inc()
+                self.confidence.observe(result[0]["probability"])
 
 
 def make_metrics(max_batch: int) -> ServerMetrics:

@@ -64,6 +64,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function of a float array (numerically stable); returns float32."""
+    x = logits.astype(np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x)))).astype(
+        np.float32
+    )
+
+
+def labels_over_thresholds(
+    probabilities: np.ndarray, labels: list[str], thresholds: dict[str, float]
+) -> list[list[dict[str, Any]]]:
+    """Per image, every label whose probability is at least its threshold: [{"label", "probability",
+    "threshold"}, ...] sorted by probability, highest first (empty when none passes)."""
+    limits = [float(thresholds[label]) for label in labels]
+    results = []
+    for row in np.asarray(probabilities):
+        order = [i for i in np.argsort(-row, kind="stable") if float(row[i]) >= limits[i]]
+        results.append([{"label": labels[i], "probability": float(row[i]), "threshold": limits[i]} for i in order])
+    return results
+
+
 def top_k_predictions(probabilities: np.ndarray, labels: list[str], k: int) -> list[list[dict[str, Any]]]:
     """Turn NxC probabilities into per-image top-k lists.
 
@@ -104,6 +125,11 @@ class Predictor:
         self.files: dict[str, str] = contents["files"]
         # Temperature scaling fitted at evaluation (calibration.json); 1.0 for a bundle without one.
         self.temperature = float(contents.get("temperature", 1.0))
+        # task.json / thresholds.json: a multilabel bundle answers every label over its threshold (sigmoid).
+        self.task: str = contents.get("task", "single")
+        self.thresholds: dict[str, float] | None = contents.get("thresholds")
+        if self.task == "multilabel" and not self.thresholds:
+            raise BundleError("multilabel bundle without thresholds.json: its per-label thresholds are missing")
         self.max_pixels = int(max_pixels)
         self._read_preprocess(self.preprocess)
 
@@ -186,6 +212,8 @@ class Predictor:
         logits = np.asarray(logits).reshape(len(batch), -1)
         if logits.shape[1] < len(self.labels):
             raise RuntimeError(f"model gives {logits.shape[1]} outputs for {len(self.labels)} labels")
+        if self.task == "multilabel":  # one independent yes/no per label
+            return sigmoid(logits[:, : len(self.labels)])
         return softmax(logits[:, : len(self.labels)] / self.temperature)
 
     def predict(self, images: list[np.ndarray], top_k: int = 3) -> list[list[dict[str, Any]]]:
@@ -197,4 +225,19 @@ class Predictor:
         if not images:
             return []
         batch = np.stack([self.preprocess_image(image) for image in images])
-        return top_k_predictions(self.probabilities(batch), self.labels, top_k)
+        return self.answer(self.probabilities(batch), top_k)
+
+    def answer(self, probabilities: np.ndarray, top_k: int = 3) -> list[list[dict[str, Any]]]:
+        """What the server returns for NxL probabilities: the top k per image, or for a multilabel bundle every
+        label whose probability is at least its threshold ({"label", "probability", "threshold"}, highest first;
+        an empty list when no label passes)."""
+        if self.task == "multilabel":
+            return labels_over_thresholds(probabilities, self.labels, self.thresholds or {})
+        return top_k_predictions(probabilities, self.labels, top_k)
+
+    def predicted_cell(self, probabilities: np.ndarray) -> str:
+        """The prediction of one image as a manifest label cell: the top-1 label, or for a multilabel bundle the
+        labels over their thresholds joined by ';' ("" for none)."""
+        if self.task == "multilabel":
+            return ";".join(sorted(entry["label"] for entry in self.answer(probabilities[None, :])[0]))
+        return self.labels[int(np.argmax(probabilities))]

@@ -18,7 +18,8 @@ MAX_REASON_CHARS = 500
 class PredictionRecorder:
     """Appends the server's records to a PredictionLog, each naming the model that served it."""
 
-    def __init__(self, log: PredictionLog, model_info: dict[str, Any], model_sha256: str):
+    def __init__(self, log: PredictionLog, model_info: dict[str, Any], model_sha256: str, multilabel: bool = False):
+        self.multilabel = multilabel  # a multilabel model's record holds its label set in "predicted"
         self.log = log
         self.model_info = model_info
         self.model_sha256 = model_sha256
@@ -45,7 +46,9 @@ class PredictionRecorder:
         """Log one record per predicted image; returns their ids (in order)."""
         ids = []
         for upload, row, result in zip(uploads, rows, results, strict=False):
-            fields = {"predicted": result[0]["label"], **prediction_statistics(row), **(upload.stats or {})}
+            # multilabel: the labels over threshold joined by ';' ("" for none), as a manifest label cell
+            predicted = ";".join(sorted(e["label"] for e in result)) if self.multilabel else result[0]["label"]
+            fields = {"predicted": predicted, **prediction_statistics(row), **(upload.stats or {})}
             record = self.record("prediction", fields)
             if upload.png is not None:
                 record["image_png_b64"] = base64.b64encode(upload.png).decode()

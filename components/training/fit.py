@@ -25,6 +25,7 @@ from components.config import PipelineParams, fill_auto, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
 from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
+from components.data.multilabel import positive_weights
 from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
 from components.models.weights import head_prefixes, is_head
@@ -175,6 +176,10 @@ def gd_accumulation(rows: list[dict[str, str]], params: PipelineParams, world_si
     return max(1, math.ceil(per_device / params.train.batch_size))
 
 
+def _multilabel(params: PipelineParams) -> bool:
+    return params.data.task == "multilabel"
+
+
 def datamodule_from_params(
     params: PipelineParams,
     rows: list[dict[str, str]],
@@ -210,6 +215,7 @@ def datamodule_from_params(
         prefetch_factor=train.prefetch_factor,
         normalize=(params.augment.mean, params.augment.std) if on_device else None,
         index_train=params.train.suspicious_labels,
+        multilabel=_multilabel(params),
     )
 
 
@@ -233,8 +239,9 @@ def build_trainer(
         and params.trainer.strategy != "fsdp"
     )
     directory = Path(spec.run_dir) / "checkpoints"
+    monitored = "val/map" if _multilabel(params) else "val/acc"  # multi-label: the best macro average precision
     checkpoint = ModelCheckpoint(
-        dirpath=directory, filename="best", monitor="val/acc", mode="max", enable_version_counter=False
+        dirpath=directory, filename="best", monitor=monitored, mode="max", enable_version_counter=False
     )
     # Lightning's save_last only writes when the best changes; resume needs every epoch.
     last = ModelCheckpoint(dirpath=directory, filename="last", monitor=None, enable_version_counter=False)
@@ -242,7 +249,7 @@ def build_trainer(
     if params.train.freeze_backbone_epochs:
         callbacks.append(FreezeBackbone(params.train.freeze_backbone_epochs))
     if params.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=params.train.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor=monitored, mode="max", patience=params.train.early_stopping_patience))
     from components.tuning.pruning import trial_callbacks
 
     callbacks += trial_callbacks()  # a trial of `visionflow tune`: report val/acc per epoch, stop when pruned
@@ -307,6 +314,10 @@ def fit(spec: FitSpec) -> FitResult:
         class_weights=class_weights(rows, spec.classes) if params.train.class_balance == "loss" else None,
         task_classes=task_classes,
         task_weights=params.multitask.loss_weights,
+        task=params.data.task,
+        pos_weight=positive_weights(rows, spec.classes)
+        if _multilabel(params) and params.train.pos_weight == "auto"
+        else None,
     )
     data = datamodule_from_params(params, rows, spec.classes, task_classes, plan)
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision, MultilabelExactMatch
 from torchvision.transforms import v2
 
 from components.config import AugmentParams, OptimizerName, SchedulerName
@@ -153,6 +153,8 @@ class ClassifierModule(L.LightningModule):
         task_classes: dict[str, list[str]] | None = None,
         task_weights: dict[str, float] | None = None,
         network: nn.Module | None = None,
+        task: str = "single",
+        pos_weight: list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["network"], logger=False)
@@ -179,6 +181,20 @@ class ClassifierModule(L.LightningModule):
                 self.model, multi_avg_fn=get_ema_multi_avg_fn(optim["ema_decay"]), use_buffers=True
             )
             self.val_acc_ema = MulticlassAccuracy(num_classes=n, average="micro")
+        self.multilabel = task == "multilabel"
+        if self.multilabel:
+            self._multilabel_head(n, pos_weight)
+
+    def _multilabel_head(self, n: int, pos_weight: list[float] | None) -> None:
+        """data.task multilabel: one sigmoid per label, BCE-with-logits loss (positives weighted by `pos_weight`
+        when given); train/acc and val/acc are the exact-match ratio at 0.5, val/map the macro average precision
+        (what the best checkpoint is chosen by)."""
+        weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None
+        self.loss = nn.BCEWithLogitsLoss(pos_weight=weight)
+        self.val_loss = nn.BCEWithLogitsLoss()
+        self.train_acc = MultilabelExactMatch(num_labels=n)
+        self.val_acc = MultilabelExactMatch(num_labels=n)
+        self.val_map = MultilabelAveragePrecision(num_labels=n, average="macro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -225,7 +241,10 @@ class ClassifierModule(L.LightningModule):
                 f"loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
                 "lower train.lr or check the data normalization"
             )
-        self.train_acc(logits, target.argmax(dim=1) if target.ndim == 2 else target)
+        if self.multilabel:
+            self.train_acc(logits, target.int())
+        else:
+            self.train_acc(logits, target.argmax(dim=1) if target.ndim == 2 else target)
         self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -245,7 +264,10 @@ class ClassifierModule(L.LightningModule):
                 metric(parts[i], y[:, i])
                 self.log(f"val/{task}/acc", metric, on_epoch=True)
             logits, y = parts[0], y[:, 0]
-        self.val_acc(logits, y)
+        if self.multilabel:
+            self.val_map(logits, y.int())
+            self.log("val/map", self.val_map, on_epoch=True, prog_bar=True)
+        self.val_acc(logits, y.int() if self.multilabel else y)
         self.log("val/loss", self.val_loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         if self.ema is not None:
@@ -273,6 +295,7 @@ class Classifier(NamedTuple):
     classes: list[str]
     augment: AugmentParams
     task_classes: dict[str, list[str]]
+    task: str = "single"  # "multilabel": one sigmoid per class (data.task)
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
@@ -325,4 +348,7 @@ def load_classifier(checkpoint_path: str) -> Classifier:
         raise CheckpointError(
             f"{checkpoint_path} is not a visionflow checkpoint (its model spec and weights do not fit: {first})"
         ) from None
-    return Classifier(model.eval(), spec, list(hparams["classes"]), augment, dict(hparams.get("task_classes") or {}))
+    task_classes = dict(hparams.get("task_classes") or {})
+    return Classifier(
+        model.eval(), spec, list(hparams["classes"]), augment, task_classes, hparams.get("task", "single")
+    )
