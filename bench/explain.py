@@ -1,7 +1,7 @@
 """What an evaluation's explanation grid costs: attribution maps of 16 images per architecture family.
 
 Untrained networks (the cost does not depend on the weights), CPU, the method `evaluate.explain_method: auto`
-picks: Grad-CAM (one forward and one backward pass) for the CNNs, Integrated Gradients (24 path steps, so 24
+picks: Grad-CAM (one forward and one backward pass) for the CNNs, Integrated Gradients (16 path steps, so 16
 forward and backward passes per image) for the ViT and the RNN. Prints the median of `--repeats` timings.
 
     python bench/explain.py                 # cnn, rnn, vit at 32 px; resnet18, mobilenet_v3_small at 224 px

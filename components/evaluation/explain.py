@@ -30,7 +30,7 @@ from components.training.module import Classifier, load_classifier
 ExplainMethod = Literal["auto", "gradcam", "integrated_gradients"]
 # Sequence models: their only conv (the ViT's patch embedding) or none (the RNN) gives no useful class map.
 GRADIENT_MODELS = ("vit", "rnn")
-IG_STEPS = 24  # Riemann steps of the path integral (the paper: 20 to 300; the maps change little past ~20)
+IG_STEPS = 16  # Gauss-Legendre nodes of the path integral (Captum's default rule; its default 50 costs 3x more)
 METHOD_TITLES = {"gradcam": "Grad-CAM", "integrated_gradients": "Integrated Gradients"}
 
 
