@@ -205,3 +205,27 @@ def diff_flow(
         max_pixels = max(a.data.max_pixels, b.data.max_pixels)
         result = record_diff(a.source, b.source, rows, out, run.run_id, source_text, max_pixels, grid)
     return DiffRun(run_id=run.run_id, out_dir=str(out), result=result)
+
+
+def gate_diff(
+    champion_run_id: str,
+    champion_bundle: Path,
+    challenger_run_id: str,
+    challenger_bundle: Path,
+    rows: list[dict[str, str]],
+    out_dir: Path,
+    max_pixels: int,
+    what: str,
+) -> DiffResult | None:
+    """The registry decision's diff, champion (A) → challenger (B), on the gate's test rows, logged to the
+    challenger's run (its `diff/` artifacts and tags); None, with a warning, for a task the diff cannot read."""
+    from components.bundle_format import verify_bundle
+    from components.evaluation.diff import TASK_DIFFS
+
+    task = verify_bundle(Path(challenger_bundle)).get("task", "single")
+    if task not in TASK_DIFFS:
+        get_run_logger().warning("no diff attached to the registry decision: diff does not read %s models", task)
+        return None
+    champion = ModelSource(run_id=champion_run_id, kind="bundle", path=str(champion_bundle), task=task)
+    challenger = ModelSource(run_id=challenger_run_id, kind="bundle", path=str(challenger_bundle), task=task)
+    return record_diff(champion, challenger, rows, out_dir, challenger_run_id, what, max_pixels)

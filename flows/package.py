@@ -21,6 +21,7 @@ from components.evaluation.report import EvalReport, read_report
 from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison
 from components.packaging.package import PackagedModel, bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
+from flows.diff import gate_diff
 from flows.tasks import finished_pipeline_run, publish_summary
 
 DATA_FINGERPRINT_TAG = "visionflow.data_fingerprint"
@@ -52,10 +53,17 @@ def _champion_bundle(name: str, cache_dir: str) -> tuple[object, Path] | None:
 
 
 def _gate(
-    name: str, version: str, bundle_dir: Path, accuracy: float, test_rows: list[dict], params: PipelineParams
+    name: str,
+    version: str,
+    bundle_dir: Path,
+    accuracy: float,
+    test_rows: list[dict],
+    params: PipelineParams,
+    run_id: str,
 ) -> GateDecision:
     """The champion/challenger decision for `version`: compared on the same test rows when the champion
-    has the same labels and input shape, else refused (champion unchanged, the reason says what to do)."""
+    has the same labels and input shape, else refused (champion unchanged, the reason says what to do).
+    A comparison attaches the champion → challenger diff to the decision's run `run_id` (flows.diff)."""
     champion = _champion_bundle(name, params.run.cache_dir)
     margin = params.package.promote_margin
     if champion is None:
@@ -63,7 +71,11 @@ def _gate(
     why = bundle_incompatibility(bundle_dir, champion[1])
     if why:
         return refuse_comparison(accuracy, why, name, version, str(champion[0].version), margin)
-    return decide_promotion(accuracy, bundle_accuracy(champion[1], test_rows, params.data.max_pixels), margin)
+    champion_accuracy = bundle_accuracy(champion[1], test_rows, params.data.max_pixels)
+    what = f"the gate's test split, {name} v{champion[0].version} → v{version}"
+    diff_dir = bundle_dir.parent / "diff"
+    gate_diff(champion[0].run_id, champion[1], run_id, bundle_dir, test_rows, diff_dir, params.data.max_pixels, what)
+    return decide_promotion(accuracy, champion_accuracy, margin)
 
 
 def _register_and_gate(
@@ -81,7 +93,7 @@ def _register_and_gate(
         packaged.input_example,
         {"visionflow.test_accuracy": f"{challenger_accuracy:.6f}", DATA_FINGERPRINT_TAG: fingerprint},
     )
-    decision = _gate(name, version, Path(packaged.bundle_dir), challenger_accuracy, test_rows, params)
+    decision = _gate(name, version, Path(packaged.bundle_dir), challenger_accuracy, test_rows, params, run_id)
     champion_accuracy = decision.champion_accuracy
     tracking.set_alias(name, tracking.CHALLENGER, version, "new model version")
     if decision.promote:

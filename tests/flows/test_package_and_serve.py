@@ -69,6 +69,19 @@ def test_first_model_is_champion_and_a_worse_one_stays_challenger(two_runs):
     assert "registry/champion_accuracy" in run.data.metrics
 
 
+def test_the_registry_decision_carries_the_champion_to_challenger_diff(two_runs):
+    _, first, second = two_runs
+    run = MlflowClient(tracking.tracking_uri()).get_run(second.run_id)
+    assert run.data.tags["visionflow.diff.run_a"] == first.run_id  # the champion's run
+    assert run.data.tags["visionflow.diff.run_b"] == second.run_id
+    assert run.data.metrics["diff/a/accuracy"] == pytest.approx(run.data.metrics["registry/champion_accuracy"])
+    assert run.data.metrics["diff/b/accuracy"] == pytest.approx(run.data.metrics["registry/challenger_accuracy"])
+    names = {Path(a.path).name for a in MlflowClient(tracking.tracking_uri()).list_artifacts(second.run_id, "diff")}
+    assert {"summary.md", "changed.csv", "per_class_deltas.csv", "confusion_diff.png", "reliability.png"} <= names
+    summary = (Path(second.run_dir) / "package" / "diff" / "summary.md").read_text()
+    assert f"A `{first.run_id}` → B `{second.run_id}`" in summary and "the gate's test split" in summary
+
+
 def test_promote_and_rollback_commands_are_recorded(two_runs):
     """`visionflow promote VERSION --name` and `visionflow rollback --name`, as a user types them."""
     from typer.testing import CliRunner
