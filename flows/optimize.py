@@ -16,7 +16,14 @@ from pydantic import BaseModel
 from components import tracking
 from components.config import PipelineParams, load_params
 from components.errors import VisionflowError
-from components.optimization.measure import VariantResult, best_variant, gate, slower_than, write_comparison
+from components.optimization.measure import (
+    VariantResult,
+    best_variant,
+    gate,
+    slower_than,
+    unmade_variant,
+    write_comparison,
+)
 from components.optimization.variants import (
     REFERENCE,
     QuantizeMode,
@@ -68,6 +75,13 @@ def _logged(run_id: str, outcome: VariantOutcome) -> VariantResult:
     return result
 
 
+def _unmade(name: str, method: str, err: Exception, params: PipelineParams) -> VariantResult:
+    """The table row of a variant that could not be made (its own MLflow run ended FAILED), with a warning."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    get_run_logger().warning("%s could not be made, the other variants go on: %s", name, reason)
+    return unmade_variant(name, method, reason, params.optimize.threads)
+
+
 @task(name="optimize-reference")
 def reference_task(
     checkpoint: str, manifest: str, params: PipelineParams, out_dir: str, parent_run_id: str
@@ -91,9 +105,12 @@ def quantize_task(
     q = params.optimize.quantize
     name = quantized_name(mode)
     run_params = {"method": name, **{k: v for k, v in q.model_dump().items() if k not in ("static", "dynamic")}}
-    with _variant_run(parent_run_id, params.run.experiment, name, run_params) as run_id:
-        outcome = quantized_variant(reference_onnx, mode, checkpoint, manifest, params, out_dir)
-        return _logged(run_id, outcome)
+    try:
+        with _variant_run(parent_run_id, params.run.experiment, name, run_params) as run_id:
+            outcome = quantized_variant(reference_onnx, mode, checkpoint, manifest, params, out_dir)
+            return _logged(run_id, outcome)
+    except Exception as err:  # a model onnxruntime cannot quantize: its row says so, the stage goes on
+        return _unmade(name, f"onnxruntime {mode} int8", err, params)
 
 
 @task(name="optimize-prune")
@@ -103,8 +120,11 @@ def prune_task(
     """Structured channel pruning (torch-pruning), fine-tuned, exported and measured."""
     p = params.optimize.prune
     run_params = {f"prune.{k}": v for k, v in p.model_dump().items()}
-    with _variant_run(parent_run_id, params.run.experiment, pruned_name(p), run_params) as run_id:
-        return _logged(run_id, pruned_variant(checkpoint, manifest, params, out_dir))
+    try:
+        with _variant_run(parent_run_id, params.run.experiment, pruned_name(p), run_params) as run_id:
+            return _logged(run_id, pruned_variant(checkpoint, manifest, params, out_dir))
+    except Exception as err:  # a network torch-pruning cannot prune: its row says so, the stage goes on
+        return _unmade(pruned_name(p), f"structured {p.importance} pruning {p.ratio:.0%}", err, params)
 
 
 @task(name="optimize-sparsify")
@@ -159,7 +179,7 @@ def compare_task(
     tracking.log_artifacts(parent_run_id, files, "optimize")
     tags = {"visionflow.best_variant": best.name if best else "none", "visionflow.measured_on": reference.machine}
     tracking.set_tags(parent_run_id, tags)
-    for v in gated:
+    for v in (v for v in gated if v.artifact):  # a variant that could not be made has no figures
         tracking.log_metrics(
             parent_run_id,
             {

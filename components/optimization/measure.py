@@ -4,6 +4,7 @@ against the reference and write the comparison table and trade-off plot."""
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +36,25 @@ class VariantResult(BaseModel):
     accepted: bool = True
     note: str = ""
     machine: str = ""  # machine_summary(threads) of the machine that measured it
+
+
+def unmade_variant(name: str, method: str, reason: str, threads: int) -> VariantResult:
+    """The row of a variant that could not be made (a model torch-pruning or onnxruntime cannot handle): no
+    file, NaN figures, never accepted, the reason in its note."""
+    nan = float("nan")
+    return VariantResult(
+        name=name,
+        method=method,
+        artifact="",
+        size_bytes=0,
+        accuracy=nan,
+        macro_f1=nan,
+        latency_b1_ms=nan,
+        latency_b32_ms=nan,
+        threads=threads,
+        accepted=False,
+        note=f"not made: {reason}",
+    )
 
 
 def cpu_model() -> str:
@@ -146,8 +166,9 @@ def gate(variants: list[VariantResult], reference: str, tolerance: float) -> lis
     gated = []
     for v in variants:
         drop = base.accuracy - v.accuracy
-        # A hair of slack so that a drop equal to the tolerance is not lost to float rounding.
-        gated.append(v.model_copy(update={"accuracy_drop": drop, "accepted": drop <= tolerance + 1e-12}))
+        # A hair of slack so that a drop equal to the tolerance is not lost to float rounding; NaN (a variant
+        # that could not be made) is never accepted.
+        gated.append(v.model_copy(update={"accuracy_drop": drop, "accepted": bool(drop <= tolerance + 1e-12)}))
     return gated
 
 
@@ -262,6 +283,7 @@ def write_comparison(variants: list[VariantResult], out_dir: Path) -> tuple[Path
 
     figure = Figure(figsize=(7, 5), dpi=110)
     axes = figure.subplots()
+    variants = [v for v in variants if math.isfinite(v.latency_b1_ms) and math.isfinite(v.accuracy)]  # made ones
     largest = max((v.size_bytes for v in variants), default=1) or 1
     for accepted, style in (
         (True, {"color": "tab:blue", "label": "accepted"}),

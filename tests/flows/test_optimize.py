@@ -91,6 +91,35 @@ def test_the_gate_rejects_a_variant_that_lost_accuracy(compressed):
     assert bad.best is None  # nothing accepted besides the reference
 
 
+def test_a_model_that_cannot_be_pruned_is_a_row_and_the_stage_goes_on(compressed, monkeypatch):
+    """torch-pruning refusing the network (as it refuses cross-stitch multi-task ones) fails only the pruning
+    variant's run: its row says why, int8 is still made and the stage's run finishes."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError("torch-pruning cannot prune Net: a graph it does not understand")
+
+    monkeypatch.setattr("flows.optimize.pruned_variant", refuse)
+    _, result = compressed
+    partial = optimize_from_run(
+        result.run_id,
+        [
+            "optimize.latency_repeats=3",
+            "optimize.distill.enabled=false",
+            "optimize.quantize.dynamic=false",
+            "optimize.prune.enabled=true",
+            "optimize.prune.unstructured_amount=0",
+        ],
+    )
+    variants = {v.name: v for v in partial.variants}
+    assert set(variants) == {"fp32", "int8-static", "pruned-50"}
+    assert not variants["pruned-50"].accepted and "not made: torch-pruning cannot prune" in variants["pruned-50"].note
+    assert partial.best == "int8-static" or variants["int8-static"].note  # int8 made; best unless slower than fp32
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(partial.run_id).info.status == "FINISHED"
+    assert _variant_runs(client, partial.run_id)["pruned-50"].info.status == "FAILED"
+    assert "not made: torch-pruning cannot prune" in Path(partial.comparison_md).read_text()
+
+
 def _variant_runs(client: MlflowClient, run_id: str) -> dict:
     return {
         r.data.tags["visionflow.variant"]: r

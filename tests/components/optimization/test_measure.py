@@ -14,6 +14,7 @@ from components.optimization.measure import (
     machine_summary,
     measure_onnx,
     slower_than,
+    unmade_variant,
     write_comparison,
 )
 from tests.helpers.tiny import CLASSES, tiny_data, trained_cnn_onnx
@@ -137,3 +138,21 @@ def test_write_comparison_writes_table_and_plot(tmp_path):
     assert len(table) == 2 + len(variants)  # header, separator, one row per variant
     assert "**no**" in table[-1]
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 5000
+
+
+def test_a_variant_that_could_not_be_made_is_a_rejected_row(tmp_path):
+    variants = gate(
+        [
+            _variant("fp32", 0.95, 1000, 2.0),
+            unmade_variant("pruned-50", "structured l2 pruning 50%", "torch-pruning cannot prune Net: boom", 1),
+            _variant("int8-static", 0.95, 300, 1.0),
+        ],
+        "fp32",
+        0.01,
+    )
+    assert [v.accepted for v in variants] == [True, False, True]
+    assert best_variant(variants[1:], "fastest", variants[0]).name == "int8-static"
+    _, md_path, png_path = write_comparison(variants, tmp_path)
+    row = next(line for line in md_path.read_text().splitlines() if line.startswith("| pruned-50"))
+    assert "not made: torch-pruning cannot prune Net: boom" in row and "**no**" in row
+    assert png_path.stat().st_size > 5000
