@@ -154,10 +154,12 @@ def _describe(model: nn.Module, method: str, layer: str | None) -> str:
     return f"{METHOD_TITLES[method]} on layer {layer} ({type(model.get_submodule(layer)).__name__})"
 
 
-def _class_scores(model: nn.Module, images: torch.Tensor, num_classes: int) -> tuple[list[int], list[float]]:
-    """Predicted class and softmax confidence of each image (primary task of a multi-task model)."""
+def _class_scores(classifier: Classifier, images: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Predicted class and its probability for each image: softmax over the classes (the primary task's of a
+    multi-task model); for a multi-label model the most probable label and its sigmoid."""
     with torch.inference_mode():
-        probs = torch.softmax(model(images)[:, :num_classes].float(), dim=1)
+        logits = classifier.model(images)[:, : len(classifier.classes)].float()
+        probs = torch.sigmoid(logits) if classifier.task == "multilabel" else torch.softmax(logits, dim=1)
     confidence, predicted = probs.max(dim=1)
     return predicted.tolist(), confidence.tolist()
 
@@ -171,7 +173,7 @@ def explain_files(
     ImageDecodeError (one line naming the file) or UnsupportedModelError."""
     classifier = load_classifier(checkpoint)
     images, shown = _load(classifier, paths, max_pixels)
-    predicted, confidence = _class_scores(classifier.model, images, len(classifier.classes))
+    predicted, confidence = _class_scores(classifier, images)
     maps, chosen, layer = attribution_maps(classifier.model, classifier.spec.name, images, predicted, method)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,17 +196,47 @@ def explain_files(
     return results
 
 
-def pick_rows(rows: list[dict[str, str]], limit: int, seed: int = 0) -> list[dict[str, str]]:
-    """Up to `limit` prediction rows to explain: the most confident mistakes first (at most three quarters of
-    the places while correct rows remain), then a seeded random sample of correct rows."""
-    wrong = sorted((r for r in rows if r["target"] != r["predicted"]), key=lambda r: -float(r["confidence"]))
-    right = [r for r in rows if r["target"] == r["predicted"]]
+def explainable_rows(rows: list[dict[str, str]], classes: list[str]) -> list[dict]:
+    """predictions.csv rows as {path, target, predicted, confidence, correct}: single-label rows (path, target,
+    predicted, confidence) as they are; multi-label rows (path, target and predicted as labels joined by ';',
+    p_<label> columns) by their most probable label, correct when the image carries it. Rows naming classes the
+    model does not have are left out."""
+    known, out = set(classes), []
+    for row in rows:
+        if row.get("confidence") and row.get("target") in known and row.get("predicted") in known:
+            confidence, predicted, correct = (
+                float(row["confidence"]),
+                row["predicted"],
+                row["target"] == row["predicted"],
+            )
+        elif all(f"p_{c}" in row for c in classes):
+            confidence, predicted = max((float(row[f"p_{c}"]), c) for c in classes)
+            correct = predicted in (row.get("target") or "").split(";")
+        else:
+            continue
+        out.append(
+            {
+                "path": row["path"],
+                "target": row.get("target") or "-",
+                "predicted": predicted,
+                "confidence": confidence,
+                "correct": correct,
+            }
+        )
+    return out
+
+
+def pick_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
+    """Up to `limit` of explainable_rows' rows to explain: the most confident mistakes first (at most three
+    quarters of the places while correct rows remain), then a seeded random sample of correct rows."""
+    wrong = sorted((r for r in rows if not r["correct"]), key=lambda r: -r["confidence"])
+    right = [r for r in rows if r["correct"]]
     keep_wrong = min(len(wrong), max(limit - min(len(right), limit // 4), 0))
     sample = random.Random(seed).sample(right, min(len(right), limit - keep_wrong))
     return wrong[:keep_wrong] + sample
 
 
-def _grid(rows: list[dict[str, str]], shown: list[np.ndarray], maps: torch.Tensor, title: str, path: Path) -> Path:
+def _grid(rows: list[dict], shown: list[np.ndarray], maps: torch.Tensor, title: str, path: Path) -> Path:
     columns = max(1, math.ceil(math.sqrt(len(rows))))
     grid_rows = math.ceil(len(rows) / columns)
     fig = _figure(2.0 * columns, 2.0 * grid_rows + 0.4)
@@ -213,9 +245,8 @@ def _grid(rows: list[dict[str, str]], shown: list[np.ndarray], maps: torch.Tenso
         ax.axis("off")
     for ax, row, image, heat in zip(axes.flat, rows, shown, maps, strict=False):
         _overlay(ax, image, heat.numpy())
-        wrong = row["target"] != row["predicted"]
-        text = f"{row['target']} → {row['predicted']} ({float(row['confidence']):.2f})"
-        ax.set_title(text, fontsize=8, color="tab:red" if wrong else "black")
+        text = f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})"
+        ax.set_title(text, fontsize=8, color="black" if row["correct"] else "tab:red")
     fig.suptitle(f"{title} of the predicted class (true → predicted; mistakes in red)", fontsize=9)
     fig.savefig(path, format="png", dpi=100)
     return path
@@ -225,17 +256,16 @@ def explain_predictions(
     checkpoint: str, predictions_csv: str | Path, out_dir: Path, params: EvaluateParams, max_pixels: int
 ) -> ExplainResult:
     """The evaluation's explanation grid `explanations.png` in `out_dir`, from the rows of its predictions.csv
-    (path, target, predicted, confidence). Never raises for the model: an architecture the method cannot
-    explain, or rows whose classes the model does not have, give a result with `skipped` saying why."""
+    (see explainable_rows). Never raises for the model: an architecture the method cannot explain, or rows whose
+    classes the model does not have, give a result with `skipped` saying why."""
     if not params.explain:
         return ExplainResult(skipped="evaluate.explain is off")
     classifier = load_classifier(checkpoint)
     with Path(predictions_csv).open(newline="") as f:
-        known = set(classifier.classes)
-        rows = [r for r in csv.DictReader(f) if r.get("target") in known and r.get("predicted") in known]
+        rows = explainable_rows(list(csv.DictReader(f)), classifier.classes)
     chosen = pick_rows(rows, params.explain_images)
     if not chosen:
-        return ExplainResult(skipped="no single-label predictions to explain")
+        return ExplainResult(skipped=f"no predictions of the model's classes in {predictions_csv}")
     images, shown = _load(classifier, [r["path"] for r in chosen], max_pixels)
     index = {name: i for i, name in enumerate(classifier.classes)}
     try:
@@ -251,7 +281,7 @@ def explain_predictions(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     png = _grid(chosen, shown, maps, _describe(classifier.model, method, layer), Path(out_dir) / "explanations.png")
     explained = [
-        Explanation(path=r["path"], target=r["target"], predicted=r["predicted"], confidence=float(r["confidence"]))
+        Explanation(path=r["path"], target=r["target"], predicted=r["predicted"], confidence=r["confidence"])
         for r in chosen
     ]
     return ExplainResult(png_path=str(png), method=method, layer=layer, images=explained)

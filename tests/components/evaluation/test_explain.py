@@ -20,6 +20,7 @@ from components.evaluation.explain import (
     attribution_maps,
     explain_files,
     explain_predictions,
+    explainable_rows,
     pick_rows,
 )
 from components.models import ModelSpec, build_model
@@ -90,13 +91,25 @@ def test_gradcam_of_a_network_without_feature_map_is_refused():
         attribution_maps(_trained("rnn"), "rnn", x, y.tolist(), method="gradcam")
 
 
-def test_pick_rows_puts_confident_mistakes_first_and_keeps_a_quarter_for_correct_ones():
-    wrong = [{"target": "a", "predicted": "b", "confidence": str(c)} for c in (0.5, 0.9, 0.7, 0.6, 0.8)]
-    right = [{"target": "a", "predicted": "a", "confidence": "0.99"} for _ in range(10)]
-    chosen = pick_rows(right + wrong, 4)
-    assert [r["confidence"] for r in chosen[:3]] == ["0.9", "0.8", "0.7"]
-    assert chosen[3]["predicted"] == "a"
-    assert len(pick_rows(wrong, 8)) == 5 and len(pick_rows(right, 3)) == 3
+def test_rows_to_explain_put_confident_mistakes_first_and_keep_a_quarter_for_correct_ones():
+    single = [{"path": "x", "target": "a", "predicted": "b", "confidence": str(c)} for c in (0.5, 0.9, 0.7, 0.6, 0.8)]
+    single += [{"path": "x", "target": "a", "predicted": "a", "confidence": "0.99"} for _ in range(10)]
+    single.append({"path": "x", "target": "zebra", "predicted": "a", "confidence": "0.9"})  # not the model's class
+    rows = explainable_rows(single, CLASSES)
+    assert len(rows) == 15
+    chosen = pick_rows(rows, 4)
+    assert [r["confidence"] for r in chosen[:3]] == [0.9, 0.8, 0.7] and not any(r["correct"] for r in chosen[:3])
+    assert chosen[3]["correct"] and chosen[3]["predicted"] == "a"
+    assert len(pick_rows(rows[:5], 8)) == 5 and len(pick_rows(rows[5:], 3)) == 3
+
+    multilabel = [  # labels joined by ';', one probability column per label: explained by the most probable label
+        {"path": "y", "target": "a;c", "predicted": "a;c", "p_a": "0.7", "p_b": "0.1", "p_c": "0.9"},
+        {"path": "z", "target": "a", "predicted": "b", "p_a": "0.2", "p_b": "0.6", "p_c": "0.1"},
+    ]
+    assert [(r["predicted"], r["confidence"], r["correct"]) for r in explainable_rows(multilabel, CLASSES)] == [
+        ("c", 0.9, True),
+        ("b", 0.6, False),
+    ]
 
 
 def _checkpoint(path: Path, spec: ModelSpec, network: nn.Module) -> str:
