@@ -22,11 +22,10 @@ from components.evaluation.calibration import read_calibration
 from components.evaluation.diff import (
     DiffResult,
     ModelSource,
-    align,
+    answers_in,
     label_set_problem,
     model_labels,
     score_model,
-    targets_of,
     task_diff,
     write_diff,
 )
@@ -81,8 +80,20 @@ def _model_source(run, run_dir: Path, home: Path, task: str) -> ModelSource:
     if checkpoint.is_file():
         calibration = read_calibration(home / "evaluation")
         temperature = calibration.temperature if calibration else 1.0
-        return ModelSource(run_id=run_id, kind="checkpoint", path=str(checkpoint), temperature=temperature, task=task)
+        source = ModelSource(run_id=run_id, kind="checkpoint", path=str(checkpoint), temperature=temperature, task=task)
+        if task == "multilabel":
+            source.thresholds = _checkpoint_thresholds(run_id, home / "evaluation" / "thresholds.json")
+        return source
     raise VisionflowError(f"run {run_id} has no bundle or checkpoint to score (looked in {run_dir or 'no run dir'})")
+
+
+def _checkpoint_thresholds(run_id: str, path: Path) -> dict[str, float]:
+    """The per-label thresholds a multi-label run's evaluation tuned; VisionflowError when they are missing."""
+    if not path.is_file():
+        raise VisionflowError(f"run {run_id} is multilabel but has no thresholds.json to answer with ({path})")
+    from components.evaluation.multilabel import read_thresholds
+
+    return read_thresholds(path)
 
 
 def run_model(run_id: str) -> RunModel:
@@ -132,16 +143,25 @@ def record_diff(
     """Score both models on `rows`, write the diff into `out_dir`, log its files (artifact folder `diff`), figures
     and both run ids (tags) to MLflow run `log_run_id`, and publish its summary as the Prefect markdown artifact
     `run-diff`. Returns the DiffResult."""
-    probs_a, labels = score_model(a, rows, max_pixels)
-    probs_b, labels_b = score_model(b, rows, max_pixels)
+    if not rows:
+        raise VisionflowError("no images to compare the two models on")
+    probs_a, labels, thresholds_a = score_model(a, rows, max_pixels)
+    probs_b, labels_b, thresholds_b = score_model(b, rows, max_pixels)
     problem = label_set_problem(labels, labels_b)
     if problem:
         raise VisionflowError(f"cannot diff {a.run_id} and {b.run_id}: {problem}")
-    targets = targets_of(rows, labels)
     result = write_diff(
-        probs_a, align(probs_b, labels_b, labels), targets, labels, [r["path"] for r in rows], Path(out_dir),
-        (a.run_id, b.run_id), source_text, a.task, grid,
-    )  # fmt: skip
+        answers_in(labels, probs_a, labels, thresholds_a),
+        answers_in(labels, probs_b, labels_b, thresholds_b),
+        task_diff(a.task).targets(rows, labels),
+        labels,
+        [r["path"] for r in rows],
+        Path(out_dir),
+        (a.run_id, b.run_id),
+        source_text,
+        a.task,
+        grid,
+    )
     tracking.set_tags(log_run_id, {RUN_A_TAG: a.run_id, RUN_B_TAG: b.run_id})
     metrics = {f"diff/{kind}": float(n) for kind, n in result.counts.items()}
     for side, summary in (("a", result.summary_a), ("b", result.summary_b)):

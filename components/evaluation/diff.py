@@ -39,6 +39,7 @@ class ModelSource(BaseModel):
     kind: str = Field(description="bundle (a verified bundle folder) or checkpoint (a .ckpt file).")
     path: str
     temperature: float = Field(1.0, description="Checkpoint only: the temperature its evaluation fitted.")
+    thresholds: dict[str, float] | None = Field(None, description="Multi-label checkpoint only: its tuned thresholds.")
     task: str = "single"
 
 
@@ -57,33 +58,108 @@ class DiffResult(BaseModel):
     markdown: str = Field(description="The summary as markdown (also in summary.md).")
 
 
+@dataclass
+class Answers:
+    """One model's answers on the rows: its probabilities (N, C) in the diff's class order and, for a multi-label
+    model, its per-label thresholds (C,)."""
+
+    probs: np.ndarray
+    thresholds: np.ndarray | None = None
+
+
 @dataclass(frozen=True)
 class TaskDiff:
-    """How one task reads probabilities: compute_metrics-like metrics (summary, per_class, confusion_matrix or
-    None), whether each answer is right, the answer as text with its confidence, and the headline metrics."""
+    """How one task reads rows and answers: the rows' targets, compute_metrics-like metrics (summary, per_class,
+    confusion_matrix or None), whether each answer is right, the answer as text with its confidence, the true
+    answer as text, the (confidence, outcome) pairs of its reliability curve and the headline metrics."""
 
-    metrics: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, Any]]
-    correct: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    answer: Callable[[np.ndarray, list[str]], list[tuple[str, float]]]
+    targets: Callable[[list[dict[str, str]], list[str]], np.ndarray]
+    metrics: Callable[[Answers, np.ndarray, list[str]], dict[str, Any]]
+    correct: Callable[[Answers, np.ndarray], np.ndarray]
+    answer: Callable[[Answers, list[str]], list[tuple[str, float]]]
     target_text: Callable[[np.ndarray, list[str]], list[str]]
+    reliability: Callable[[Answers, np.ndarray], tuple[np.ndarray, np.ndarray]]
     headline: tuple[str, ...]
 
 
-def _single_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, 1.0))).float()  # softmax(log p) = p
+def targets_of(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+    """The rows' class indices in `classes`; DataError naming labels the models do not know."""
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise DataError(f"the rows have labels the models do not know: {', '.join(unknown[:10])}")
+    index = {name: i for i, name in enumerate(classes)}
+    return np.asarray([index[r["label"]] for r in rows], dtype=np.int64)
+
+
+def _single_metrics(answers: Answers, targets: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    logits = torch.from_numpy(np.log(np.clip(answers.probs, 1e-12, 1.0))).float()  # softmax(log p) = p
     return compute_metrics(logits, torch.from_numpy(targets).long(), classes, top_k=1)
 
 
 SINGLE_LABEL = TaskDiff(
+    targets=targets_of,
     metrics=_single_metrics,
-    correct=lambda probs, targets: probs.argmax(axis=1) == targets,
-    answer=lambda probs, classes: [
-        (classes[int(i)], float(p[i])) for p, i in zip(probs, probs.argmax(axis=1), strict=True)
+    correct=lambda answers, targets: answers.probs.argmax(axis=1) == targets,
+    answer=lambda answers, classes: [
+        (classes[int(i)], float(p[i])) for p, i in zip(answers.probs, answers.probs.argmax(axis=1), strict=True)
     ],
     target_text=lambda targets, classes: [classes[int(t)] for t in targets],
+    reliability=lambda answers, targets: (answers.probs.max(axis=1), answers.probs.argmax(axis=1) == targets),
     headline=("accuracy", "macro_f1", "ece"),
 )
-TASK_DIFFS: dict[str, TaskDiff] = {"single": SINGLE_LABEL}
+
+
+def _multilabel_targets(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+    """0/1 targets (N, C) from label cells like "cat;outdoor" ("" = none of the labels)."""
+    index = {name: i for i, name in enumerate(classes)}
+    targets = np.zeros((len(rows), len(classes)), dtype=np.int64)
+    for n, row in enumerate(rows):
+        for name in filter(None, (part.strip() for part in row["label"].split(";"))):
+            if name not in index:
+                raise DataError(f"the rows have labels the models do not know: {name}")
+            targets[n, index[name]] = 1
+    return targets
+
+
+def _multilabel_metrics(answers: Answers, targets: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    from components.evaluation.multilabel import compute_multilabel_metrics
+
+    p = np.clip(answers.probs, 1e-7, 1 - 1e-7)
+    logits = torch.from_numpy(np.log(p / (1 - p))).float()  # sigmoid(logit p) = p
+    thresholds = [float(t) for t in answers.thresholds] if answers.thresholds is not None else [0.5] * len(classes)
+    return {
+        **compute_multilabel_metrics(logits, torch.from_numpy(targets), classes, thresholds),
+        "confusion_matrix": None,
+    }
+
+
+def _multilabel_hits(answers: Answers) -> np.ndarray:
+    return answers.probs >= (answers.thresholds if answers.thresholds is not None else 0.5)
+
+
+def _multilabel_answer(answers: Answers, classes: list[str]) -> list[tuple[str, float]]:
+    """The labels over their thresholds joined by ';' ("none" when no label passes) and their mean probability
+    (the highest probability when none passes)."""
+    out = []
+    for probs, hits in zip(answers.probs, _multilabel_hits(answers), strict=True):
+        chosen = [i for i in range(len(classes)) if hits[i]]
+        text = ";".join(classes[i] for i in chosen) or "none"
+        out.append((text, float(probs[chosen].mean()) if chosen else float(probs.max())))
+    return out
+
+
+MULTILABEL = TaskDiff(
+    targets=_multilabel_targets,
+    metrics=_multilabel_metrics,
+    correct=lambda answers, targets: (_multilabel_hits(answers) == targets.astype(bool)).all(axis=1),
+    answer=_multilabel_answer,
+    target_text=lambda targets, classes: [
+        ";".join(c for c, t in zip(classes, row, strict=True) if t) or "none" for row in targets
+    ],
+    reliability=lambda answers, targets: (answers.probs.ravel(), targets.ravel()),  # per label: p against how often
+    headline=("map", "macro_f1", "accuracy"),
+)
+TASK_DIFFS: dict[str, TaskDiff] = {"single": SINGLE_LABEL, "multilabel": MULTILABEL}
 
 
 def task_diff(task: str) -> TaskDiff:
@@ -107,10 +183,13 @@ def model_labels(source: ModelSource) -> list[str]:
     return list(load_classifier(source.path).classes)
 
 
-def score_model(source: ModelSource, rows: list[dict[str, str]], max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    """The model's probabilities (N, C) on `rows`, in its own label order, and those labels. A bundle runs through
-    its Predictor (preprocess.json, onnxruntime, calibration.json); a checkpoint through its own eval transform
-    with `source.temperature`. Raises a VisionflowError (one line) for a model or image that cannot be read."""
+def score_model(
+    source: ModelSource, rows: list[dict[str, str]], max_pixels: int
+) -> tuple[np.ndarray, list[str], dict[str, float] | None]:
+    """The model's probabilities (N, C) on `rows` in its own label order, those labels, and a multi-label model's
+    thresholds (None otherwise). A bundle runs through its Predictor (preprocess.json, onnxruntime, calibration
+    or thresholds); a checkpoint through its own eval transform with `source.temperature` (softmax) or
+    `source.thresholds` (sigmoid). Raises a VisionflowError (one line) for a model or image that cannot be read."""
     if source.kind == "bundle":
         from components.data.images import load_image
         from components.serving.predictor import Predictor
@@ -120,7 +199,7 @@ def score_model(source: ModelSource, rows: list[dict[str, str]], max_pixels: int
         for start in range(0, len(rows), SCORE_BATCH):
             images = [load_image(r["path"], predictor.channels, max_pixels) for r in rows[start : start + SCORE_BATCH]]
             parts.append(predictor.probabilities(np.stack([predictor.preprocess_image(i) for i in images])))
-        return np.concatenate(parts), list(predictor.labels)
+        return np.concatenate(parts), list(predictor.labels), getattr(predictor, "thresholds", None)
     from components.data.augment import build_eval_transform
     from components.data.dataset import eval_loader
     from components.evaluation.predict import predict
@@ -133,12 +212,15 @@ def score_model(source: ModelSource, rows: list[dict[str, str]], max_pixels: int
     )
     logits, _ = predict(classifier.model, loader)
     logits = logits[:, : len(classifier.classes)]  # a multi-task model's primary task comes first
-    return torch.softmax(logits / source.temperature, dim=1).numpy(), list(classifier.classes)
+    if source.task == "multilabel":
+        return torch.sigmoid(logits).numpy(), list(classifier.classes), source.thresholds
+    return torch.softmax(logits / source.temperature, dim=1).numpy(), list(classifier.classes), None
 
 
-def align(probs: np.ndarray, labels: list[str], order: list[str]) -> np.ndarray:
-    """`probs` with its columns put in `order` (the same label set in another order)."""
-    return probs[:, [labels.index(name) for name in order]]
+def answers_in(order: list[str], probs: np.ndarray, labels: list[str], thresholds: dict[str, float] | None) -> Answers:
+    """A model's Answers with its columns (and thresholds) put in `order` (the same label set in another order)."""
+    kept = probs[:, [labels.index(name) for name in order]]
+    return Answers(kept, np.asarray([thresholds[name] for name in order]) if thresholds else None)
 
 
 def label_set_problem(labels_a: list[str], labels_b: list[str]) -> str | None:
@@ -148,17 +230,6 @@ def label_set_problem(labels_a: list[str], labels_b: list[str]) -> str | None:
     only_a, only_b = sorted(set(labels_a) - set(labels_b)), sorted(set(labels_b) - set(labels_a))
     shown = lambda names: ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "") or "none"  # noqa: E731
     return f"the label sets differ (only A has: {shown(only_a)}; only B has: {shown(only_b)})"
-
-
-def targets_of(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
-    """The rows' class indices in `classes`; DataError naming labels the models do not know."""
-    unknown = sorted({r["label"] for r in rows} - set(classes))
-    if unknown:
-        raise DataError(f"the rows have labels the models do not know: {', '.join(unknown[:10])}")
-    if not rows:
-        raise DataError("no images to compare the two models on")
-    index = {name: i for i, name in enumerate(classes)}
-    return np.asarray([index[r["label"]] for r in rows], dtype=np.int64)
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -236,12 +307,12 @@ def write_change_grid(changes: list[dict[str, Any]], title: str, path: Path, lim
 
 
 def changed_images(
-    probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray, classes: list[str], paths: list[str], task: TaskDiff
+    a: Answers, b: Answers, targets: np.ndarray, classes: list[str], paths: list[str], task: TaskDiff
 ) -> list[dict[str, Any]]:
     """The images whose answer changed, each with its kind (fixed, broken, changed), the true answer and both
     answers with their confidences: fixed and broken first, the most confident new answer first within each."""
-    answers_a, answers_b = task.answer(probs_a, classes), task.answer(probs_b, classes)
-    right_a, right_b = task.correct(probs_a, targets), task.correct(probs_b, targets)
+    answers_a, answers_b = task.answer(a, classes), task.answer(b, classes)
+    right_a, right_b = task.correct(a, targets), task.correct(b, targets)
     truth = task.target_text(targets, classes)
     changes = []
     for i, path in enumerate(paths):
@@ -315,8 +386,8 @@ def summary_markdown(result: DiffResult, per_class: list[dict[str, Any]], headli
 
 
 def write_diff(
-    probs_a: np.ndarray,
-    probs_b: np.ndarray,
+    a: Answers,
+    b: Answers,
     targets: np.ndarray,
     classes: list[str],
     paths: list[str],
@@ -327,7 +398,8 @@ def write_diff(
     grid_limit: int = 25,
     bins: int = 15,
 ) -> DiffResult:
-    """Compare two models' probabilities (N, C; columns in `classes` order) on the same N images.
+    """Compare two models' answers (probabilities (N, C) with columns in `classes` order) on the same N images
+    and their targets (the task's TaskDiff.targets of the rows).
 
     Writes into `out_dir`: per_class_deltas.csv, confusion_diff.png (tasks with a confusion matrix),
     changed.csv, fixed.png and broken.png (up to `grid_limit` images each, when there are any), reliability.png
@@ -337,14 +409,14 @@ def write_diff(
     rule = task_diff(task)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_a, metrics_b = rule.metrics(probs_a, targets, classes), rule.metrics(probs_b, targets, classes)
+    metrics_a, metrics_b = rule.metrics(a, targets, classes), rule.metrics(b, targets, classes)
     per_class = _per_class_rows(metrics_a, metrics_b)
     files = {"per_class_deltas.csv": _write_csv(out_dir / "per_class_deltas.csv", per_class, list(per_class[0]))}
     if metrics_a.get("confusion_matrix") is not None:
         files["confusion_diff.png"] = write_confusion_diff_png(
             metrics_a["confusion_matrix"], metrics_b["confusion_matrix"], classes, out_dir / "confusion_diff.png"
         )
-    changes = changed_images(probs_a, probs_b, targets, classes, paths, rule)
+    changes = changed_images(a, b, targets, classes, paths, rule)
     fields = ["path", "kind", "target", "answer_a", "confidence_a", "answer_b", "confidence_b"]
     files["changed.csv"] = _write_csv(out_dir / "changed.csv", changes, fields)
     for kind, title in (("fixed", "fixed: A wrong, B right"), ("broken", "broken: A right, B wrong")):
@@ -352,9 +424,10 @@ def write_diff(
         if grid:
             files[f"{kind}.png"] = grid
     panels = []
-    for side, name, metrics, probs in (("A", names[0], metrics_a, probs_a), ("B", names[1], metrics_b, probs_b)):
-        curve = reliability_bins(probs, rule.correct(probs, targets), bins)
-        panels.append((f"{side} {name[:8]} (ECE {metrics['summary'].get('ece', float('nan')):.3f})", [(side, curve)]))
+    for side, name, metrics, answers in (("A", names[0], metrics_a, a), ("B", names[1], metrics_b, b)):
+        curve = reliability_bins(*rule.reliability(answers, targets), bins)
+        ece = f" (ECE {metrics['summary']['ece']:.3f})" if "ece" in metrics["summary"] else ""
+        panels.append((f"{side} {name[:8]}{ece}", [(side, curve)]))
     files["reliability.png"] = write_reliability_png(panels, out_dir / "reliability.png")
     result = DiffResult(
         run_a=names[0],

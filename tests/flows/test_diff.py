@@ -62,11 +62,11 @@ def test_the_pipeline_fits_a_temperature_and_the_bundle_carries_it(shapes_run):
     assert {"reliability.png", "calibration.json"} <= artifacts
 
 
-def test_a_run_against_itself_changes_nothing(shapes_run, tmp_path):
+def test_a_run_against_itself_on_a_data_set_changes_nothing(shapes_run, shapes_dir, tmp_path):
     _, result = shapes_run
-    done = diff_flow(result.run_id, result.run_id, out_dir=str(tmp_path / "same"))
+    done = diff_flow(result.run_id, result.run_id, data=str(shapes_dir), out_dir=str(tmp_path / "same"))
     assert done.result.counts == {"fixed": 0, "broken": 0, "changed": 0}
-    assert done.result.num_images == result.split_counts["test"]
+    assert done.result.num_images == sum(result.split_counts.values())  # all of --data (its bad files quarantined)
     assert done.result.summary_a == done.result.summary_b
     assert "fixed.png" not in done.result.files and Path(done.result.files["confusion_diff.png"]).is_file()
 
