@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_METRICS = ("test/accuracy", "test/macro_f1")
+# Runs of multi-label models (data.task multilabel) are compared by mAP and macro F1 first (their test/accuracy is
+# the exact-match ratio).
+MULTILABEL_METRICS = ("test/map", "test/macro_f1", "test/accuracy")
 # Params worth showing first when they differ; any other differing param follows.
 PREFERRED_PARAMS = (
     "model.name",
@@ -37,10 +40,12 @@ def varying_params(runs: list[dict[str, Any]], limit: int = 6) -> list[str]:
 
 
 def metric_columns(runs: list[dict[str, Any]], metric: str | None = None) -> list[str]:
-    """The metric columns of a comparison: `metric` first (when given), then the default test metrics present."""
+    """The metric columns of a comparison: `metric` first (when given), then the default test metrics present
+    (mAP and macro F1 first when a run is multi-label, i.e. has test/map)."""
     present = set().union(*(r["metrics"] for r in runs)) if runs else set()
     columns = [metric] if metric else []
-    columns += [m for m in DEFAULT_METRICS if m in present and m not in columns]
+    defaults = MULTILABEL_METRICS if "test/map" in present else DEFAULT_METRICS
+    columns += [m for m in defaults if m in present and m not in columns]
     return columns
 
 

@@ -763,6 +763,8 @@ def _check_multilabel(params: PipelineParams) -> None:
         "train.class_balance loss/sampler (use train.pos_weight: auto)": train.class_balance in ("loss", "sampler"),
         "train.label_smoothing": train.label_smoothing > 0,
         "train.ema_decay": train.ema_decay > 0,
+        "optimize.distill (its loss is a softmax over classes)": params.optimize.distill.enabled,
+        "optimize.prune (its fine-tuning trains one label per image)": params.optimize.prune.enabled,
     }
     for what, on in refused.items():
         if on:

@@ -150,6 +150,7 @@ def _print_pipeline_result(result) -> None:
     _print_summary(
         "visionflow run finished",
         [
+            *([("test mAP (multi-label)", f"{m['test/map']:.4f}")] if "test/map" in m else []),
             ("test accuracy", f"{m.get('test/accuracy', float('nan')):.4f}"),
             ("macro F1", f"{m.get('test/macro_f1', float('nan')):.4f}"),
             (
@@ -617,10 +618,14 @@ def retrain_command(
             ("decision", result.reason),
             ("model version", result.model_version or "-"),
             (
-                "challenger accuracy",
+                f"challenger {result.gate_metric}",
                 "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}",
             ),
-            ("champion accuracy", "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}"),
+            (
+                f"champion {result.gate_metric}",
+                "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
+            ),
+            ("challenger macro F1", "-" if result.challenger_macro_f1 is None else f"{result.challenger_macro_f1:.4f}"),
             ("MLflow run", result.run_id or "-"),
         ],
     )

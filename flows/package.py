@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from components import tracking
+from components.bundle_format import TASK_FILE
 from components.config import PipelineParams, load_params
 from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
@@ -86,6 +87,7 @@ def _register_and_gate(
     logger = get_run_logger()
     name = params.package.model_name
     challenger_accuracy = bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
+    gate_metric = "mAP" if (Path(packaged.bundle_dir) / TASK_FILE).is_file() else "accuracy"  # multi-label: mAP
     version = tracking.register_onnx(
         run_id,
         packaged.onnx_path,
@@ -113,8 +115,8 @@ def _register_and_gate(
         "registry-gate",
         f"{name} v{version}: {'promoted to champion' if decision.promote else 'kept as challenger'}",
         {
-            "challenger accuracy (test split)": f"{challenger_accuracy:.4f}",
-            "champion accuracy (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
+            f"challenger {gate_metric} (test split)": f"{challenger_accuracy:.4f}",
+            f"champion {gate_metric} (same split)": "-" if champion_accuracy is None else f"{champion_accuracy:.4f}",
             "margin": f"{params.package.promote_margin}",
             "decision": decision.reason,
             "bundle": packaged.archive,

@@ -161,6 +161,8 @@ def _run_stages(params: PipelineParams, run: tracking.ScopedRun, run_dir: Path, 
         params.run.experiment, run_id,
     )  # fmt: skip
     split_counts = {split: sum(counts.values()) for split, counts in report.class_counts.items()}
+    if report.split_counts:  # images per split (a multi-label image carries several labels of class_counts)
+        split_counts = {split: report.split_counts.get(split, 0) for split in split_counts}
     stages = _Stages(
         params=params, report=report, snapshot=snapshot, trained=trained, evaluation=evaluation,
         evaluate_run_id=evaluate_run_id, split_counts=split_counts,

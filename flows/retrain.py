@@ -35,6 +35,8 @@ class RetrainResult(BaseModel):
     challenger_accuracy: float | None = None
     champion_accuracy: float | None = None
     run_id: str | None = None
+    gate_metric: str = "accuracy"  # what challenger/champion_accuracy measure: "mAP" for a multi-label model
+    challenger_macro_f1: float | None = None
 
 
 def champion_fingerprint(model_name: str) -> str | None:
@@ -69,12 +71,13 @@ def _record(result: RetrainResult, params: PipelineParams) -> None:
         f"retrain: {result.outcome.replace('_', ' ')}",
         {
             "decision": result.reason,
-            "challenger accuracy (new test split)": "-"
+            f"challenger {result.gate_metric} (new test split)": "-"
             if result.challenger_accuracy is None
             else f"{result.challenger_accuracy:.4f}",
-            "champion accuracy (same split)": "-"
+            f"champion {result.gate_metric} (same split)": "-"
             if result.champion_accuracy is None
             else f"{result.champion_accuracy:.4f}",
+            "challenger macro F1": "-" if result.challenger_macro_f1 is None else f"{result.challenger_macro_f1:.4f}",
             "promotion margin": str(params.package.promote_margin),
             "model version": result.model_version or "-",
             "data fingerprint": (result.data_fingerprint or "-")[:16],
@@ -129,6 +132,8 @@ def retrain(params: PipelineParams = PipelineParams(), force: bool = False):
         challenger_accuracy=run.challenger_accuracy,
         champion_accuracy=run.champion_accuracy,
         run_id=run.run_id,
+        gate_metric="mAP" if "test/map" in run.metrics else "accuracy",  # the registry gate's figure
+        challenger_macro_f1=run.metrics.get("test/macro_f1"),
     )
     logger.info("retrain %s: %s", result.outcome, result.reason)
     _record(result, params)

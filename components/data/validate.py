@@ -42,6 +42,7 @@ class ValidationReport(BaseModel):
     size_histogram: dict[str, int]
     mode_histogram: dict[str, int]
     imbalance_ratio: float
+    split_counts: dict[str, int] = {}  # valid images per split (a multi-label image counts once, not per label)
     clean_manifest_path: str
     quarantine_path: str
     report_path: str
@@ -193,6 +194,7 @@ def validate(snapshot: DatasetSnapshot, params: DataParams, out_dir: Path) -> Va
         size_histogram=dict(Counter(f"{row['width']}x{row['height']}" for row in clean).most_common()),
         mode_histogram=dict(Counter(row["mode"] for row in clean).most_common()),
         imbalance_ratio=float(imbalance),
+        split_counts=dict(Counter(row["split"] for row in clean)),
         clean_manifest_path=str(clean_path.resolve()),
         quarantine_path=str(quarantine_path.resolve()),
         report_path=str(report_path.resolve()),

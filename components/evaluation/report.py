@@ -223,4 +223,10 @@ def read_report(out_dir: Path) -> EvalReport:
         misclassified_png_path=str(misclassified) if misclassified.is_file() else None,
         predictions_path=str(files["predictions.csv"]),
         calibration=read_calibration(out_dir),
+        pr_curves_png_path=_present(out_dir / "pr_curves.png"),  # multi-label evaluations
+        thresholds_path=_present(out_dir / "thresholds.json"),
     )
+
+
+def _present(path: Path) -> str | None:
+    return str(path) if path.is_file() else None

@@ -153,7 +153,7 @@ def read_feedback(path: Path, labels: list[str]) -> tuple[dict[str, str], Feedba
             problem = f"expected 2 columns (id,label), got {len(cells)}"
         elif not cells[0] or not cells[1]:
             problem = "empty id or label"
-        elif cells[1] not in known:
+        elif cells[1] not in known and _label_set(cells[1], known) is None:
             problem = f"unknown label {cells[1][:40]!r}"
         elif cells[0] in found and found[cells[0]] != cells[1]:
             problem = f"id {cells[0][:40]} given again with another label"
@@ -163,7 +163,7 @@ def read_feedback(path: Path, labels: list[str]) -> tuple[dict[str, str], Feedba
             if len(summary.problems) < MAX_LISTED_PROBLEMS:
                 summary.problems.append(f"line {number}: {problem}")
             continue
-        found[cells[0]] = cells[1]
+        found[cells[0]] = cells[1] if cells[1] in known else _label_set(cells[1], known)
     for record_id in conflicting:
         found.pop(record_id, None)
     summary.usable = len(found)
@@ -290,6 +290,13 @@ def _ks_checks(profile: ReferenceProfile, window: dict[str, list[float]], params
             )
         )
     return checks
+
+
+def _label_set(cell: str, known: set[str]) -> str | None:
+    """A multi-label feedback cell ("loop;even") as the server logs it ("even;loop"), or None when a part is
+    empty or unknown (live accuracy of a multi-label model is the exact match of the label set)."""
+    parts = [part.strip() for part in cell.split(";")]
+    return ";".join(sorted(set(parts))) if all(part in known for part in parts) else None
 
 
 def _accuracy_check(

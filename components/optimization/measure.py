@@ -142,7 +142,7 @@ def measure_onnx(
     logits = np.concatenate(
         [session.run(None, {INPUT_NAME: images[i : i + 256]})[0] for i in range(0, len(images), 256)]
     )[:, : len(classes)]
-    summary = compute_metrics(torch.from_numpy(logits), torch.as_tensor(np.asarray(targets)), classes)["summary"]
+    summary = _summary(torch.from_numpy(logits), torch.as_tensor(np.asarray(targets)), classes)
     batch32 = np.ascontiguousarray(np.resize(images, (32, *images.shape[1:])))
     return {
         "accuracy": summary["accuracy"],
@@ -151,6 +151,17 @@ def measure_onnx(
         "latency_b1_ms": _median_ms(session, images[:1], repeats, warmup),
         "latency_b32_ms": _median_ms(session, batch32, repeats, warmup),
     }
+
+
+def _summary(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """{"accuracy", "macro_f1"} of test logits; for multi-label 0/1 targets (N, L) the gate's figure is the macro
+    average precision (mAP, threshold-free) in "accuracy", and macro F1 at 0.5."""
+    if targets.ndim == 2:
+        from components.evaluation.multilabel import compute_multilabel_metrics
+
+        summary = compute_multilabel_metrics(logits, targets, classes, [0.5] * len(classes))["summary"]
+        return {"accuracy": summary["map"], "macro_f1": summary["macro_f1"]}
+    return compute_metrics(logits, targets, classes)["summary"]
 
 
 def gate(variants: list[VariantResult], reference: str, tolerance: float) -> list[VariantResult]:

@@ -73,8 +73,10 @@ def student_name(distill: DistillParams, with_teacher: bool) -> str:
 def _test_set(checkpoint: str, manifest: str, max_pixels: int) -> _TestSet:
     classifier = load_classifier(checkpoint)
     rows = rows_of_split(read_manifest(manifest), "test")
+    transform = build_eval_transform(classifier.augment)
+    multilabel = classifier.task == "multilabel"  # 0/1 targets per label: measure_onnx gates on mAP
     images, targets = eval_arrays(
-        rows, classifier.classes, build_eval_transform(classifier.augment), classifier.spec.in_channels, max_pixels
+        rows, classifier.classes, transform, classifier.spec.in_channels, max_pixels, multilabel
     )
     return _TestSet(classifier, images, targets)
 
@@ -136,7 +138,8 @@ def _split_arrays(classifier: Classifier, manifest: str, split: str, limit: int,
     if not rows:
         return [], []
     transform = build_eval_transform(classifier.augment)
-    return eval_arrays(rows, classifier.classes, transform, classifier.spec.in_channels, max_pixels)
+    multilabel = classifier.task == "multilabel"
+    return eval_arrays(rows, classifier.classes, transform, classifier.spec.in_channels, max_pixels, multilabel)
 
 
 def _static_int8(

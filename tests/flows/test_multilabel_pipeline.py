@@ -24,7 +24,7 @@ from components.serving.app import ServeSettings, create_app
 from components.serving.predictor import Predictor
 from tests.helpers.params import tiny_overrides
 
-PER_DIGIT = 20
+PER_DIGIT = 16
 
 
 def _digits_csv(tmp_path: Path) -> Path:
@@ -62,7 +62,7 @@ def test_multilabel_pipeline_trains_tunes_thresholds_packages_and_serves(tmp_pat
     overrides = tiny_overrides(
         tmp_path, _digits_csv(tmp_path), data__channels=1, augment__mean="[0.5]", augment__std="[0.5]",
         train__max_epochs=4, train__pos_weight="auto", augment__preview_images=0, evaluate__explain=False,
-        train__suspicious_labels=False,
+        train__num_workers=0, train__suspicious_labels=False,
     )  # fmt: skip
     params = load_params(Path("params/multilabel.yaml"), [*overrides, "data.task=auto"])
     result = pipeline(params)
@@ -73,6 +73,7 @@ def test_multilabel_pipeline_trains_tunes_thresholds_packages_and_serves(tmp_pat
     metrics = result.metrics
     assert {"test/map", "test/micro_f1", "test/macro_f1", "test/hamming_loss"} <= set(metrics)
     assert metrics["test/map"] > 0.6, metrics
+    assert sum(result.split_counts.values()) == 10 * PER_DIGIT  # images, not label occurrences
     evaluation = run_dir / "evaluation"
     tuned = json.loads((evaluation / "thresholds.json").read_text())
     assert set(tuned["thresholds"]) == {"even", "ge5", "loop"} and tuned["tuned_on"].startswith("val")

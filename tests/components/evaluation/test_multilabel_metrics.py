@@ -64,3 +64,21 @@ def test_report_files(tmp_path):
     assert rows[1]["predicted"] == "dog" and rows[2]["predicted"] == "cat;dog;outdoor"
     assert report.pr_curves_png_path and (tmp_path / "pr_curves.png").stat().st_size > 1000
     assert (tmp_path / "per_class.csv").read_text().splitlines()[0] == "class,ap,precision,recall,f1,threshold,support"
+
+
+def test_compression_gate_measures_a_multilabel_model_by_its_map():
+    import onnxruntime as ort
+
+    from components.optimization.measure import measure_onnx
+    from tests.helpers.tiny import tiny_data, trained_cnn_onnx
+
+    images, classes = tiny_data(24)
+    targets = torch.stack([classes == 0, classes != 1, classes == 2], dim=1).int()  # several labels per image
+    path = trained_cnn_onnx()
+    figures = measure_onnx(path, images.numpy(), targets.numpy(), CLASSES, repeats=3, warmup=0)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    expected = compute_multilabel_metrics(logits, targets, CLASSES, [0.5] * 3)["summary"]
+    assert figures["accuracy"] == pytest.approx(expected["map"]) and figures["macro_f1"] == pytest.approx(
+        expected["macro_f1"]
+    )

@@ -74,3 +74,22 @@ def test_drift_counts_label_frequencies_of_multilabel_predictions():
     records = [{"predicted": "circle;square"}, {"predicted": ""}, {"predicted": "square"}]
     assert _predicted_counts(records, multilabel=True) == {"circle": 1, "square": 2}
     assert _predicted_counts(records) == {"circle;square": 1, "": 1, "square": 1}
+
+
+def test_feedback_label_sets_match_the_logged_cells(tmp_path):
+    from components.monitoring.drift import read_feedback
+
+    feedback = tmp_path / "feedback.csv"
+    feedback.write_text("id,label\n1,square;circle\n2,circle;bird\n3,triangle\n")
+    found, summary = read_feedback(feedback, LABELS)
+    assert found == {"1": "circle;square", "3": "triangle"}  # as the server logs a label set
+    assert summary.skipped == 1 and "unknown label 'circle;bird'" in summary.problems[0]
+
+
+def test_compare_shows_map_and_macro_f1_for_multilabel_runs():
+    from components.comparison import metric_columns
+
+    multilabel = {"metrics": {"test/accuracy": 0.5, "test/macro_f1": 0.6, "test/map": 0.7}}
+    single = {"metrics": {"test/accuracy": 0.9, "test/macro_f1": 0.8}}
+    assert metric_columns([multilabel, single]) == ["test/map", "test/macro_f1", "test/accuracy"]
+    assert metric_columns([single]) == ["test/accuracy", "test/macro_f1"]
