@@ -219,6 +219,8 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         described = list(pool.map(_describe, items))
+    if task == "multilabel" and not listing.label_cells:  # a folder layout: copies in several class folders
+        items, described = multilabel.merge_copies(items, described)
     shas = [d[0] for d in described]
     splits = assign_splits(items, shas, params)
     extra_columns: list[str] = []

@@ -140,3 +140,25 @@ def apply_task(items: list, label_cells: bool, task: str, empty_labels: str) -> 
     else:
         fixed = [item for item in items if check_label_name(item.label, f"class folder of {item.path}")]
     return fixed, resolved
+
+
+def merge_copies(items: list, described: list[tuple]) -> tuple[list, list[tuple]]:
+    """The folder layout of multi-label data: an image whose identical copies (same sha256) sit in several class
+    folders (cat/001.png and outdoor/001.png) is one image carrying all those labels. Takes the SourceItems and
+    their (sha256, width, height, mode); returns both with each content once (its first path, the labels joined),
+    in the items' order. Unreadable files (no sha256) stay as they are."""
+    first: dict[str, int] = {}
+    labels: dict[str, list[str]] = {}
+    kept_items, kept_described = [], []
+    for item, facts in zip(items, described, strict=True):
+        sha = facts[0]
+        if sha and sha in first:
+            labels[sha].append(item.label)
+            continue
+        if sha:
+            first[sha], labels[sha] = len(kept_items), [item.label]
+        kept_items.append(item)
+        kept_described.append(facts)
+    for sha, index in first.items():
+        kept_items[index] = kept_items[index].model_copy(update={"label": join_labels(labels[sha])})
+    return kept_items, kept_described

@@ -153,3 +153,20 @@ def test_validate_data_cli_exits_2_on_a_label_never_in_train(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "label 'c' never occurs in the train split" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_folder_layout_copies_in_several_class_folders_are_one_image_with_those_labels(tmp_path):
+    root = tmp_path / "data"
+    for i in range(4):
+        _png(root / "cat" / f"c{i}.png", i)  # cats 0-3
+        _png(root / "outdoor" / f"o{i}.png", 10 + i)  # outdoor scenes 10-13
+    for i in (0, 1):  # cats 0 and 1 were photographed outdoors: a copy in outdoor/
+        (root / "outdoor" / f"c{i}.png").write_bytes((root / "cat" / f"c{i}.png").read_bytes())
+    snapshot = ingest(DataParams(path=str(root), task="multilabel"), tmp_path / "s", tmp_path / "c")
+    assert snapshot.num_images == 8 and snapshot.class_counts == {"cat": 4, "outdoor": 6}
+    from components.data.ingest import read_manifest
+
+    cells = {Path(r["path"]).name: r["label"] for r in read_manifest(snapshot.manifest_path)}
+    assert cells["c0.png"] == "cat;outdoor" and cells["c2.png"] == "cat" and cells["o1.png"] == "outdoor"
+    single = ingest(DataParams(path=str(root), task="auto"), tmp_path / "s1", tmp_path / "c")
+    assert single.task == "single" and single.num_images == 10  # the copies stay label conflicts there
