@@ -237,6 +237,7 @@ def pick_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
 
 
 def _grid(rows: list[dict], shown: list[np.ndarray], maps: torch.Tensor, title: str, path: Path) -> Path:
+    """The overlays in a square grid, each titled "true → predicted (probability)", mistakes in red."""
     columns = max(1, math.ceil(math.sqrt(len(rows))))
     grid_rows = math.ceil(len(rows) / columns)
     fig = _figure(2.0 * columns, 2.0 * grid_rows + 0.4)
@@ -247,7 +248,7 @@ def _grid(rows: list[dict], shown: list[np.ndarray], maps: torch.Tensor, title: 
         _overlay(ax, image, heat.numpy())
         text = f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})"
         ax.set_title(text, fontsize=8, color="black" if row["correct"] else "tab:red")
-    fig.suptitle(f"{title} of the predicted class (true → predicted; mistakes in red)", fontsize=9)
+    fig.suptitle(f"{title} (true → predicted; mistakes in red)", fontsize=9)
     fig.savefig(path, format="png", dpi=100)
     return path
 
@@ -279,7 +280,9 @@ def explain_predictions(
     except UnsupportedModelError as err:
         return ExplainResult(skipped=str(err))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    png = _grid(chosen, shown, maps, _describe(classifier.model, method, layer), Path(out_dir) / "explanations.png")
+    what = "the most probable label" if classifier.task == "multilabel" else "the predicted class"
+    title = f"{_describe(classifier.model, method, layer)} of {what}"
+    png = _grid(chosen, shown, maps, title, Path(out_dir) / "explanations.png")
     explained = [
         Explanation(path=r["path"], target=r["target"], predicted=r["predicted"], confidence=r["confidence"])
         for r in chosen
