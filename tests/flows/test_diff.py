@@ -35,6 +35,10 @@ def _fake_run(experiment: str, run_dir: Path, source_dir: Path) -> str:
         return run.run_id
 
 
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["diff", *args], env={"COLUMNS": "200"})
+
+
 @pytest.fixture(scope="module")
 def nudged_run(shapes_run, tmp_path_factory) -> str:
     """A second run without a bundle: the shared run's checkpoint with its 'circle' logit raised by 3, so some
@@ -64,11 +68,14 @@ def test_the_pipeline_fits_a_temperature_and_the_bundle_carries_it(shapes_run):
 
 def test_a_run_against_itself_on_a_data_set_changes_nothing(shapes_run, shapes_dir, tmp_path):
     _, result = shapes_run
-    done = diff_flow(result.run_id, result.run_id, data=str(shapes_dir), out_dir=str(tmp_path / "same"))
-    assert done.result.counts == {"fixed": 0, "broken": 0, "changed": 0}
-    assert done.result.num_images == sum(result.split_counts.values())  # all of --data (its bad files quarantined)
-    assert done.result.summary_a == done.result.summary_b
-    assert "fixed.png" not in done.result.files and Path(done.result.files["confusion_diff.png"]).is_file()
+    out = _invoke(result.run_id, result.run_id, "--data", str(shapes_dir), "--out", str(tmp_path / "same"))
+    assert out.exit_code == 0, out.output
+    done = json.loads((tmp_path / "same" / "diff.json").read_text())
+    assert done["counts"] == {"fixed": 0, "broken": 0, "changed": 0}
+    assert done["num_images"] == sum(result.split_counts.values())  # all of --data (its bad files quarantined)
+    assert done["summary_a"] == done["summary_b"] and "fixed.png" not in done["files"]
+    assert Path(done["files"]["confusion_diff.png"]).is_file()
+    assert "broken" in out.output and f"{done['summary_a']['accuracy']:.4f} → " in out.output
 
 
 def test_diff_of_two_runs_writes_what_changed_to_a_run_tagged_with_both(shapes_run, nudged_run, tmp_path):
@@ -96,10 +103,6 @@ def test_diff_of_two_runs_writes_what_changed_to_a_run_tagged_with_both(shapes_r
     logged = {Path(a.path).name for a in tracking.client().list_artifacts(done.run_id, "diff")}
     assert {Path(path).name for path in diff.files.values()} == logged
     assert nudged_run[:8] in Artifact.get("run-diff").data
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(app, ["diff", *args], env={"COLUMNS": "200"})
 
 
 def test_diff_command_refuses_unknown_runs_runs_without_a_model_and_other_label_sets(shapes_run, tmp_path):
