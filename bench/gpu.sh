@@ -18,8 +18,11 @@ if [ ! -x "$PYTHON" ]; then
 fi
 
 LOADER_IMAGES=5000
+# Small images at in-memory speed: the decoded train split held on the GPU and augmented there in batches, against a
+# plain loop over a preloaded tensor and the per-image loader (generated digits, no download).
+SMALL_IMAGES=(--accelerator gpu --images 5000 --images-224 5000)
 for arg in "$@"; do
-    if [ "$arg" = "--cpu-smoke" ]; then LOADER_IMAGES=300; fi
+    if [ "$arg" = "--cpu-smoke" ]; then LOADER_IMAGES=300; SMALL_IMAGES=(--accelerator cpu --sizes 28 --images 300 --epochs 2); fi
 done
 
 if command -v nvidia-smi >/dev/null; then
@@ -29,3 +32,4 @@ fi
 
 "$PYTHON" bench/train_devices.py "$@"
 "$PYTHON" bench/dataloader.py --images "$LOADER_IMAGES"
+"$PYTHON" bench/small_images.py "${SMALL_IMAGES[@]}"

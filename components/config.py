@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from components.errors import VisionflowError
 
@@ -25,6 +25,11 @@ class ParamsError(VisionflowError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads on / off as true / false: take them back as the words."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class DataParams(_Section):
@@ -97,8 +102,23 @@ class DataParams(_Section):
         True,
         description="Training decodes each image once into a memory-mapped uint8 cache under run.cache_dir/images "
         "(resized to the eval transform's resize side, keyed by the images' content), so later epochs and runs skip "
-        "decoding; eval results are unchanged. Skipped (with a log line) when some images are smaller than that side, "
-        "since an upsampled copy would change the training crops. false: decode every image every epoch.",
+        "decoding; eval results are unchanged. Images that all share a size smaller than that side are cached at "
+        "their own size and resized after (an upsampled copy would change the training crops); images of different "
+        "sizes, some smaller, are not cached (a log line says so). false: decode every image every epoch.",
+    )
+    in_memory: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
+        "auto",
+        description="Hold the decoded train split in memory as one uint8 tensor (in RAM on CPUs, on the device on "
+        "GPUs) and augment whole batches there with tensor operations (the same distributions as the Albumentations "
+        "train transform): small data sets train at in-memory speed. auto: when it fits data.memory_budget_mb; on: "
+        "the same, with an automatic budget of most of the free memory; off: never. A set that does not fit keeps "
+        "the image cache (one log line says so). Validation is unchanged.",
+    )
+    memory_budget_mb: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="MiB the in-memory train split may take (data.in_memory). auto: a share of the memory available "
+        "when training starts: 25% (in_memory auto) or 75% (on) of free RAM on CPUs, shared among the node's training "
+        "processes, or of free device memory on GPUs.",
     )
 
     @model_validator(mode="after")

@@ -105,9 +105,10 @@ def eval_resize_side(params: AugmentParams) -> int:
     return _eval_sizes(params)[0]
 
 
-def build_resize(side: int) -> A.Resize:
-    """The square Resize (bilinear, albumentations' default) the eval transform and the image cache share."""
-    return A.Resize(height=side, width=side, interpolation=_INTERPOLATION)
+def build_resize(side: int, width: int | None = None) -> A.Resize:
+    """The Resize (bilinear, albumentations' default) the eval transform and the image cache share: to side×side, or
+    to side (height) × width when a width is given."""
+    return A.Resize(height=side, width=side if width is None else width, interpolation=_INTERPOLATION)
 
 
 def build_eval_transform(params: AugmentParams, normalize: bool = True) -> A.Compose:

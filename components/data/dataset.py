@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
-from components.data.image_cache import ImageCache, cache_would_upsample, ensure_image_cache
+from components.data.image_cache import ImageCache, ensure_image_cache, storage_size
 from components.data.images import load_image
 from components.data.multilabel import multi_hot
 
@@ -77,10 +77,15 @@ class ManifestDataset(Dataset):
         image = self.transform(image=self._image(i))["image"]
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(np.ascontiguousarray(image))
+        target = self.target(i)
+        return (image, target, i) if self.with_index else (image, target)
+
+    def target(self, i: int):
+        """The target of item i: its class index, or a tensor (class indices of the tasks, or multi-hot labels)."""
         target = self.targets[i]
         if self.extra_targets is not None:
             target = torch.tensor([target, *self.extra_targets[i]])
-        return (image, target, i) if self.with_index else (image, target)
+        return target
 
 
 def _reseed_worker_transform(worker_id: int) -> None:
@@ -126,8 +131,14 @@ class ImageDataModule(L.LightningDataModule):
         normalize: tuple[list[float], list[float]] | None = None,
         index_train: bool = False,
         multilabel: bool = False,
+        in_memory: dict | None = None,
     ):
         super().__init__()
+        # in_memory: {"in_memory": auto|on|off, "memory_budget_mb", "augment": BatchAugment, "seed"} holds the train
+        # split in memory and augments whole batches on the device (components.data.in_memory); None: never.
+        self.in_memory = in_memory
+        self._memory = None
+        self._memory_decided = False
         self.multilabel = multilabel
         self.index_train = index_train  # train batches carry the samples' row positions as a third item
         self.normalize = normalize
@@ -141,10 +152,11 @@ class ImageDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.batch_size = batch_size
         self.num_workers = num_workers
-        if cache_dir is not None and cache_would_upsample(rows, cache_side):
+        self.cache_size = storage_size(rows, cache_side)  # native size for small images (image_cache.storage_size)
+        if cache_dir is not None and self.cache_size is None:
             print(
-                f"[visionflow] image cache off: some images are smaller than {cache_side}px "
-                "and would be cached upsampled",
+                f"[visionflow] image cache off: the images have different sizes, some smaller than {cache_side}px, "
+                "and no common size to cache them at without upsampling",
                 flush=True,
             )
             cache_dir = None
@@ -160,7 +172,7 @@ class ImageDataModule(L.LightningDataModule):
         return ensure_image_cache(
             rows,
             self.cache_dir,
-            self.cache_side,
+            self.cache_size,
             self.channels,
             self.max_pixels,
             self.num_workers,
@@ -180,8 +192,38 @@ class ImageDataModule(L.LightningDataModule):
         return (images.copy_(x.permute(0, 3, 1, 2)).sub_(shift).mul_(scale), y, *rest)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Lightning hook: normalise the uint8 batch on the training device."""
+        """Lightning hook: augment an in-memory train batch, or normalise a uint8 batch, on the training device."""
+        if self._memory is not None and self.trainer is not None and self.trainer.training:
+            return self._memory_augment(batch)
         return self.normalize_batch(batch)
+
+    def _memory_train_set(self, dataset: ManifestDataset):
+        """The train split held in memory (built once; None after one log line when it does not fit or is off)."""
+        if self.in_memory is None or self._memory_decided:
+            return self._memory
+        from components.data.in_memory import BatchAugmenter, hold_in_memory
+
+        trainer = self.trainer
+        device = torch.device(self.in_memory.get("device", "cpu"))  # without a trainer (plain loops, benches)
+        if trainer is not None:
+            device = trainer.strategy.root_device
+        rank = trainer.global_rank if trainer is not None else 0
+        settings = {
+            **self.in_memory,
+            "rank": rank,
+            "local_processes": trainer.num_devices if trainer is not None and device.type == "cpu" else 1,
+            "max_pixels": self.max_pixels,
+            "cache_dir": self.cache_dir,
+            "workers": self.num_workers,
+            "with_index": dataset.with_index,
+        }
+        rows = rows_of_split(self.rows, "train")
+        targets = [dataset.target(i) for i in range(len(dataset))]
+        log = lambda line: print(line, flush=True)  # noqa: E731
+        self._memory = hold_in_memory(rows, targets, self.cache_size, self.channels, settings, device, log)
+        self._memory_augment = BatchAugmenter(self.in_memory["augment"], self.in_memory.get("seed", 0), rank)
+        self._memory_decided = True
+        return self._memory
 
     def prepare_data(self) -> None:
         """Build the image caches of the train and val splits (Lightning calls this on one process per node
@@ -220,6 +262,11 @@ class ImageDataModule(L.LightningDataModule):
             counts = Counter(dataset.targets)
             weights = [1.0 / counts[t] for t in dataset.targets]
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
+        memory = self._memory_train_set(dataset)
+        if memory is not None:
+            from components.data.in_memory import memory_loader
+
+            return memory_loader(memory, self.batch_size, sampler)
         return self._loader(dataset, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

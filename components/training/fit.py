@@ -188,8 +188,8 @@ def datamodule_from_params(
     plan: DevicePlan | None = None,
 ) -> ImageDataModule:
     """The train/val ImageDataModule the params describe (transforms, batch size, loader options, sampler, image
-    cache). `plan` (the checked devices) sizes the automatic worker count and pinned memory; without it one
-    process on the params' accelerator is assumed. Training on a GPU, batches stay uint8 until the device
+    cache, in-memory train split). `plan` (the checked devices) sizes the automatic worker count and pinned memory;
+    without it one process on the params' accelerator is assumed. Training on a GPU, batches stay uint8 until the device
     normalises them (a quarter of the bytes to copy); on CPUs each worker normalises its images (cv2's lookup
     table beats batched tensor arithmetic there). Both give the same floats. Unplanned `auto` values take their
     fields' defaults (config.fill_auto)."""
@@ -216,7 +216,23 @@ def datamodule_from_params(
         normalize=(params.augment.mean, params.augment.std) if on_device else None,
         index_train=params.train.suspicious_labels,
         multilabel=_multilabel(params),
+        in_memory=_in_memory(params, accelerator),
     )
+
+
+def _in_memory(params: PipelineParams, accelerator: str) -> dict:
+    """The in-memory train split's settings for ImageDataModule (components.data.in_memory): the mode, the budget,
+    the batched train transform and its seed; `device` serves loops without a Lightning trainer."""
+    from components.data.batch_augment import BatchAugment
+
+    data = params.data
+    return {
+        "in_memory": data.in_memory,
+        "memory_budget_mb": data.memory_budget_mb,
+        "augment": BatchAugment(params.augment),
+        "seed": params.train.seed,
+        "device": "cuda" if accelerator == "cuda" else "cpu",
+    }
 
 
 def build_trainer(

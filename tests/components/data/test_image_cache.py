@@ -3,6 +3,7 @@ at once."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -272,30 +273,59 @@ def test_lightning_normalises_uint8_batches_through_the_datamodule_hook(tmp_path
     assert seen and set(seen) == {torch.float32}
 
 
-def test_images_smaller_than_the_cache_side_are_not_cached_upsampled():
-    from components.data.image_cache import cache_would_upsample
+def test_storage_size_keeps_small_images_at_their_own_size():
+    from components.data.image_cache import storage_size
 
-    rows = [{"width": "8", "height": "8"}, {"width": "64", "height": "48"}]
-    assert cache_would_upsample(rows, 32)
-    assert not cache_would_upsample(rows[1:], 32)
-    assert not cache_would_upsample([{"width": "", "height": ""}], 32)
+    assert storage_size([{"width": "8", "height": "8"}] * 2, 32) == (8, 8)  # one small size: native
+    assert storage_size([{"width": "40", "height": "12"}], 32) == (12, 40)  # (height, width)
+    assert storage_size([{"width": "64", "height": "48"}, {"width": "40", "height": "33"}], 32) == (32, 32)
+    assert storage_size([{"width": "8", "height": "8"}, {"width": "64", "height": "48"}], 32) is None  # mixed
+    assert storage_size([{"width": "", "height": ""}], 32) == (32, 32)
 
 
-def test_the_data_module_turns_the_cache_off_for_small_images(tmp_path, capsys):
+def _small_rows(folder: Path, size=(20, 12), n=6) -> list[dict[str, str]]:
+    """n grey images of size (width, height), smaller than the cache side, with their manifest columns."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        path = folder / f"small{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8), "L").save(path)
+        rows.append(
+            {"path": str(path), "sha256": file_sha256(path), "label": "ab"[i % 2], "split": "train",
+             "width": str(size[0]), "height": str(size[1])}
+        )  # fmt: skip
+    return rows
+
+
+def test_small_images_are_cached_at_native_size_and_resized_after(tmp_path, capsys):
+    """Images smaller than the input are cached as they are (not upsampled): the eval pixels and the random train
+    crops (same seed) are exactly those of the decoded files."""
+    params = AugmentParams(image_size=32, eval_resize_ratio=1.0, mean=[0.5], std=[0.5], rotate_p=0.5, hflip_p=0.5)
+    rows = _small_rows(tmp_path / "images")
+    data = ImageDataModule(
+        rows, ["a", "b"], build_train_transform(params, seed=5), build_eval_transform(params), channels=1,
+        max_pixels=MAX_PIXELS, batch_size=2, cache_dir=str(tmp_path / "cache"), cache_side=eval_resize_side(params),
+    )  # fmt: skip
+    assert data.cache_dir is not None and data.cache_size == (12, 20)
+    cache = data._cache(rows)
+    assert cache.shape == (6, 12, 20, 1) and cache.path.endswith("-12x20x1.u8")
+    assert "12x20x1" in capsys.readouterr().out
+    for transform in (build_eval_transform(params), build_train_transform(params, seed=5)):
+        cached = ManifestDataset(rows, ["a", "b"], transform, 1, MAX_PIXELS, cache=cache)
+        decoded = ManifestDataset(rows, ["a", "b"], copy.deepcopy(transform), 1, MAX_PIXELS)
+        for a, b in zip(_items(cached), _items(decoded), strict=True):
+            assert a.shape == (1, 32, 32) and torch.equal(a, b)
+
+
+def test_the_data_module_turns_the_cache_off_for_mixed_sizes_with_small_images(tmp_path, capsys):
     rows = [{"path": "a.png", "label": "a", "split": "train", "width": "8", "height": "8"}]
+    mixed = ImageDataModule(
+        [*rows, {**rows[0], "width": "64", "height": "64"}], ["a"], None, None, channels=1, max_pixels=10**6,
+        batch_size=1, cache_dir=str(tmp_path), cache_side=32,
+    )  # fmt: skip
+    assert mixed.cache_dir is None and "image cache off" in capsys.readouterr().out
     small = ImageDataModule(
         rows, ["a"], None, None, channels=1, max_pixels=10**6, batch_size=1, cache_dir=str(tmp_path), cache_side=32
     )
-    assert small.cache_dir is None and "image cache off" in capsys.readouterr().out
-    large = ImageDataModule(
-        [{**rows[0], "width": "64", "height": "64"}],
-        ["a"],
-        None,
-        None,
-        channels=1,
-        max_pixels=10**6,
-        batch_size=1,
-        cache_dir=str(tmp_path),
-        cache_side=32,
-    )
-    assert large.cache_dir == str(tmp_path)
+    assert small.cache_dir == str(tmp_path) and small.cache_size == (8, 8)
