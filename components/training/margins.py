@@ -8,14 +8,18 @@ with mixup_p = 0.5 each image is scored from about half its epochs.
 
 Under DDP every process records the samples its sampler gave it; the per-epoch sums are all-reduced over the
 processes before validation (so every process, and every checkpoint, holds the same totals and a resumed run
-keeps the epochs before it). Rank zero writes the ranking.
+keeps the epochs before it). Rank zero writes the ranking: lowest AUM first, and flagged where the last epoch's
+margin is below 0 as well (early epochs give hard but right images a negative AUM too; the flag asks that the network
+still disagrees at the end). Multi-hot (multi-label) targets have no single given label and are not scored.
 """
 
 from __future__ import annotations
 
 import csv
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -32,9 +36,25 @@ class SuspiciousLabels(BaseModel):
 
     csv: str
     grid: str | None = None
-    flagged: int  # training images whose AUM is below 0 (the network prefers another class on average)
+    flagged: int  # training images whose AUM and last epoch's margin are both below 0
     scored: int  # training images with at least one unmixed visit
     summary: str
+    seconds: float = 0.0  # spent in the training process recording margins and writing the ranking (rank zero)
+
+
+class Scored(NamedTuple):
+    """One training image's record: its row position, AUM, likely class, unmixed visits, last epoch's margin."""
+
+    row: int
+    aum: float
+    likely: int
+    visits: int
+    last: float
+
+    @property
+    def flagged(self) -> bool:
+        """The network disagreed with the label on average and still did in the last epoch that saw the image."""
+        return self.aum < 0 and self.last < 0
 
 
 def batch_margins(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +78,16 @@ class MarginRecorder(Callback):
         self.total = torch.zeros(size)
         self.count = torch.zeros(size)
         self.likely = torch.full((size,), -1, dtype=torch.long)  # the largest other class at the last visit
+        self.last = torch.zeros(size)  # the mean margin of the last epoch that saw each sample
         self._epoch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._folded = False  # this epoch's sums are in the totals (every process agrees: same hooks, same order)
+        self.seconds = 0.0  # spent in this callback's hooks (its cost)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = pl_module.device
-        self.total, self.count, self.likely = (t.to(device) for t in (self.total, self.count, self.likely))
+        self.total, self.count, self.likely, self.last = (
+            t.to(device) for t in (self.total, self.count, self.likely, self.last)
+        )
         self._reset_epoch(device)
 
     def _reset_epoch(self, device: torch.device) -> None:
@@ -78,6 +103,7 @@ class MarginRecorder(Callback):
         targets, rows = batch[1], batch[2]
         if targets.is_floating_point():  # multi-hot targets: the margin of one given label is not defined
             return
+        start = time.perf_counter()
         if targets.ndim == 2:  # multi-task: the primary task's labels
             targets = targets[:, 0]
         margin, other = batch_margins(outputs["logits"], targets)
@@ -85,11 +111,19 @@ class MarginRecorder(Callback):
         total.index_add_(0, rows, margin)
         count.index_add_(0, rows, torch.ones_like(margin))
         likely[rows] = other
+        self.seconds += time.perf_counter() - start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._folded = False
 
     def _fold(self, trainer: L.Trainer) -> None:
-        """Add this epoch's sums (all processes together) to the totals; every process runs it at the same point."""
-        if self._epoch is None:
+        """Add this epoch's sums (all processes together) to the totals, once per epoch: at the start of its
+        validation (before the epoch's checkpoints), or at its end without one. Every process runs it at the same
+        point: its all-reduces must not meet another collective on another process."""
+        if self._epoch is None or self._folded:
             return
+        self._folded = True
+        start = time.perf_counter()
         total, count, likely = self._epoch
         total = trainer.strategy.reduce(total, reduce_op="sum")
         count = trainer.strategy.reduce(count, reduce_op="sum")
@@ -97,7 +131,9 @@ class MarginRecorder(Callback):
         self.total += total
         self.count += count
         self.likely = torch.where(likely >= 0, likely, self.likely)
+        self.last = torch.where(count > 0, total / count.clamp(min=1), self.last)
         self._reset_epoch(total.device)
+        self.seconds += time.perf_counter() - start
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -107,20 +143,22 @@ class MarginRecorder(Callback):
         self._fold(trainer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"total": self.total.cpu(), "count": self.count.cpu(), "likely": self.likely.cpu()}
+        return {name: getattr(self, name).cpu() for name in ("total", "count", "likely", "last")}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         if state_dict.get("total") is not None and len(state_dict["total"]) == self.size:
-            self.total, self.count, self.likely = state_dict["total"], state_dict["count"], state_dict["likely"]
+            for name in ("total", "count", "likely", "last"):
+                setattr(self, name, state_dict[name])
 
-    def ranking(self) -> list[tuple[int, float, int, int]]:
-        """(row position, AUM, likely class, visits) of every scored sample, lowest AUM first (ties by position)."""
+    def ranking(self) -> list[Scored]:
+        """Every scored sample (seen unmixed at least once), lowest AUM first (ties by row position)."""
         count = self.count.cpu()
         seen = torch.nonzero(count > 0).flatten()
         aum = (self.total.cpu()[seen] / count[seen]).tolist()
         likely, visits = self.likely.cpu()[seen].tolist(), count[seen].long().tolist()
-        order = sorted(range(len(aum)), key=lambda i: (aum[i], int(seen[i])))
-        return [(int(seen[i]), aum[i], likely[i], visits[i]) for i in order]
+        last = self.last.cpu()[seen].tolist()
+        scored = [Scored(int(r), aum[i], likely[i], visits[i], last[i]) for i, r in enumerate(seen.tolist())]
+        return sorted(scored, key=lambda s: (s.aum, s.row))
 
 
 def write_suspicious_labels(
@@ -133,8 +171,10 @@ def write_suspicious_labels(
     max_pixels: int,
 ) -> SuspiciousLabels:
     """Write the `top_k` lowest-AUM training rows (`rows`: the train split in the loader's order) to
-    out_dir/suspicious_labels.csv (rank, path, given_label, likely_label, score = AUM, epochs_seen) and the first
-    64 of them as a grid; returns the files and counts."""
+    out_dir/suspicious_labels.csv (rank, path, given_label, likely_label, score = AUM, last_margin, epochs_seen,
+    flagged) and the first 64 of them as a grid; returns the files and counts. Flagged: AUM and the last epoch's
+    margin both below 0 (the network disagreed with the label on average and still did at the end)."""
+    start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = recorder.ranking()
@@ -142,19 +182,28 @@ def write_suspicious_labels(
     path = out_dir / CSV_NAME
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "path", "given_label", "likely_label", "score", "epochs_seen"])
-        for rank, (i, aum, likely, visits) in enumerate(top, start=1):
-            writer.writerow([rank, rows[i]["path"], rows[i]["label"], classes[likely], f"{aum:.4f}", visits])
+        writer.writerow(
+            ["rank", "path", "given_label", "likely_label", "score", "last_margin", "epochs_seen", "flagged"]
+        )
+        for rank, s in enumerate(top, start=1):
+            row = rows[s.row]
+            likely = classes[s.likely]
+            writer.writerow(
+                [rank, row["path"], row["label"], likely, f"{s.aum:.4f}", f"{s.last:.4f}", s.visits, s.flagged]
+            )
     grid = None
     if top:
-        cells = [(rows[i]["path"], rows[i]["label"], classes[likely], aum) for i, aum, likely, _ in top[:GRID_MAX]]
+        cells = [(rows[s.row]["path"], rows[s.row]["label"], classes[s.likely], s.aum) for s in top[:GRID_MAX]]
         grid = str(suspicious_grid(cells, out_dir / GRID_NAME, channels, max_pixels))
-    flagged = sum(1 for _, aum, _, _ in ranked if aum < 0)
+    flagged = sum(1 for s in ranked if s.flagged)
     summary = (
-        f"{flagged} training image(s) look mislabelled (area under the margin below 0, of {len(ranked)} scored): "
-        f"see {CSV_NAME}"
+        f"{flagged} of {len(ranked)} training images look mislabelled (area under the margin and last epoch's "
+        f"margin below 0): see {CSV_NAME}"
     )
-    return SuspiciousLabels(csv=str(path), grid=grid, flagged=flagged, scored=len(ranked), summary=summary)
+    seconds = recorder.seconds + time.perf_counter() - start
+    return SuspiciousLabels(
+        csv=str(path), grid=grid, flagged=flagged, scored=len(ranked), summary=summary, seconds=seconds
+    )
 
 
 def suspicious_grid(

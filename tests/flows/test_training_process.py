@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from components import tracking
 from components.config import load_params
+from components.data.ingest import read_manifest
 from components.quiet import LOG_FILE_ENV
 from components.training.fit import FitResult, FitSpec
 from components.training.launch import prepare_fit_spec
@@ -48,6 +49,10 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
     assert [r.info.run_id for r in runs] == [run_id]  # the other rank created no run
     assert len(client.get_metric_history(run_id, "val/acc")) == 2  # logged by rank zero only
     assert "distributed_backend=gloo" in log_file.read_text()  # Lightning really started 2 gloo processes
+    # Each process saw its half of the train split per epoch; the margins of both were summed before ranking.
+    train_rows = [row for row in read_manifest(spec.manifest_path) if row["split"] == "train"]
+    assert result.suspicious_labels is not None and result.suspicious_labels.scored == len(train_rows)
+    assert "suspicious_labels.csv" in {Path(a.path).name for a in client.list_artifacts(run_id, "suspicious_labels")}
 
 
 def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen):

@@ -57,15 +57,19 @@ def test_flipped_labels_rank_first_and_reach_mlflow(tmp_path):
 def test_margins_of_mixed_batches_are_skipped_and_averaged_over_visits():
     """Rows 1 and 3 are seen in two epochs (a mixed batch, without logits, in between counts for nothing)."""
     recorder = MarginRecorder(4)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    recorder.on_train_start(trainer, L.LightningModule())
+    trainer, module = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False), L.LightningModule()
+    recorder.on_train_start(trainer, module)
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
     margin, other = batch_margins(logits, torch.tensor([0, 0]))
     assert margin.tolist() == [1.0, -3.0] and other.tolist() == [2, 1]
     batch = (None, torch.tensor([0, 0]), torch.tensor([1, 3]))
+    recorder.on_train_epoch_start(trainer, module)
     recorder.on_train_batch_end(None, None, {"loss": torch.tensor(0.0)}, batch, 0)  # mixed: no logits
     recorder.on_train_batch_end(None, None, {"loss": torch.tensor(0.0), "logits": logits}, batch, 0)
-    recorder._fold(trainer)
+    recorder.on_validation_epoch_start(trainer, module)  # the epoch's sums join the totals before its checkpoints
+    recorder.on_train_epoch_end(trainer, module)  # once per epoch
+    recorder.on_train_epoch_start(trainer, module)
     recorder.on_train_batch_end(None, None, {"loss": torch.tensor(0.0), "logits": logits * 3}, batch, 1)
-    recorder._fold(trainer)
-    assert recorder.ranking() == [(3, -6.0, 1, 2), (1, 2.0, 2, 2)]
+    recorder.on_train_epoch_end(trainer, module)  # an epoch without validation
+    assert recorder.ranking() == [(3, -6.0, 1, 2, -9.0), (1, 2.0, 2, 2, 3.0)]  # last: the second epoch's margin
+    assert recorder.ranking()[0].flagged and not recorder.ranking()[1].flagged
