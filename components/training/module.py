@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -189,6 +190,8 @@ class ClassifierModule(L.LightningModule):
         """data.task multilabel: one sigmoid per label, BCE-with-logits loss (positives weighted by `pos_weight`
         when given); train/acc and val/acc are the exact-match ratio at 0.5, val/map the macro average precision
         (what the best checkpoint is chosen by)."""
+        # A validation batch (the sanity check's two) may hold no positive of a label: its AP is 0, said once here.
+        warnings.filterwarnings("ignore", message="No positive samples found in target", category=UserWarning)
         weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None
         self.loss = nn.BCEWithLogitsLoss(pos_weight=weight)
         self.val_loss = nn.BCEWithLogitsLoss()

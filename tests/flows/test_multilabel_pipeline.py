@@ -62,7 +62,7 @@ def test_multilabel_pipeline_trains_tunes_thresholds_packages_and_serves(tmp_pat
     overrides = tiny_overrides(
         tmp_path, _digits_csv(tmp_path), data__channels=1, augment__mean="[0.5]", augment__std="[0.5]",
         train__max_epochs=4, train__pos_weight="auto", augment__preview_images=0, evaluate__explain=False,
-        train__num_workers=0, train__suspicious_labels=False,
+        train__num_workers=0,
     )  # fmt: skip
     params = load_params(Path("params/multilabel.yaml"), [*overrides, "data.task=auto"])
     result = pipeline(params)
@@ -78,6 +78,7 @@ def test_multilabel_pipeline_trains_tunes_thresholds_packages_and_serves(tmp_pat
     tuned = json.loads((evaluation / "thresholds.json").read_text())
     assert set(tuned["thresholds"]) == {"even", "ge5", "loop"} and tuned["tuned_on"].startswith("val")
     assert (evaluation / "pr_curves.png").is_file()
+    assert not (run_dir / "train" / "suspicious_labels.csv").exists()  # margins need one label per image
 
     bundle = run_dir / "package" / "bundle"
     contents = verify_bundle(bundle)
