@@ -96,6 +96,7 @@ def visionflow_loader(
         [
             "data.channels=3",
             f"data.cache={str(cache).lower()}",
+            "data.in_memory=off",  # the per-image loader; the in-memory path is bench/small_images.py's
             f"augment.image_size={size}",
             "augment.crop_scale_min=0.8",
             "augment.hflip_p=0.5",
