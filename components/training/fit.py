@@ -252,7 +252,7 @@ def build_trainer(
         callbacks.append(EarlyStopping(monitor=monitored, mode="max", patience=params.train.early_stopping_patience))
     from components.tuning.pruning import trial_callbacks
 
-    callbacks += trial_callbacks()  # a trial of `visionflow tune`: report val/acc per epoch, stop when pruned
+    callbacks += trial_callbacks(monitored)  # a trial of `visionflow tune`: report the metric per epoch, stop when pruned
     callbacks += extra_callbacks or []
     trainer = L.Trainer(
         max_epochs=params.train.max_epochs,

@@ -46,10 +46,10 @@ class TrialPruning(Callback):
         trainer.should_stop = trainer.should_stop or stop
 
 
-def trial_callbacks() -> list[Callback]:
-    """[TrialPruning] inside a trial of a search, else []."""
+def trial_callbacks(monitor: str = EPOCH_METRIC) -> list[Callback]:
+    """[TrialPruning] reporting `monitor` (the metric the checkpoint follows) inside a trial of a search, else []."""
     if not os.environ.get(TRIAL_ENV):
         return []
     from components.tuning.study import trial_context
 
-    return [TrialPruning(trial_context())]
+    return [TrialPruning(trial_context(), monitor)]

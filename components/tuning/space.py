@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from components.config import ParamsError, load_params, params_to_flat_dict
 from components.errors import VisionflowError
 
-OBJECTIVE_METRIC = "best_val_acc"  # logged once by the train task: the best epoch's val/acc
-EPOCH_METRIC = "val/acc"  # logged every epoch by the training process, fed to the pruner
+OBJECTIVE_METRIC = "best_val_acc"  # logged once by the train task: the best epoch's val/acc (val/map: multi-label)
+EPOCH_METRIC = "val/acc"  # fed to the pruner every epoch (a multi-label trial reports val/map, as its checkpoint)
 
 
 class SpaceError(VisionflowError):

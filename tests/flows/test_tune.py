@@ -184,3 +184,25 @@ def _loaded(url: str, name: str):
         return optuna.load_study(study_name=name, storage=url)
     except KeyError:
         return None
+
+
+@pytest.mark.parametrize(("task", "metric"), [("single", "val/acc"), ("multilabel", "val/map")])
+def test_a_trial_reports_the_metric_its_checkpoint_follows(tmp_path, shapes_dir, monkeypatch, task, metric):
+    from components.training.fit import build_trainer
+    from components.tuning.pruning import TrialPruning
+    from components.tuning.space import SearchSpace
+    from components.tuning.study import TrialContext
+    from tests.helpers.params import planned_fit_spec
+
+    spec = planned_fit_spec(tmp_path, shapes_dir, data__task=task)
+    context = TrialContext(
+        storage="sqlite://",
+        study="s",
+        trial_id=1,
+        number=0,
+        space=SearchSpace(params={"train.lr": {"low": 0.001, "high": 0.1}}),
+    )
+    monkeypatch.setenv(*next(iter(context.env().items())))
+    trainer, checkpoint = build_trainer(spec, logger=False)
+    (pruning,) = [c for c in trainer.callbacks if isinstance(c, TrialPruning)]
+    assert pruning.monitor == checkpoint.monitor == metric
