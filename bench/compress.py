@@ -291,7 +291,7 @@ def real_model_overrides(model: str, image_size: int, epochs: int) -> tuple[list
         "optimize.distill.enabled=false",
         "optimize.prune.unstructured_amount=0",
         "optimize.prune.enabled=true",
-        f"optimize.prune.finetune_epochs={max(1, epochs // 2 + 1)}",
+        f"optimize.prune.finetune_epochs={epochs}",
         "optimize.quantize.dynamic=true",
         "optimize.latency_repeats=10",
     ]

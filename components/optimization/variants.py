@@ -228,6 +228,7 @@ def pruned_variant(checkpoint: str, manifest: str, params: PipelineParams, out_d
     model = copy.deepcopy(classifier.model)
     counts = prune_structured(model, torch.from_numpy(test.images[:1]), p.ratio, p.importance, p.global_pruning)
     if p.finetune_epochs:
+        model.train()  # loaded in eval mode, and Lightning keeps a module's mode: BatchNorm must learn again
         module = ClassifierModule(
             classifier.spec.model_dump(),
             params.train.model_dump(),
