@@ -190,9 +190,13 @@ def run(
 
     def go():
         p = load_params(params, set_ or [])
+        from flows.warm_start import early_start, wait_for_server
+
+        early_start()  # Prefect's temporary server and the training process start while the flow's modules import
         _check_writable(p)
         from flows.pipeline import pipeline
 
+        wait_for_server()
         return pipeline(p, params_file=str(params) if params else None)
 
     _print_pipeline_result(_run_guarded(go))
@@ -206,9 +210,13 @@ def resume(
     """Resume a failed, killed or crashed pipeline run: same MLflow run, training from its last checkpoint."""
 
     def go():
+        from flows.warm_start import early_start, wait_for_server
+
+        early_start()  # as for `run`
+        _check_writable()
         from flows.pipeline import resume_pipeline
 
-        _check_writable()
+        wait_for_server()
         return resume_pipeline(run_id, set_ or [])
 
     _print_pipeline_result(_run_guarded(go))

@@ -18,8 +18,7 @@ from components import tracking
 from components.config import PipelineParams, load_params, params_to_flat_dict
 from components.errors import VisionflowError
 from components.monitoring.resources import StageClock
-from flows.optimize import optimize_stage
-from flows.package import package_task
+from flows import warm_start
 from flows.tasks import (
     evaluate_task,
     ingest_task,
@@ -169,9 +168,13 @@ def _run_stages(params: PipelineParams, run: tracking.ScopedRun, run_dir: Path, 
     )  # fmt: skip
     if params.optimize.enabled:
         enter("optimize")
+        from flows.optimize import optimize_stage  # imported when enabled: onnx, onnxruntime, torch-pruning
+
         stages.optimized = optimize_stage(trained.checkpoint, manifest, params, out, run_id)
     if params.package.enabled:
         enter("package")
+        from flows.package import package_task
+
         optimized = stages.optimized
         stages.packaged = package_task(
             trained.checkpoint, params, snapshot.source, snapshot.fingerprint, manifest, evaluation, split_counts,
@@ -195,14 +198,18 @@ def pipeline(
     MLflow run, training continued from its last checkpoint. `tags` are added to the MLflow run
     (a sweep marks its runs this way). Returns a PipelineResult.
     """
-    with pipeline_run_scope(params, params_file, resume_run_id, tags) as (run, run_dir):
-        clock = stage_clock(run.run_id)
-        try:
-            stages = _run_stages(params, run, run_dir, clock)
-        finally:
-            clock.stop()
-        run.stage = None
-        return _finish(stages, run.run_id, run_dir)
+    warm_start.prestart_training_process()  # imports torch, Lightning and MLflow while the stages before train run
+    try:
+        with pipeline_run_scope(params, params_file, resume_run_id, tags) as (run, run_dir):
+            clock = stage_clock(run.run_id)
+            try:
+                stages = _run_stages(params, run, run_dir, clock)
+            finally:
+                clock.stop()
+            run.stage = None
+            return _finish(stages, run.run_id, run_dir)
+    finally:
+        warm_start.discard_training_process()  # not handed a spec (the run ended before training): let it go
 
 
 def _finish(stages: _Stages, run_id: str, run_dir: Path) -> PipelineResult:

@@ -33,6 +33,7 @@ from components.evaluation.evaluate import evaluate_checkpoint
 from components.evaluation.explain import explain_predictions
 from components.evaluation.report import EvalReport
 from components.training.fit import FitResult, FitSpec
+from flows import warm_start
 
 
 class TrainedModel(BaseModel):
@@ -227,7 +228,8 @@ def _relay(process: subprocess.Popen, logger) -> str:
 
 
 def run_training_process(spec: FitSpec, spec_path: Path, logger) -> FitResult:
-    """Launch `python -m components.training.fit SPEC` and wait; returns its FitResult.
+    """Run the training process on the spec (the one flows.warm_start started ahead, else a new
+    `python -m components.training.fit SPEC`) and wait; returns its FitResult.
 
     Raises TrainingError with the process's own message (or its output's tail) when it fails.
     """
@@ -236,12 +238,7 @@ def run_training_process(spec: FitSpec, spec_path: Path, logger) -> FitResult:
     if spec.mlflow_run_id:
         env["MLFLOW_RUN_ID"] = spec.mlflow_run_id
     env.setdefault("PYTHONUNBUFFERED", "1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "components.training.fit", str(spec_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    process = warm_start.training_process(spec_path, env)  # the one started ahead (imports done), else a new one
     try:
         tail = _relay(process, logger)
         code = process.wait()

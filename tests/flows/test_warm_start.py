@@ -1,0 +1,55 @@
+"""The training process started ahead of its spec (flows/warm_start.py, components/training/warm.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from components import tracking
+from components.training.fit import FitResult
+from components.training.warm import TIMINGS_FILE
+from flows import warm_start
+from tests.helpers.params import planned_fit_spec
+
+
+def test_a_changed_environment_is_not_handed_over_but_the_run_variables_are():
+    waiting = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+    run = {**waiting, "MLFLOW_RUN_ID": "abc", "MLFLOW_TRACKING_URI": "sqlite:///x.db", "PREFECT__FLOW_RUN_ID": "1"}
+    assert warm_start.changed_variables(waiting, run) == []
+    assert warm_start.changed_variables(waiting, {**run, "CUDA_VISIBLE_DEVICES": "1"}) == ["CUDA_VISIBLE_DEVICES"]
+    assert warm_start.changed_variables(waiting, {**run, "VISIONFLOW_TUNE_TRIAL": "{}"}) == ["VISIONFLOW_TUNE_TRIAL"]
+
+
+def test_a_waiting_process_never_handed_a_spec_exits_cleanly():
+    warm_start.prestart_training_process()
+    process = warm_start._waiting.process
+    warm_start.discard_training_process()
+    assert process.wait(timeout=300) == 0
+    assert warm_start._waiting is None
+
+
+@pytest.mark.slow
+def test_the_waiting_process_trains_the_spec_and_its_ddp_ranks_start_from_it(tmp_path, shapes_dir):
+    spec = planned_fit_spec(tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2)
+    spec = spec.model_copy(update={"rank_results": True})
+    spec_path = tmp_path / "train" / "fit_spec.json"
+    spec_path.parent.mkdir(parents=True)
+    spec_path.write_text(spec.model_dump_json())
+    warm_start.prestart_training_process()
+    env = dict(os.environ, MLFLOW_RUN_ID=spec.mlflow_run_id, MLFLOW_TRACKING_URI=tracking.tracking_uri())
+    process = warm_start.training_process(spec_path, env)
+    output = process.stdout.read().decode(errors="replace")  # as the train task relays it (its stdin is closed)
+    assert process.wait(timeout=300) == 0, output[-3000:]
+    timings = json.loads((spec_path.parent / TIMINGS_FILE).read_text())  # the waiting process trained
+    assert timings["process_start"] <= timings["imported"] <= timings["spec_read"] <= timings["returned"]
+    rank0 = FitResult.model_validate_json(Path(spec.result_path).read_text())
+    rank1 = FitResult.model_validate_json(Path(f"{spec.result_path}.rank1").read_text())  # the re-run rank read it too
+    assert (rank0.global_rank, rank1.global_rank, rank0.world_size) == (0, 1, 2)
+    assert rank0.weights_sha256 == rank1.weights_sha256
+    client = MlflowClient(tracking.tracking_uri())
+    assert len(client.get_metric_history(spec.mlflow_run_id, "val/acc")) == 2
+    assert any(key.startswith("system/") for key in client.get_run(spec.mlflow_run_id).data.metrics)
