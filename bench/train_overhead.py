@@ -1,15 +1,22 @@
-"""Overhead of the visionflow train stage against a plain PyTorch loop.
+"""Overhead of `visionflow run` and of its train stage against a plain PyTorch loop, with a breakdown.
 
-Same data (the default params' data set), model, transforms, epochs and batch size; early stopping
-off so both do the same number of epochs. Prints a table of wall times and the ratio.
+Same data (the default params' data set), model, transforms, epochs and batch size; early stopping off so both
+do the same number of epochs. Each round trains the plain loop in this process, then runs the `visionflow run`
+command (a fresh process: interpreter, imports, Prefect's temporary server, flow, exit) on the same params and
+reads its MLflow runs back for the breakdown. Prints a table of wall times and ratios (medians over --repeat
+rounds), then what each part of the fixed cost took.
 
-    python bench/train_overhead.py [--params params/default.yaml] [--set train.max_epochs=10]
+    python bench/train_overhead.py [--params params/default.yaml] [--set train.max_epochs=10] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +40,25 @@ from components.data.validate import validate
 from components.models import build_model
 from components.training.fit import datamodule_from_params, model_spec_from_params
 
+BENCH_SETS = [
+    "train.early_stopping_patience=0",
+    "train.progress_bar=false",
+    "augment.preview_images=0",
+    "package.enabled=false",
+    "run.experiment=bench-train-overhead",
+]
 
-def plain_loop(params, manifest: str, classes: list[str]) -> float:
-    """Train with a hand-written loop (train + val pass per epoch); returns wall seconds.
+
+def train_batch(data, batch):
+    """A training batch as the training run sees it: a train split held in memory is augmented in whole batches
+    (the data module's hook does that in training); otherwise uint8 batches are normalised after loading."""
+    if getattr(data, "_memory", None) is not None:
+        return data._memory_augment(batch)
+    return data.normalize_batch(batch)
+
+
+def plain_loop(params, manifest: str, classes: list[str]) -> tuple[float, float]:
+    """Train with a hand-written loop (train + val pass per epoch); returns (wall seconds, first epoch seconds).
 
     The image cache is built before the clock starts (the pipeline, run next, then finds it built
     too); the loaders are made once, as Lightning makes them, so their persistent workers start
@@ -47,11 +70,12 @@ def plain_loop(params, manifest: str, classes: list[str]) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     start = time.perf_counter()
+    first = 0.0
     train_loader, val_loader = data.train_dataloader(), data.val_dataloader()
-    for _ in range(params.train.max_epochs):
+    for epoch in range(params.train.max_epochs):
         model.train()
         for batch in train_loader:
-            x, y = data.normalize_batch(batch)  # uint8 batches are normalised after loading, as in training
+            x, y = train_batch(data, batch)[:2]
             optimizer.zero_grad()
             loss_fn(model(x), y).backward()
             optimizer.step()
@@ -59,54 +83,151 @@ def plain_loop(params, manifest: str, classes: list[str]) -> float:
         with torch.no_grad():
             for batch in val_loader:
                 model(data.normalize_batch(batch)[0])
-    return time.perf_counter() - start
+        if epoch == 0:
+            first = time.perf_counter() - start
+    return time.perf_counter() - start, first
+
+
+def run_cli(params_file: str, sets: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Run `visionflow run` in a fresh process; returns (launch, exit) as epoch seconds and the wall seconds."""
+    command = [sys.executable, "-c", "from flows.cli import main; main()", "run", "--params", params_file]
+    for item in sets:
+        command += ["--set", item]
+    launched, start = time.time(), time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"visionflow run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return launched, launched + wall, wall
+
+
+def breakdown(experiment: str, launched: float, ended: float, wall: float) -> dict[str, float]:
+    """The parts of one `visionflow run` (seconds), from its MLflow runs and the training process's result."""
+    from components import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
+    parent = next(r for r in runs if tracking.PARENT_TAG not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id]
+    train = next(r for r in children if r.data.tags.get(tracking.STAGE_TAG) == "train")
+    ms = 1000.0
+    parts = {"whole": wall, "start": parent.info.start_time / ms - launched, "end": ended - parent.info.end_time / ms}
+    for key, value in parent.data.metrics.items():
+        if key.startswith("stage/") and key.endswith("/seconds"):
+            parts[key.removeprefix("stage/").removesuffix("/seconds")] = value
+    stamps = sorted(m.timestamp / ms for m in c.get_metric_history(train.info.run_id, "val/acc"))
+    t_start, t_end = train.info.start_time / ms, train.info.end_time / ms
+    epoch = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    parts.update(
+        train_stage=t_end - t_start,
+        train_epochs=len(stamps),
+        train_epoch=epoch,
+        train_before_first_epoch=stamps[0] - epoch - t_start,
+        train_after_last_epoch=t_end - stamps[-1],
+    )
+    result = Path(parent.data.tags[tracking.RUN_DIR_TAG]) / "train" / "result.json"
+    timings = json.loads(result.read_text()).get("timings") or {} if result.is_file() else {}
+    if timings:  # the training process's own clock (epoch seconds)
+        parts.update(
+            proc_waiting=max(0.0, t_start - timings["imported"]),
+            proc_start_to_imported=timings["imported"] - timings["process_start"],
+            proc_spec_to_fit=timings["fit_start"] - max(timings["spec_read"], t_start),
+            proc_flush=timings["flushed"] - timings["fit_end"],
+            proc_exit_to_run_end=t_end - timings["flushed"],
+        )
+    return parts
+
+
+def standalone_costs(env: dict[str, str]) -> dict[str, float]:
+    """What importing the pipeline's modules and starting Prefect's temporary server take alone (fresh processes)."""
+    out = {}
+    for name, code in {
+        "import flows.pipeline": "import flows.pipeline",
+        "import lightning (training process)": "import components.training.fit",
+        "Prefect temporary server start": "from prefect.server.api.server import SubprocessASGIServer as S\n"
+        "s = S(); s.start(); s.stop()",
+    }.items():
+        timed = f"import time\nt = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)"
+        done = subprocess.run([sys.executable, "-c", timed], env=env, capture_output=True, text=True)
+        out[name] = float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else float("nan")
+    return out
+
+
+ROWS = [
+    ("start", "  start: interpreter, imports, Prefect temporary server, flow run (until the MLflow run starts)"),
+    ("ingest", "  ingest stage"),
+    ("validate", "  validate stage"),
+    ("plan", "  plan stage"),
+    ("augment", "  augmentation preview stage"),
+    ("train", "  train stage (task)"),
+    ("train_before_first_epoch", "    before the first epoch: MLflow run, process start, imports, set-up"),
+    ("proc_waiting", "      of which the process had imported and was waiting (overlapped)"),
+    ("proc_start_to_imported", "      process start → imports done"),
+    ("proc_spec_to_fit", "      spec handed over → Lightning fit starts"),
+    ("train_after_last_epoch", "    after the last epoch: end of fit, flush, checkpoint upload, run end"),
+    ("proc_flush", "      MLflow flush and system-metrics stop"),
+    ("proc_exit_to_run_end", "      process exit → train run ended"),
+    ("evaluate", "  evaluate stage"),
+    ("end", "  end: summary, run end, server stop, exit"),
+]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params/default.yaml")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--repeat", type=int, default=1, help="Rounds (plain loop then visionflow run); medians.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visionflow-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    params = load_params(
-        args.params,
-        [
-            "train.early_stopping_patience=0",
-            "train.progress_bar=false",
-            "augment.preview_images=0",
-            "package.enabled=false",
-            f"run.output_dir={work / 'runs'}",
-            "run.experiment=bench-train-overhead",
-            *args.set,
-        ],
-    )
+    sets = [*BENCH_SETS, f"run.output_dir={work / 'runs'}", *args.set]
+    params = load_params(args.params, sets)
     snapshot = ingest(params.data, work / "snapshot", Path(params.run.cache_dir))
     report = validate(snapshot, params.data, work / "data")
-    plain = plain_loop(params, report.clean_manifest_path, snapshot.classes)
-    print(f"plain PyTorch loop: {plain:.1f} s", flush=True)
+    env = dict(os.environ, PREFECT_HOME=str(work / "prefect"))
+    rounds: list[dict[str, float]] = []
+    for round_ in range(args.repeat):
+        plain, first = plain_loop(params, report.clean_manifest_path, snapshot.classes)
+        launched, ended, wall = run_cli(args.params, sets, env)
+        parts = breakdown(params.run.experiment, launched, ended, wall)
+        parts.update(plain=plain, plain_epoch=(plain - first) / max(1, params.train.max_epochs - 1))
+        rounds.append(parts)
+        print(f"round {round_ + 1}: plain {plain:.1f} s, visionflow run {wall:.1f} s", flush=True)
+    alone = standalone_costs(env)
+    med = {key: median([r[key] for r in rounds if key in r]) for key in rounds[0]}
+    for key in ("proc_waiting", "proc_start_to_imported", "proc_spec_to_fit", "proc_flush", "proc_exit_to_run_end"):
+        med.setdefault(key, float("nan"))
+    ratios = {k: median([r[k] / r["plain"] for r in rounds]) for k in ("train_stage", "whole")}
 
-    from components import tracking
-    from flows.pipeline import pipeline
-
-    start = time.perf_counter()
-    result = pipeline(params)
-    whole = time.perf_counter() - start
-    train_run = tracking.get_run(result.train_run_id).info
-    stage = (train_run.end_time - train_run.start_time) / 1000
-
-    table = Table(
-        title=(
-            f"train overhead: {params.model.name}, {params.train.max_epochs} epochs, "
-            f"batch {params.train.batch_size}, {os.cpu_count()} CPUs"
-        )
+    console = Console()
+    title = (
+        f"`visionflow run` overhead: {params.model.name}, {params.train.max_epochs} epochs, batch "
+        f"{params.train.batch_size}, {os.cpu_count()} CPUs, median of {len(rounds)}"
     )
+    table = Table(title=title)
     for column in ("what", "wall s", "× plain loop"):
         table.add_column(column)
-    table.add_row("plain PyTorch loop (train + val passes)", f"{plain:.1f}", "1.00")
-    table.add_row("visionflow train stage (process, Lightning, MLflow)", f"{stage:.1f}", f"{stage / plain:.2f}")
-    table.add_row("whole visionflow pipeline (Prefect, ingest..evaluate)", f"{whole:.1f}", f"{whole / plain:.2f}")
-    Console().print(table)
+    table.add_row("plain PyTorch loop (train + val passes, no tracking)", f"{med['plain']:.1f}", "1.00")
+    table.add_row("visionflow train stage (own process, Lightning, MLflow)", f"{med['train_stage']:.1f}",
+                  f"{ratios['train_stage']:.2f}")  # fmt: skip
+    table.add_row("whole `visionflow run` (new process, Prefect, ingest … evaluate)", f"{med['whole']:.1f}",
+                  f"{ratios['whole']:.2f}")  # fmt: skip
+    console.print(table)
+
+    parts = Table(title="where the time goes (median seconds)")
+    parts.add_column("part")
+    parts.add_column("s")
+    parts.add_row("epoch: plain loop / visionflow", f"{med['plain_epoch']:.2f} / {med['train_epoch']:.2f}")
+    for key, label in ROWS:
+        parts.add_row(label, f"{med.get(key, float('nan')):.1f}")
+    for label, seconds in alone.items():
+        parts.add_row(f"alone, in a fresh process: {label}", f"{seconds:.1f}")
+    console.print(parts)
 
 
 if __name__ == "__main__":
