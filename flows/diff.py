@@ -57,34 +57,40 @@ class DiffRun(BaseModel):
     result: DiffResult
 
 
-def _home(run) -> Path:
+def _run_dir(run) -> Path | None:
+    """The run directory a run's tag names (None without one: never the current folder)."""
+    tag = run.data.tags.get(tracking.RUN_DIR_TAG)
+    return Path(tag) if tag else None
+
+
+def _home(run) -> Path | None:
     """The folder holding a run's params.yaml and data/: its run directory, or its parent pipeline run's (a
     `package --from-run` child run keeps only its package folder)."""
-    run_dir = Path(run.data.tags.get(tracking.RUN_DIR_TAG) or "")
-    parent = run.data.tags.get(tracking.PARENT_TAG)
-    if not (run_dir / "params.yaml").is_file() and parent:
-        return Path(pipeline_run(parent).data.tags.get(tracking.RUN_DIR_TAG) or "")
+    run_dir, parent = _run_dir(run), run.data.tags.get(tracking.PARENT_TAG)
+    if (run_dir is None or not (run_dir / "params.yaml").is_file()) and parent:
+        return _run_dir(pipeline_run(parent))
     return run_dir
 
 
-def _model_source(run, run_dir: Path, home: Path, task: str) -> ModelSource:
+def _model_source(run, run_dir: Path | None, home: Path | None, task: str) -> ModelSource:
     """The run's bundle (its package folder, else its MLflow `bundle` artifacts), else its best checkpoint (with
     the temperature its evaluation fitted); VisionflowError when it has neither."""
     run_id = run.info.run_id
-    bundle = run_dir / "package" / "bundle"
-    if not bundle.is_dir() and tracking.client().list_artifacts(run_id, BUNDLE_ARTIFACTS):
+    bundle = run_dir / "package" / "bundle" if run_dir else None
+    if (bundle is None or not bundle.is_dir()) and tracking.client().list_artifacts(run_id, BUNDLE_ARTIFACTS):
         bundle = tracking.download_run_artifacts(run_id, BUNDLE_ARTIFACTS, Path(".visionflow") / "diff" / run_id)
-    if bundle.is_dir():
+    if bundle is not None and bundle.is_dir():
         return ModelSource(run_id=run_id, kind="bundle", path=str(bundle), task=task)
-    checkpoint = home / "train" / "checkpoints" / "best.ckpt"
-    if checkpoint.is_file():
+    checkpoint = home / "train" / "checkpoints" / "best.ckpt" if home else None
+    if checkpoint and checkpoint.is_file():
         calibration = read_calibration(home / "evaluation")
         temperature = calibration.temperature if calibration else 1.0
         source = ModelSource(run_id=run_id, kind="checkpoint", path=str(checkpoint), temperature=temperature, task=task)
         if task == "multilabel":
             source.thresholds = _checkpoint_thresholds(run_id, home / "evaluation" / "thresholds.json")
         return source
-    raise VisionflowError(f"run {run_id} has no bundle or checkpoint to score (looked in {run_dir or 'no run dir'})")
+    where = f"looked in {run_dir}" if run_dir else "it names no run directory"
+    raise VisionflowError(f"run {run_id} has no bundle or checkpoint to score ({where})")
 
 
 def _checkpoint_thresholds(run_id: str, path: Path) -> dict[str, float]:
@@ -100,18 +106,18 @@ def run_model(run_id: str) -> RunModel:
     """Resolve a pipeline run (or a package child run) for a diff; raises VisionflowError, one line, for an
     unknown run or one without a bundle or checkpoint."""
     run = pipeline_run(run_id)
-    run_dir, home = Path(run.data.tags.get(tracking.RUN_DIR_TAG) or ""), _home(run)
-    params = load_params(home / "params.yaml") if (home / "params.yaml").is_file() else load_params()
+    run_dir, home = _run_dir(run), _home(run)
+    params = load_params(home / "params.yaml") if home and (home / "params.yaml").is_file() else load_params()
     task = getattr(params.data, "task", "single")
     task = "single" if task == "auto" else task
     source = _model_source(run, run_dir, home, task)
-    manifest = home / "data" / "manifest.clean.csv"
+    manifest = home / "data" / "manifest.clean.csv" if home else None
     return RunModel(
         run_id=run_id,
         experiment=tracking.client().get_experiment(run.info.experiment_id).name,
         started=run.info.start_time or 0,
-        run_dir=str(run_dir),
-        manifest=str(manifest) if manifest.is_file() else None,
+        run_dir=str(run_dir or ""),
+        manifest=str(manifest) if manifest and manifest.is_file() else None,
         source=source,
         labels=model_labels(source),
         data=params.data,
