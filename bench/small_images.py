@@ -206,6 +206,8 @@ def main() -> None:
         for name, (seconds, rate) in results.items():
             label = f"{n} × {side}×{side}×{channels}"
             table.add_row(label, name, f"{rate:,.0f}", f"{seconds:.2f}", f"{seconds / base:.2f}")
+            print(f"[small_images] {label} | {name} | {rate:,.0f} images/s | {seconds:.2f} s/epoch | "
+                  f"{seconds / base:.2f}x plain", flush=True)  # fmt: skip
         table.add_section()
     Console(width=140).print(table)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data in {work}")
