@@ -40,6 +40,7 @@ class SuspiciousLabels(BaseModel):
     scored: int  # training images with at least one unmixed visit
     summary: str
     seconds: float = 0.0  # spent in the training process recording margins and writing the ranking (rank zero)
+    record_seconds: float = 0.0  # of which recording margins during training (the per-step hooks and epoch sums)
 
 
 class Scored(NamedTuple):
@@ -202,7 +203,13 @@ def write_suspicious_labels(
     )
     seconds = recorder.seconds + time.perf_counter() - start
     return SuspiciousLabels(
-        csv=str(path), grid=grid, flagged=flagged, scored=len(ranked), summary=summary, seconds=seconds
+        csv=str(path),
+        grid=grid,
+        flagged=flagged,
+        scored=len(ranked),
+        summary=summary,
+        seconds=seconds,
+        record_seconds=recorder.seconds,
     )
 
 
