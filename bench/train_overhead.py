@@ -39,6 +39,7 @@ from components.data.ingest import ingest, read_manifest
 from components.data.validate import validate
 from components.models import build_model
 from components.training.fit import datamodule_from_params, model_spec_from_params
+from components.training.warm import TIMINGS_FILE
 
 BENCH_SETS = [
     "train.early_stopping_patience=0",
@@ -108,7 +109,7 @@ def breakdown(experiment: str, launched: float, ended: float, wall: float) -> di
     c = tracking.client()
     exp = c.get_experiment_by_name(experiment)
     runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
-    parent = next(r for r in runs if tracking.PARENT_TAG not in r.data.tags)
+    parent = next(r for r in runs if tracking.PARENT_TAG not in r.data.tags and r.info.end_time)  # newest ended
     children = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id]
     train = next(r for r in children if r.data.tags.get(tracking.STAGE_TAG) == "train")
     ms = 1000.0
@@ -126,15 +127,15 @@ def breakdown(experiment: str, launched: float, ended: float, wall: float) -> di
         train_before_first_epoch=stamps[0] - epoch - t_start,
         train_after_last_epoch=t_end - stamps[-1],
     )
-    result = Path(parent.data.tags[tracking.RUN_DIR_TAG]) / "train" / "result.json"
-    timings = json.loads(result.read_text()).get("timings") or {} if result.is_file() else {}
-    if timings:  # the training process's own clock (epoch seconds)
+    timings_file = Path(parent.data.tags[tracking.RUN_DIR_TAG]) / "train" / TIMINGS_FILE
+    if timings_file.is_file():  # the training process started ahead kept its own clock (epoch seconds)
+        timings = json.loads(timings_file.read_text())
         parts.update(
-            proc_waiting=max(0.0, t_start - timings["imported"]),
             proc_start_to_imported=timings["imported"] - timings["process_start"],
-            proc_spec_to_fit=timings["fit_start"] - max(timings["spec_read"], t_start),
-            proc_flush=timings["flushed"] - timings["fit_end"],
-            proc_exit_to_run_end=t_end - timings["flushed"],
+            proc_waiting=max(0.0, timings["spec_read"] - timings["imported"]),
+            proc_spec_to_first_epoch=stamps[0] - epoch - timings["spec_read"],
+            proc_last_epoch_to_returned=timings["returned"] - stamps[-1],
+            proc_returned_to_run_end=t_end - timings["returned"],
         )
     return parts
 
@@ -162,12 +163,12 @@ ROWS = [
     ("augment", "  augmentation preview stage"),
     ("train", "  train stage (task)"),
     ("train_before_first_epoch", "    before the first epoch: MLflow run, process start, imports, set-up"),
-    ("proc_waiting", "      of which the process had imported and was waiting (overlapped)"),
-    ("proc_start_to_imported", "      process start → imports done"),
-    ("proc_spec_to_fit", "      spec handed over → Lightning fit starts"),
-    ("train_after_last_epoch", "    after the last epoch: end of fit, flush, checkpoint upload, run end"),
-    ("proc_flush", "      MLflow flush and system-metrics stop"),
-    ("proc_exit_to_run_end", "      process exit → train run ended"),
+    ("proc_start_to_imported", "      training process: its imports (started ahead, before the stage)"),
+    ("proc_waiting", "      training process: imports done, waiting for the spec"),
+    ("proc_spec_to_first_epoch", "      spec handed over → first epoch starts (set-up, sanity check)"),
+    ("train_after_last_epoch", "    after the last epoch: end of fit, MLflow flush, checkpoint upload, run end"),
+    ("proc_last_epoch_to_returned", "      last epoch → training returned (flush, system metrics, result)"),
+    ("proc_returned_to_run_end", "      training returned → train run ended (process exit, upload)"),
     ("evaluate", "  evaluate stage"),
     ("end", "  end: summary, run end, server stop, exit"),
 ]
@@ -200,8 +201,6 @@ def main() -> None:
         print(f"round {round_ + 1}: plain {plain:.1f} s, visionflow run {wall:.1f} s", flush=True)
     alone = standalone_costs(env)
     med = {key: median([r[key] for r in rounds if key in r]) for key in rounds[0]}
-    for key in ("proc_waiting", "proc_start_to_imported", "proc_spec_to_fit", "proc_flush", "proc_exit_to_run_end"):
-        med.setdefault(key, float("nan"))
     ratios = {k: median([r[k] / r["plain"] for r in rounds]) for k in ("train_stage", "whole")}
 
     console = Console()
