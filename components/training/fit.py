@@ -186,13 +186,15 @@ def datamodule_from_params(
     classes: list[str],
     task_classes: dict[str, list[str]] | None = None,
     plan: DevicePlan | None = None,
+    index_train: bool = False,
 ) -> ImageDataModule:
     """The train/val ImageDataModule the params describe (transforms, batch size, loader options, sampler, image
-    cache). `plan` (the checked devices) sizes the automatic worker count and pinned memory; without it one
-    process on the params' accelerator is assumed. Training on a GPU, batches stay uint8 until the device
+    cache, in-memory train split). `plan` (the checked devices) sizes the automatic worker count and pinned memory;
+    without it one process on the params' accelerator is assumed. Training on a GPU, batches stay uint8 until the device
     normalises them (a quarter of the bytes to copy); on CPUs each worker normalises its images (cv2's lookup
     table beats batched tensor arithmetic there). Both give the same floats. Unplanned `auto` values take their
-    fields' defaults (config.fill_auto)."""
+    fields' defaults (config.fill_auto). With `index_train` the train batches carry their rows' positions (for the
+    suspicious-label margins)."""
     params = fill_auto(params)
     accelerator = plan.accelerator if plan else resolve_accelerator(params.trainer.accelerator)
     on_device = accelerator != "cpu"
@@ -214,9 +216,25 @@ def datamodule_from_params(
         persistent_workers=train.persistent_workers,
         prefetch_factor=train.prefetch_factor,
         normalize=(params.augment.mean, params.augment.std) if on_device else None,
-        index_train=params.train.suspicious_labels,
+        index_train=index_train,
         multilabel=_multilabel(params),
+        in_memory=_in_memory(params, accelerator),
     )
+
+
+def _in_memory(params: PipelineParams, accelerator: str) -> dict:
+    """The in-memory train split's settings for ImageDataModule (components.data.in_memory): the mode, the budget,
+    the batched train transform and its seed; `device` serves loops without a Lightning trainer."""
+    from components.data.batch_augment import BatchAugment
+
+    data = params.data
+    return {
+        "in_memory": data.in_memory,
+        "memory_budget_mb": data.memory_budget_mb,
+        "augment": BatchAugment(params.augment),
+        "seed": params.train.seed,
+        "device": "cuda" if accelerator == "cuda" else "cpu",
+    }
 
 
 def build_trainer(
@@ -245,15 +263,17 @@ def build_trainer(
     )
     # Lightning's save_last only writes when the best changes; resume needs every epoch.
     last = ModelCheckpoint(dirpath=directory, filename="last", monitor=None, enable_version_counter=False)
-    callbacks: list[Callback] = [checkpoint, last, EpochThroughput(), EpochSummary()]
+    # extra callbacks first: their epoch-end collectives (training/margins.py) must come before EpochSummary's
+    # rank-zero-only read of the epoch metrics, which syncs them on rank zero alone
+    callbacks: list[Callback] = [*(extra_callbacks or []), checkpoint, last, EpochThroughput(), EpochSummary()]
     if params.train.freeze_backbone_epochs:
         callbacks.append(FreezeBackbone(params.train.freeze_backbone_epochs))
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitored, mode="max", patience=params.train.early_stopping_patience))
     from components.tuning.pruning import trial_callbacks
 
-    callbacks += trial_callbacks(monitored)  # a trial of `visionflow tune`: report the metric per epoch, stop when pruned
-    callbacks += extra_callbacks or []
+    # a trial of `visionflow tune`: report the metric per epoch, stop when pruned
+    callbacks += trial_callbacks(monitored)
     trainer = L.Trainer(
         max_epochs=params.train.max_epochs,
         accelerator=params.trainer.accelerator,
@@ -319,7 +339,7 @@ def fit(spec: FitSpec) -> FitResult:
         if _multilabel(params) and params.train.pos_weight == "auto"
         else None,
     )
-    data = datamodule_from_params(params, rows, spec.classes, task_classes, plan)
+    data = datamodule_from_params(params, rows, spec.classes, task_classes, plan, params.train.suspicious_labels)
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
     logger: MLFlowLogger | bool = False
     if run_id:
@@ -372,19 +392,24 @@ def report_suspicious_labels(
     margins: MarginRecorder | None, spec: FitSpec, train_rows: list[dict[str, str]], logger: MLFlowLogger | bool
 ) -> SuspiciousLabels | None:
     """Rank zero: write the suspicious-label ranking into the run directory, log it to the MLflow run (artifacts
-    under suspicious_labels/, metric train/suspicious_labels) and print its summary line."""
+    under suspicious_labels/, metric train/suspicious_labels) and print its summary line. A failure to write it
+    (an image that no longer decodes, a full disk) is printed and leaves the training's result as it is."""
     if margins is None:
         return None
     params = spec.params
-    found = write_suspicious_labels(
-        margins,
-        train_rows,
-        spec.classes,
-        Path(spec.run_dir),
-        params.train.suspicious_top_k,
-        params.data.channels,
-        params.data.max_pixels,
-    )
+    try:
+        found = write_suspicious_labels(
+            margins,
+            train_rows,
+            spec.classes,
+            Path(spec.run_dir),
+            params.train.suspicious_top_k,
+            params.data.channels,
+            params.data.max_pixels,
+        )
+    except Exception as err:  # a report, never a reason to lose the trained model
+        print(f"[visionflow] suspicious labels not written: {type(err).__name__}: {err}", flush=True)
+        return None
     print(f"[visionflow] {found.summary}", flush=True)
     if logger:
         client = logger.experiment
