@@ -198,7 +198,11 @@ def main() -> None:
         parts = breakdown(params.run.experiment, launched, ended, wall)
         parts.update(plain=plain, plain_epoch=(plain - first) / max(1, params.train.max_epochs - 1))
         rounds.append(parts)
-        print(f"round {round_ + 1}: plain {plain:.1f} s, visionflow run {wall:.1f} s", flush=True)
+        print(
+            f"round {round_ + 1}: plain {plain:.1f} s, train stage {parts['train_stage']:.1f} s, "
+            f"visionflow run {wall:.1f} s",
+            flush=True,
+        )
     alone = standalone_costs(env)
     med = {key: median([r[key] for r in rounds if key in r]) for key in rounds[0]}
     ratios = {k: median([r[k] / r["plain"] for r in rounds]) for k in ("train_stage", "whole")}
