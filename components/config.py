@@ -500,8 +500,8 @@ class QuantizeParams(_Section):
     activation_type: Literal["uint8", "int8"] = Field(
         "uint8",
         description=(
-            "Static int8 activation type: uint8 is the fast one on x86 (onnxruntime runs int8-activation QDQ convolutions"
-            " in fp32 there); int8 suits ARM."
+            "Static int8 activation type: uint8 is the fast one on x86 (onnxruntime runs int8-activation QDQ "
+            "convolutions in fp32 there); int8 suits ARM."
         ),
     )
     reduce_range: bool | None = Field(
