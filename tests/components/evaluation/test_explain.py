@@ -25,7 +25,7 @@ from components.evaluation.explain import (
 )
 from components.models import ModelSpec, build_model
 from components.training.module import ClassifierModule
-from tests.helpers.tiny import CLASSES, SPEC, tiny_data, trained_cnn
+from tests.helpers.tiny import CLASSES, SPEC, fit_tiny, tiny_data, trained_cnn
 
 AUGMENT = AugmentParams(image_size=16, mean=[0.5], std=[0.5], hflip_p=0.0, eval_resize_ratio=1.0)
 CORNERS = [(2, 2), (2, 9), (9, 5)]  # tiny_data's 5x5 blob of each class
@@ -39,16 +39,7 @@ SPECS = {
 def _trained(name: str, steps: int = 40) -> nn.Module:
     """A tiny RNN or ViT trained on tiny_data (once per session)."""
     torch.manual_seed(0)
-    model = build_model(SPECS[name])
-    x, y = tiny_data()
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for step in range(steps):
-        batch = slice((step * 32) % len(x), (step * 32) % len(x) + 32)
-        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return fit_tiny(build_model(SPECS[name]), steps, lr=5e-3)
 
 
 def _blob_masks(y: torch.Tensor) -> torch.Tensor:
