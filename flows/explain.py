@@ -6,18 +6,20 @@ from pathlib import Path
 
 from components.config import DataParams
 from components.errors import VisionflowError
+from components.evaluation.calibration import read_calibration
 from components.evaluation.explain import ExplainMethod, Explanation, explain_files
 from flows.tasks import finished_pipeline_run
 
 
-def checkpoint_of_run(run_id: str) -> str:
-    """The best checkpoint of the finished pipeline run `run_id`; VisionflowError for an unknown or unfinished
-    run, or one whose checkpoint is gone."""
+def checkpoint_of_run(run_id: str) -> tuple[str, float]:
+    """The best checkpoint of the finished pipeline run `run_id` and the temperature its evaluation fitted (1.0
+    without one); VisionflowError for an unknown or unfinished run, or one whose checkpoint is gone."""
     _, finished = finished_pipeline_run(run_id, "explain")
     checkpoint = finished.get("checkpoint") or ""
     if not checkpoint or not Path(checkpoint).is_file():
         raise VisionflowError(f"run {run_id} has no checkpoint to explain (looked for {checkpoint or 'none'})")
-    return checkpoint
+    calibration = read_calibration(Path(checkpoint).parents[2] / "evaluation")  # <run>/train/checkpoints/best.ckpt
+    return checkpoint, calibration.temperature if calibration else 1.0
 
 
 def explain_command(
@@ -34,5 +36,5 @@ def explain_command(
         raise VisionflowError("give exactly one of --run RUN_ID or --checkpoint CKPT")
     if not images:
         raise VisionflowError("name at least one image to explain")
-    source = checkpoint_of_run(run_id) if run_id else checkpoint
-    return explain_files(source, images, Path(out_dir), method, max_pixels or DataParams().max_pixels)
+    source, temperature = checkpoint_of_run(run_id) if run_id else (checkpoint, 1.0)
+    return explain_files(source, images, Path(out_dir), method, max_pixels or DataParams().max_pixels, temperature)

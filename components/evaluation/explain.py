@@ -154,26 +154,37 @@ def _describe(model: nn.Module, method: str, layer: str | None) -> str:
     return f"{METHOD_TITLES[method]} on layer {layer} ({type(model.get_submodule(layer)).__name__})"
 
 
-def _class_scores(classifier: Classifier, images: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Predicted class and its probability for each image: softmax over the classes (the primary task's of a
-    multi-task model); for a multi-label model the most probable label and its sigmoid."""
+def _class_scores(
+    classifier: Classifier, images: torch.Tensor, temperature: float = 1.0
+) -> tuple[list[int], list[float]]:
+    """Predicted class and its probability for each image: softmax of logits / temperature over the classes (the
+    primary task's of a multi-task model); for a multi-label model the most probable label and its sigmoid."""
     with torch.inference_mode():
         logits = classifier.model(images)[:, : len(classifier.classes)].float()
-        probs = torch.sigmoid(logits) if classifier.task == "multilabel" else torch.softmax(logits, dim=1)
+        if classifier.task == "multilabel":
+            probs = torch.sigmoid(logits)
+        else:
+            probs = torch.softmax(logits / temperature, dim=1)
     confidence, predicted = probs.max(dim=1)
     return predicted.tolist(), confidence.tolist()
 
 
 def explain_files(
-    checkpoint: str, paths: Sequence[str], out_dir: Path, method: ExplainMethod = "auto", max_pixels: int = 40_000_000
+    checkpoint: str,
+    paths: Sequence[str],
+    out_dir: Path,
+    method: ExplainMethod = "auto",
+    max_pixels: int = 40_000_000,
+    temperature: float = 1.0,
 ) -> list[Explanation]:
     """Explain a checkpoint's prediction on each image file: one PNG per image in `out_dir` (`<stem>.explain.png`,
     `<stem>-2.explain.png` on a name clash): the image and its overlay, titled with the predicted class, its
-    confidence and the method. Every image is read before anything is written. Raises CheckpointError,
-    ImageDecodeError (one line naming the file) or UnsupportedModelError."""
+    confidence (calibrated by `temperature`, the one the run's evaluation fitted) and the method. Every image is
+    read before anything is written. Raises CheckpointError, ImageDecodeError (one line naming the file) or
+    UnsupportedModelError."""
     classifier = load_classifier(checkpoint)
     images, shown = _load(classifier, paths, max_pixels)
-    predicted, confidence = _class_scores(classifier, images)
+    predicted, confidence = _class_scores(classifier, images, temperature)
     maps, chosen, layer = attribution_maps(classifier.model, classifier.spec.name, images, predicted, method)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,16 @@ def test_explain_command_writes_one_png_per_image(shapes_run, shapes_dir, tmp_pa
     assert "circle_000.explain.png" in out.stdout and "(" in out.stdout  # predicted class (confidence) -> png
 
 
+def test_explain_of_a_run_uses_the_temperature_its_evaluation_fitted(shapes_run):
+    from components.evaluation.calibration import read_calibration
+    from flows.explain import checkpoint_of_run
+
+    _, result = shapes_run
+    checkpoint, temperature = checkpoint_of_run(result.run_id)
+    fitted = read_calibration(Path(result.run_dir) / "evaluation")
+    assert Path(checkpoint).name == "best.ckpt" and fitted is not None and temperature == fitted.temperature
+
+
 def test_explain_command_refuses_bad_input_in_one_line(shapes_run, shapes_dir, tmp_path):
     params, result = shapes_run
     image = str(shapes_dir / "circle" / "circle_000.png")

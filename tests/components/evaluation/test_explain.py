@@ -169,6 +169,10 @@ def test_explain_files_writes_one_png_per_image_and_refuses_an_unreadable_one(tm
     assert all(Path(r.png).stat().st_size > 3000 for r in results)
     assert [r.predicted for r in results[:3]] == [CLASSES[t] for t in targets]
     assert all(0.34 < r.confidence <= 1 for r in results)
+    # the confidence is calibrated by the run's temperature, as the server's: same answers, softer probabilities
+    softer = explain_files(cnn, paths, tmp_path / "soft", temperature=4.0)
+    assert [r.predicted for r in softer] == [r.predicted for r in results[:3]]
+    assert all(s.confidence < r.confidence for s, r in zip(softer, results, strict=False))
 
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
