@@ -192,8 +192,8 @@ def run(
         p = load_params(params, set_ or [])
         from flows.warm_start import early_start, wait_for_server
 
+        _check_writable(p)  # before anything starts
         early_start()  # Prefect's temporary server and the training process start while the flow's modules import
-        _check_writable(p)
         from flows.pipeline import pipeline
 
         wait_for_server()
@@ -212,8 +212,8 @@ def resume(
     def go():
         from flows.warm_start import early_start, wait_for_server
 
-        early_start()  # as for `run`
         _check_writable()
+        early_start()  # as for `run`
         from flows.pipeline import resume_pipeline
 
         wait_for_server()
