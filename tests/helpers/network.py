@@ -1,21 +1,28 @@
-"""Whether a host answers: tests that check the offline behaviour run only where the download really fails."""
+"""Make the internet unreachable for one test, for real: every HTTP(S) request through urllib (torch.hub,
+torchvision's downloads) goes to a proxy on a closed local port and is refused at once."""
 
 from __future__ import annotations
 
 import socket
-from urllib.parse import urlsplit
+import urllib.request
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
-def reachable(url: str, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to the URL's host and port (443 for https, 80 for http) opens in time."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def any_reachable(*urls: str) -> bool:
-    return any(reachable(url) for url in urls)
+def offline(monkeypatch) -> None:
+    """Route every proxied request of this test to a closed local port, whatever this machine can reach."""
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    for name in PROXY_VARIABLES:
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    # urlopen keeps the first opener it builds, with the proxies of that moment: install one that uses ours
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
+    monkeypatch.setattr(urllib.request, "_opener", opener)

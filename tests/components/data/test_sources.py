@@ -16,7 +16,7 @@ from PIL import Image
 
 from components.data.sources import resolve_source
 from components.errors import DataError
-from tests.helpers.network import any_reachable
+from tests.helpers.network import offline
 
 
 def _png(path: Path, value: int = 0, size: int = 4) -> Path:
@@ -204,9 +204,8 @@ def test_bundled_digits_materialized_once(tmp_path):
     assert not [p for p in (cache / "bundled").iterdir() if p.name != "digits"]  # no temp folder left
 
 
-def test_torchvision_offline_gives_one_line_error(tmp_path):
-    if any_reachable("https://ossci-datasets.s3.amazonaws.com", "http://yann.lecun.com"):
-        pytest.skip("a torchvision MNIST mirror answers: the offline error cannot happen here")
+def test_torchvision_offline_gives_one_line_error(tmp_path, monkeypatch):
+    offline(monkeypatch)
     started = time.monotonic()
     with pytest.raises(DataError) as info:
         resolve_source("torchvision:MNIST", tmp_path / "cache")

@@ -8,7 +8,7 @@ import torch
 from components.config import ModelName
 from components.errors import VisionflowError
 from components.models import MODELS, ModelSpec, build_model
-from tests.helpers.network import reachable
+from tests.helpers.network import offline
 
 
 def test_model_table_covers_exactly_the_config_names():
@@ -38,9 +38,31 @@ def test_unknown_model_and_bad_size():
         build_model(ModelSpec(name="cnn", num_classes=2, image_size=30))
 
 
+def test_offline_refuses_a_server_that_answers(monkeypatch):
+    import http.server
+    import threading
+    import urllib.error
+    import urllib.request
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with monkeypatch.context() as online:
+            for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+                online.delenv(name, raising=False)
+            online.setattr(urllib.request, "_opener", None)
+            assert urllib.request.urlopen(url, timeout=10).status == 200  # it answers
+        offline(monkeypatch)
+        with pytest.raises(urllib.error.URLError, match="Connection refused"):
+            urllib.request.urlopen(url, timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_pretrained_weights_offline_is_one_clear_line(monkeypatch, tmp_path):
-    if reachable("https://download.pytorch.org"):
-        pytest.skip("torchvision's weights server answers: the offline error cannot happen here")
+    offline(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: a download is attempted and fails offline
     with pytest.raises(VisionflowError) as info:
         build_model(ModelSpec(name="mobilenet_v3_small", num_classes=2, pretrained=True))
