@@ -60,7 +60,11 @@ def test_a_validation_split_without_errors_keeps_t_1_and_one_error_gives_a_bound
     logits = torch.nn.functional.one_hot(targets, 4).float() * 8.0
     assert fit_temperature(logits, targets) == 1.0  # nothing to fit on: T -> 0 would make every answer 1.0
     logits[0] = torch.nn.functional.one_hot(torch.tensor(1), 4).float() * 8.0  # one confident mistake
-    assert 1.0 < fit_temperature(logits, targets) < MAX_TEMPERATURE
+    fitted = fit_temperature(logits, targets)
+    grid = torch.linspace(1.0, MAX_TEMPERATURE, 20_000)  # the NLL's minimum found by brute force
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits / t, targets) for t in grid])
+    best = grid[nll.argmin()].item()
+    assert 1.0 < best < MAX_TEMPERATURE and fitted == pytest.approx(best, rel=1e-2)
 
 
 def test_reliability_bins_follow_torchmetrics_binning():
