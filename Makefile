@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
 # The offline defaults (no telemetry, no update checks) are set by visionflow itself: components/quiet.py.
 
-.PHONY: install run up down deploy lint test test-fast bench bench-overhead bench-techniques bench-compress clean
+.PHONY: install browser run up down deploy lint test test-fast bench bench-overhead bench-techniques bench-compress clean
 
 install: $(VENV)/.installed
 
@@ -22,10 +22,15 @@ lint: install  ## ruff: lint and format check (a finding fails `make test`)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint  ## lint, then every test, the slow end-to-end ones included
+browser:  ## Debian's chromium, for the test that opens both UIs in a headless browser (apt-get, as root)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is missing and cannot be installed here (needs apt-get as root): the browser test will fail"
+
+test: install lint browser  ## lint, then every test, the slow end-to-end ones included
 	$(BIN)/python -m pytest
 
-test-fast: install lint  ## lint, then all but the slow end-to-end tests
+test-fast: install lint browser  ## lint, then all but the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: bench-overhead bench-techniques bench-compress  ## all three benchmarks (tables on stdout)

@@ -267,8 +267,7 @@ def test_both_uis_show_a_deployment_and_a_run_in_a_browser(stack):
         f"{mlflow}/api/2.0/mlflow/runs/create",
         json={"experiment_id": experiment["experiment_id"], "run_name": "browser-check-run"},
     ).json()["run"]["info"]
-    if not shutil.which("chromium"):
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt-get)")
+    assert shutil.which("chromium"), "Debian's chromium is missing: `make test` installs it (apt-get, as root)"
     assert "visionflow-browser-check" in _rendered(f"{prefect}/deployments")
     assert flow_run["name"] in _rendered(f"{prefect}/runs/flow-run/{flow_run['id']}")
     page = _rendered(f"{mlflow}/#/experiments/{created['experiment_id']}/runs/{created['run_id']}")
