@@ -18,6 +18,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from components.data.manifest import ManifestRow
 from components.errors import StageError
 
 STAGE_TAG = "visionflow.stage"
@@ -225,9 +226,7 @@ def log_artifacts(run_id: str, paths: Iterable[str | Path | None], artifact_path
             c.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_dataset(
-    run_id: str, rows: list[dict[str, str]], fingerprint: str, source: str, name: str, context: str
-) -> None:
+def log_dataset(run_id: str, rows: list[ManifestRow], fingerprint: str, source: str, name: str, context: str) -> None:
     """Log a manifest as an MLflow data set input of the run, with the fingerprint as its digest."""
     import mlflow.data
     import pandas as pd

@@ -17,6 +17,7 @@ from components import tracking
 from components.config import DataParams, load_params
 from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
+from components.data.manifest import ManifestRow
 from components.errors import VisionflowError
 from components.evaluation.calibration import read_calibration
 from components.evaluation.diff import (
@@ -139,7 +140,7 @@ def check_pair(run_a: str, run_b: str) -> tuple[RunModel, RunModel]:
 def record_diff(
     a: ModelSource,
     b: ModelSource,
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     out_dir: Path,
     log_run_id: str,
     source_text: str,
@@ -238,7 +239,7 @@ def gate_diff(
     champion_bundle: Path,
     challenger_run_id: str,
     challenger_bundle: Path,
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     out_dir: Path,
     max_pixels: int,
     what: str,

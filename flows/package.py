@@ -17,6 +17,7 @@ from components.bundle_format import TASK_FILE
 from components.config import PipelineParams, load_params
 from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
+from components.data.manifest import ManifestRow
 from components.errors import VisionflowError
 from components.evaluation.report import EvalReport, read_report
 from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison
@@ -58,7 +59,7 @@ def _gate(
     version: str,
     bundle_dir: Path,
     accuracy: float,
-    test_rows: list[dict],
+    test_rows: list[ManifestRow],
     params: PipelineParams,
     run_id: str,
 ) -> GateDecision:
@@ -80,7 +81,7 @@ def _gate(
 
 
 def _register_and_gate(
-    packaged: PackagedModel, params: PipelineParams, fingerprint: str, test_rows: list[dict], run_id: str
+    packaged: PackagedModel, params: PipelineParams, fingerprint: str, test_rows: list[ManifestRow], run_id: str
 ) -> PackageResult:
     """Register the packaged model under package.model_name (alias challenger), gate it against the champion
     and record the decision (metrics, tags, a Prefect summary); returns the PackageResult."""

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from components.data.image_cache import ImageCache, ensure_image_cache, storage_size
 from components.data.images import load_image
+from components.data.manifest import ManifestRow
 from components.data.multilabel import multi_hot
 
 
@@ -29,7 +30,7 @@ class ManifestDataset(Dataset):
 
     def __init__(
         self,
-        rows: list[dict[str, str]],
+        rows: list[ManifestRow],
         classes: list[str],
         transform: Callable,
         channels: int,
@@ -98,7 +99,7 @@ def _reseed_worker_transform(worker_id: int) -> None:
         transform.set_random_seed(info.seed % 2**32)
 
 
-def rows_of_split(rows: list[dict[str, str]], split: str) -> list[dict[str, str]]:
+def rows_of_split(rows: list[ManifestRow], split: str) -> list[ManifestRow]:
     """The manifest rows of one split ("train", "val", "test"; "all" keeps every row)."""
     return list(rows) if split == "all" else [row for row in rows if row["split"] == split]
 
@@ -113,7 +114,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        rows: list[dict[str, str]],
+        rows: list[ManifestRow],
         classes: list[str],
         train_transform: Callable,
         eval_transform: Callable,
@@ -166,7 +167,7 @@ class ImageDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
 
-    def _cache(self, rows: list[dict[str, str]]) -> ImageCache | None:
+    def _cache(self, rows: list[ManifestRow]) -> ImageCache | None:
         if self.cache_dir is None or not rows:
             return None
         return ensure_image_cache(
@@ -275,7 +276,7 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def eval_loader(
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     classes: list[str],
     transform: Callable,
     channels: int,
@@ -290,7 +291,7 @@ def eval_loader(
 
 
 def eval_arrays(
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     classes: list[str],
     transform: Callable,
     channels: int,

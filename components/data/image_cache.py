@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.data.augment import build_resize
 from components.data.images import load_image
+from components.data.manifest import ManifestRow
 from components.errors import DataError, ImageDecodeError
 
 CACHE_VERSION = 1
@@ -56,7 +57,7 @@ class ImageCache(BaseModel):
         return np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
 
 
-def content_key(rows: list[dict[str, str]], side: int | Size, channels: int) -> str:
+def content_key(rows: list[ManifestRow], side: int | Size, channels: int) -> str:
     """sha256 over the rows' content hashes (their paths where a row has none) in order, the size (a square side
     or (height, width)), the channels and the cache version. Takes manifest rows; returns the hex digest."""
     h, w = _hw(side)
@@ -182,7 +183,7 @@ def _write(
 
 
 def ensure_image_cache(
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     cache_dir: str | os.PathLike,
     side: int | Size,
     channels: int,
@@ -210,7 +211,7 @@ def ensure_image_cache(
     return ImageCache(path=str(data_path), shape=shape)
 
 
-def storage_size(rows: list[dict[str, str]], side: int) -> Size | None:
+def storage_size(rows: list[ManifestRow], side: int) -> Size | None:
     """The (height, width) the rows' decoded images are stored at (image cache, in-memory training set), from the
     manifest's width/height columns: (side, side) when no image is smaller than `side` (or sizes are unknown), the
     images' own size when they all share one with a side below `side` (cached at native size, resized after: an

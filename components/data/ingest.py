@@ -19,11 +19,11 @@ from pydantic import BaseModel
 from components.config import DataParams
 from components.data import multilabel
 from components.data.images import probe_image
+from components.data.manifest import MANIFEST_COLUMNS, ManifestRow
 from components.data.sources import SourceItem, archive_limits, resolve_source
 from components.errors import DataError
 from components.safety import file_sha256
 
-MANIFEST_COLUMNS = ["path", "sha256", "label", "split", "width", "height", "mode"]
 SPLITS = ("train", "val", "test")
 
 
@@ -61,16 +61,16 @@ class DatasetSnapshot(BaseModel):
 # --- manifest files -------------------------------------------------------------------------------
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Read a manifest CSV. Takes its path; returns one dict (column -> string value) per row."""
+def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+    """Read a manifest CSV. Takes its path; returns one ManifestRow (column -> string value) per row."""
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
-def write_manifest(rows: list[dict], path: str | os.PathLike, columns: list[str] | None = None) -> None:
+def write_manifest(rows: list[ManifestRow], path: str | os.PathLike, columns: list[str] | None = None) -> None:
     """Write manifest rows as CSV (atomically: temp file, then rename).
 
-    Takes the rows (dicts), the target path and optionally the columns to start with (default
+    Takes the rows, the target path and optionally the columns to start with (default
     MANIFEST_COLUMNS); keys of the rows not among them follow in the order they first appear.
     Returns nothing.
     """
@@ -192,7 +192,7 @@ def assign_splits(items: list[SourceItem], shas: list[str], params: DataParams) 
 # --- ingest ---------------------------------------------------------------------------------------
 
 
-def _fingerprint(rows: list[dict[str, str]], extra_columns: list[str]) -> str:
+def _fingerprint(rows: list[ManifestRow], extra_columns: list[str]) -> str:
     """sha256 over the sorted (sha256, label, split, extra labels) rows: content-based, path-free."""
     lines = sorted(
         json.dumps([row["sha256"] or row["path"], row["label"], row["split"], *(row[c] for c in extra_columns)])
@@ -228,7 +228,7 @@ def ingest(params: DataParams, out_dir: Path, cache_dir: Path) -> DatasetSnapsho
         extra_columns += [c for c in item.extra_labels if c not in extra_columns]
     rows = []
     for item, (sha, width, height, mode), split in zip(items, described, splits, strict=False):
-        row = {
+        row: ManifestRow = {
             "path": item.path,
             "sha256": sha,
             "label": item.label,

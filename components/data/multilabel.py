@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 
+from components.data.manifest import ManifestRow
 from components.errors import DataError
 
 SEPARATOR = ";"
@@ -72,7 +73,7 @@ def vocabulary(cells: list[str]) -> list[str]:
     return sorted({label for cell in cells for label in split_cell(cell)})
 
 
-def label_counts(rows: list[dict[str, str]], labels: list[str]) -> dict[str, dict[str, int]]:
+def label_counts(rows: list[ManifestRow], labels: list[str]) -> dict[str, dict[str, int]]:
     """{split: {label: images carrying it}} over manifest rows (every label listed in every split, 0 when absent;
     splits other than train/val/test follow)."""
     splits = list(SPLITS) + sorted({row["split"] for row in rows} - set(SPLITS))
@@ -103,7 +104,7 @@ def split_problems(counts: dict[str, dict[str, int]], labels: list[str], source:
     return refusal, warnings
 
 
-def multi_hot(rows: list[dict[str, str]], labels: list[str]) -> np.ndarray:
+def multi_hot(rows: list[ManifestRow], labels: list[str]) -> np.ndarray:
     """(N, L) float32 0/1 targets of manifest rows. Raises DataError naming a label the list does not hold."""
     index = {name: i for i, name in enumerate(labels)}
     targets = np.zeros((len(rows), len(labels)), dtype=np.float32)
@@ -115,7 +116,7 @@ def multi_hot(rows: list[dict[str, str]], labels: list[str]) -> np.ndarray:
     return targets
 
 
-def positive_weights(rows: list[dict[str, str]], labels: list[str]) -> list[float]:
+def positive_weights(rows: list[ManifestRow], labels: list[str]) -> list[float]:
     """BCE pos_weight per label from the train split: negatives / positives (1.0 for a label without positives)."""
     train = [row for row in rows if row["split"] == "train"]
     positives = Counter(label for row in train for label in split_cell(row["label"]))

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from components import safety
 from components.config import DataParams
+from components.data.manifest import MANIFEST_COLUMNS
 from components.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -33,7 +34,7 @@ BUNDLED_DATASETS = ("digits", "digits-multitask", "digits-multilabel")
 # Top-level folder names read as splits, and the split they stand for.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Names a CSV's extra label column may not take (they are columns of the ingest manifest).
-RESERVED_COLUMNS = frozenset({"path", "sha256", "label", "split", "width", "height", "mode"})
+RESERVED_COLUMNS = frozenset(MANIFEST_COLUMNS)
 DOWNLOAD_TIMEOUT_S = 20.0
 
 

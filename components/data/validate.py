@@ -22,6 +22,7 @@ from components.config import DataParams
 from components.data import multilabel
 from components.data.images import load_image
 from components.data.ingest import SPLITS, DatasetSnapshot, QuarantinedFile, read_manifest, write_manifest
+from components.data.manifest import ManifestRow
 from components.errors import DataError, ImageDecodeError
 
 __all__ = ["QuarantinedFile", "ValidationReport", "format_report", "validate"]
@@ -48,7 +49,7 @@ class ValidationReport(BaseModel):
     report_path: str
 
 
-def _check(row: dict[str, str], channels: int, max_pixels: int) -> str | None:
+def _check(row: ManifestRow, channels: int, max_pixels: int) -> str | None:
     """None when the row's image decodes, else the quarantine reason."""
     try:
         load_image(row["path"], channels, max_pixels)
@@ -66,7 +67,7 @@ def conflict_reason(labels: set[str]) -> str:
 
 
 def _label_conflicts(
-    rows: list[dict[str, str]], reasons: list[str | None], policy: str
+    rows: list[ManifestRow], reasons: list[str | None], policy: str
 ) -> tuple[list[str | None], list[list[str]]]:
     """Find the contents that decode under more than one label.
 

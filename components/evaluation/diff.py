@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from components.data.manifest import ManifestRow
 from components.errors import DataError, VisionflowError
 from components.evaluation.calibration import reliability_bins, write_reliability_png
 from components.evaluation.metrics import compute_metrics
@@ -73,7 +74,7 @@ class TaskDiff:
     confusion_matrix or None), whether each answer is right, the answer as text with its confidence, the true
     answer as text, the (confidence, outcome) pairs of its reliability curve and the headline metrics."""
 
-    targets: Callable[[list[dict[str, str]], list[str]], np.ndarray]
+    targets: Callable[[list[ManifestRow], list[str]], np.ndarray]
     metrics: Callable[[Answers, np.ndarray, list[str]], dict[str, Any]]
     correct: Callable[[Answers, np.ndarray], np.ndarray]
     answer: Callable[[Answers, list[str]], list[tuple[str, float]]]
@@ -82,7 +83,7 @@ class TaskDiff:
     headline: tuple[str, ...]
 
 
-def targets_of(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+def targets_of(rows: list[ManifestRow], classes: list[str]) -> np.ndarray:
     """The rows' class indices in `classes`; DataError naming labels the models do not know."""
     unknown = sorted({r["label"] for r in rows} - set(classes))
     if unknown:
@@ -109,7 +110,7 @@ SINGLE_LABEL = TaskDiff(
 )
 
 
-def _multilabel_targets(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+def _multilabel_targets(rows: list[ManifestRow], classes: list[str]) -> np.ndarray:
     """0/1 targets (N, C) from label cells like "cat;outdoor" ("" = none of the labels)."""
     index = {name: i for i, name in enumerate(classes)}
     targets = np.zeros((len(rows), len(classes)), dtype=np.int64)
@@ -184,7 +185,7 @@ def model_labels(source: ModelSource) -> list[str]:
 
 
 def score_model(
-    source: ModelSource, rows: list[dict[str, str]], max_pixels: int
+    source: ModelSource, rows: list[ManifestRow], max_pixels: int
 ) -> tuple[np.ndarray, list[str], dict[str, float] | None]:
     """The model's probabilities (N, C) on `rows` in its own label order, those labels, and a multi-label model's
     thresholds (None otherwise). A bundle runs through its Predictor (preprocess.json, onnxruntime, calibration

@@ -7,6 +7,7 @@ from pathlib import Path
 from components.config import EvaluateParams
 from components.data.augment import build_eval_transform
 from components.data.dataset import eval_loader
+from components.data.manifest import ManifestRow
 from components.errors import DataError
 from components.evaluation.calibration import calibrate
 from components.evaluation.metrics import compute_metrics
@@ -19,11 +20,11 @@ from components.training.module import load_classifier
 
 def evaluate_checkpoint(
     checkpoint: str,
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     out_dir: Path,
     params: EvaluateParams,
     max_pixels: int,
-    calibration_rows: list[dict[str, str]] | None = None,
+    calibration_rows: list[ManifestRow] | None = None,
 ) -> EvalReport:
     """Run the checkpoint over `rows` (manifest rows) with its own eval transform and write the report.
 
@@ -43,7 +44,7 @@ def evaluate_checkpoint(
     if unknown:
         raise DataError(f"the data has classes the model does not know: {', '.join(unknown[:10])}")
 
-    def run(some_rows: list[dict[str, str]]):
+    def run(some_rows: list[ManifestRow]):
         loader = eval_loader(
             some_rows,
             classifier.classes,

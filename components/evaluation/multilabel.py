@@ -29,6 +29,7 @@ from torchmetrics.functional.classification import (
     multilabel_recall,
 )
 
+from components.data.manifest import ManifestRow
 from components.evaluation.report import EvalReport, _figure
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -234,7 +235,7 @@ def write_multilabel_report(
 
 
 def evaluate_multilabel(
-    classifier, rows: list[dict[str, str]], val_rows: list[dict[str, str]] | None, out_dir: Path, max_pixels: int
+    classifier, rows: list[ManifestRow], val_rows: list[ManifestRow] | None, out_dir: Path, max_pixels: int
 ) -> EvalReport:
     """Evaluate a multi-label Classifier on `rows`, with thresholds tuned on `val_rows` (DEFAULT_THRESHOLD for
     every label without them). Raises DataError for a label the model does not know."""
@@ -246,7 +247,7 @@ def evaluate_multilabel(
     if not rows:
         raise DataError("no images to evaluate")
 
-    def run(some_rows: list[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(some_rows: list[ManifestRow]) -> tuple[torch.Tensor, torch.Tensor]:
         transform = build_eval_transform(classifier.augment)
         loader = eval_loader(
             some_rows, classifier.classes, transform, classifier.spec.in_channels, max_pixels, multilabel=True

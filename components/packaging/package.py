@@ -15,6 +15,7 @@ from components.config import PackageParams
 from components.data.augment import build_eval_transform, eval_preprocess_spec
 from components.data.dataset import eval_arrays
 from components.data.images import load_image
+from components.data.manifest import ManifestRow
 from components.errors import VisionflowError
 from components.evaluation.calibration import CalibrationResult
 from components.evaluation.multilabel import read_thresholds
@@ -74,7 +75,7 @@ def _check_parity(kind: str, parity: dict[str, float], params: PackageParams) ->
 
 def package_checkpoint(
     checkpoint: str,
-    test_rows: list[dict[str, str]],
+    test_rows: list[ManifestRow],
     out_dir: Path,
     params: PackageParams,
     evaluation: EvalReport,
@@ -184,7 +185,7 @@ def _reference_profile(
     onnx_path: Path,
     labels: list[str],
     preprocess: dict,
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     max_pixels: int,
     temperature: float = 1.0,
     thresholds: dict[str, float] | None = None,
@@ -223,7 +224,7 @@ def _multilabel_files(classifier: Classifier, evaluation: EvalReport, export_dir
     return thresholds
 
 
-def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: int) -> float:
+def bundle_accuracy(bundle_dir: Path, rows: list[ManifestRow], max_pixels: int) -> float:
     """Top-1 accuracy of a bundle (its own preprocessing, onnxruntime) on manifest rows; for a multilabel bundle
     the registry gate's figure is its macro average precision (mAP) instead."""
     predictor = Predictor(Path(bundle_dir))
@@ -239,7 +240,7 @@ def bundle_accuracy(bundle_dir: Path, rows: list[dict[str, str]], max_pixels: in
     return correct / max(1, len(rows))
 
 
-def bundle_map(predictor: Predictor, rows: list[dict[str, str]], channels: int, max_pixels: int) -> float:
+def bundle_map(predictor: Predictor, rows: list[ManifestRow], channels: int, max_pixels: int) -> float:
     """Macro average precision (torchmetrics) of a multilabel bundle's probabilities on manifest rows."""
     from torchmetrics.functional.classification import multilabel_average_precision
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pydantic import BaseModel
 
 from components.data import multilabel
+from components.data.manifest import ManifestRow
 from components.planning.mirror import MirrorTest
 
 GREY_MODES = {"1", "L", "LA", "F", "I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -36,7 +37,7 @@ class DataFingerprint(BaseModel):
         return self.grey_fraction >= 1.0
 
 
-def fingerprint_of(rows: list[dict[str, str]], mirror: MirrorTest | None = None, task: str = "auto") -> DataFingerprint:
+def fingerprint_of(rows: list[ManifestRow], mirror: MirrorTest | None = None, task: str = "auto") -> DataFingerprint:
     """The DataFingerprint of clean manifest rows (columns label, split, width, height, mode); with `task`
     multilabel (or auto and a label cell holding the separator) the classes and counts are per label."""
     widths = [int(r["width"]) for r in rows]

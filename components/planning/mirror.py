@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from components.data.images import load_image
+from components.data.manifest import ManifestRow
 from components.errors import ImageDecodeError
 
 SIDE = 16  # images are compared as SIDE x SIDE RGB pixels
@@ -41,8 +42,8 @@ def _pixels(path: str, max_pixels: int) -> np.ndarray | None:
     return (small - small.mean()) / (small.std() + 1e-6)
 
 
-def _sample(rows: list[dict[str, str]], split: str, per_class: int) -> list[dict[str, str]]:
-    by_class: dict[str, list[dict[str, str]]] = defaultdict(list)
+def _sample(rows: list[ManifestRow], split: str, per_class: int) -> list[ManifestRow]:
+    by_class: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in rows:
         if row["split"] == split and len(by_class[row["label"]]) < per_class:
             by_class[row["label"]].append(row)
@@ -58,7 +59,7 @@ def mirror_verdict(accuracy: float, mirrored_accuracy: float, chance: float) -> 
     return "safe" if (mirrored_accuracy - chance) >= MIN_RETAINED * signal else "unsafe"
 
 
-def mirror_test(rows: list[dict[str, str]], max_pixels: int = 40_000_000, per_class: int = 100) -> MirrorTest:
+def mirror_test(rows: list[ManifestRow], max_pixels: int = 40_000_000, per_class: int = 100) -> MirrorTest:
     """Run the nearest-class-mean mirror test on manifest rows (train split: class means; val split: scored).
 
     Reads at most `per_class` images per class and split; returns a MirrorTest."""
@@ -93,8 +94,8 @@ def mirror_test(rows: list[dict[str, str]], max_pixels: int = 40_000_000, per_cl
     )
 
 
-def _grouped(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
-    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
+def _grouped(rows: list[ManifestRow]) -> dict[str, list[ManifestRow]]:
+    groups: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in rows:
         groups[row["label"]].append(row)
     return groups

@@ -25,6 +25,7 @@ from components.config import PipelineParams, fill_auto, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
 from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
+from components.data.manifest import ManifestRow
 from components.data.multilabel import positive_weights
 from components.errors import DataError, VisionflowError
 from components.models import ModelSpec
@@ -121,7 +122,7 @@ class FreezeBackbone(BaseFinetuning):
                 print(f"[visionflow] epoch {epoch + 1}: backbone unfrozen", flush=True)
 
 
-def task_classes_of(rows: list[dict[str, str]], params: PipelineParams) -> dict[str, list[str]]:
+def task_classes_of(rows: list[ManifestRow], params: PipelineParams) -> dict[str, list[str]]:
     """The classes of each extra multi-task label column (sorted values); raises DataError for a missing column."""
     found: dict[str, list[str]] = {}
     for task in params.multitask.tasks:
@@ -157,7 +158,7 @@ def model_spec_from_params(
     )
 
 
-def class_weights(rows: list[dict[str, str]], classes: list[str]) -> list[float]:
+def class_weights(rows: list[ManifestRow], classes: list[str]) -> list[float]:
     """Inverse-frequency weights of the train split's classes, normalised to mean 1 (absent classes get 0)."""
     counts = Counter(row["label"] for row in rows if row["split"] == "train")
     raw = [1.0 / counts[c] if counts[c] else 0.0 for c in classes]
@@ -165,7 +166,7 @@ def class_weights(rows: list[dict[str, str]], classes: list[str]) -> list[float]
     return [w / mean for w in raw]
 
 
-def gd_accumulation(rows: list[dict[str, str]], params: PipelineParams, world_size: int | None = None) -> int:
+def gd_accumulation(rows: list[ManifestRow], params: PipelineParams, world_size: int | None = None) -> int:
     """Batches per optimizer step for full-batch gradient descent: every training batch of a device's share
     (`world_size`: processes over all nodes; by default the params' devices × num_nodes, "auto" counting 1)."""
     train = sum(1 for row in rows if row["split"] == "train")
@@ -182,7 +183,7 @@ def _multilabel(params: PipelineParams) -> bool:
 
 def datamodule_from_params(
     params: PipelineParams,
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     classes: list[str],
     task_classes: dict[str, list[str]] | None = None,
     plan: DevicePlan | None = None,
@@ -389,7 +390,7 @@ def fit(spec: FitSpec) -> FitResult:
 
 
 def report_suspicious_labels(
-    margins: MarginRecorder | None, spec: FitSpec, train_rows: list[dict[str, str]], logger: MLFlowLogger | bool
+    margins: MarginRecorder | None, spec: FitSpec, train_rows: list[ManifestRow], logger: MLFlowLogger | bool
 ) -> SuspiciousLabels | None:
     """Rank zero: write the suspicious-label ranking into the run directory, log it to the MLflow run (artifacts
     under suspicious_labels/, metric train/suspicious_labels) and print its summary line. A failure to write it
@@ -523,7 +524,7 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
 
 
 def fit_in_process(
-    module: L.LightningModule, params: PipelineParams, rows: list[dict[str, str]], classes: list[str], epochs: int
+    module: L.LightningModule, params: PipelineParams, rows: list[ManifestRow], classes: list[str], epochs: int
 ) -> L.Trainer:
     """Train `module` for `epochs` on the manifest rows' train/val splits in this process (one device,
     no logger, no checkpoints): for short fine-tuning and distillation runs. Returns the Trainer.

@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from pydantic import BaseModel
 
+from components.data.manifest import ManifestRow
+
 CSV_NAME = "suspicious_labels.csv"
 GRID_NAME = "suspicious_labels.png"
 GRID_MAX = 64
@@ -164,7 +166,7 @@ class MarginRecorder(Callback):
 
 def write_suspicious_labels(
     recorder: MarginRecorder,
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     classes: list[str],
     out_dir: Path,
     top_k: int,
