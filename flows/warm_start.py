@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -125,6 +126,10 @@ def training_process(spec_path: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 def _start_server(server) -> None:
+    # A terminal's Ctrl-C signals the whole foreground process group. The server's process is started from this
+    # thread with SIGINT blocked (a child keeps the mask across exec), so it outlives Ctrl-C and the flow can still
+    # record the interruption; Prefect stops it with SIGTERM when this process exits.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         server.start()
     except Exception:  # not up in time: stop its process; the flow's own start tries again and reports
