@@ -12,16 +12,14 @@ import sys
 from pathlib import Path
 
 import typer
-from rich import box
-from rich.console import Console
 from rich.markup import escape
-from rich.padding import Padding
-from rich.table import Table
 
 from components.config import load_params
 from components.errors import VisionflowError
 from components.quiet import set_offline_defaults
 from components.serving.settings import ServeSettings
+from flows import cli_output
+from flows.cli_output import err_console
 
 # Offline-safe defaults and output routing, set before prefect / mlflow / albumentations are imported (lazily).
 set_offline_defaults(terminal=True)
@@ -32,8 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="visionflow: tracked, compressed, deployable image classifiers.",
 )
-console = Console()
-err_console = Console(stderr=True)
 
 PARAMS_OPTION = typer.Option(None, "--params", "-p", help="Params YAML (default: built-in defaults).")
 SET_OPTION = typer.Option(
@@ -104,83 +100,6 @@ def _check_writable(params=None, mlflow: bool = True, prefect: bool = True) -> N
     check_writable(places_to_check(tracking_uri, runs_dir, cache_dir, prefect_home))
 
 
-def _compact_table(title: str) -> Table:
-    """A table without borders, columns two spaces apart: the most columns that fit 80."""
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
-
-
-def _summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    """A two-column table of facts, long values folded inside it (_print_summary also takes paths out)."""
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in rows:
-        table.add_row(key, escape(value))
-    return table
-
-
-def _is_place(value: str) -> bool:
-    """A path, link or command with a path: printed whole on its own line rather than folded into a table cell."""
-    return "/" in value and len(value) > 36
-
-
-def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
-    """A two-column table of the short facts (long sentences fold inside it, within 80 columns), then each path
-    or link whole on its own line ("label: value", or the label above the value when both do not fit)."""
-    console.print(_summary_table(title, [(key, value) for key, value in rows if not _is_place(value)]))
-    places = [(key, value) for key, value in rows if _is_place(value)]
-    for key, value in places:
-        _print_place(key, value)
-
-
-def _print_place(label: str, value: str) -> None:
-    """A path or link whole (never cut or folded, for copying): "label: value", or the label on the line above
-    when both do not fit the terminal."""
-    if len(label) + 2 + len(value) <= console.width:
-        console.print(f"{label}: {value}", highlight=False, markup=False, soft_wrap=True)
-    else:
-        console.print(f"{label}:\n  {value}", highlight=False, markup=False, soft_wrap=True)
-
-
-def _print_pipeline_result(result) -> None:
-    from components.tracking import ui_hint
-
-    m = result.metrics
-    counts = result.split_counts
-    _print_summary(
-        "visionflow run finished",
-        [
-            *([("test mAP (multi-label)", f"{m['test/map']:.4f}")] if "test/map" in m else []),
-            ("test accuracy", f"{m.get('test/accuracy', float('nan')):.4f}"),
-            ("macro F1", f"{m.get('test/macro_f1', float('nan')):.4f}"),
-            (
-                "images train / val / test",
-                f"{counts.get('train', 0)} / {counts.get('val', 0)} / {counts.get('test', 0)}",
-            ),
-            ("quarantined files", str(len(result.quarantined))),
-            ("MLflow run", f"{result.run_id} (experiment {result.experiment})"),
-            ("MLflow UI", ui_hint(result.tracking_uri)),
-            ("run directory", result.run_dir),
-            ("best checkpoint", result.checkpoint),
-            *(
-                [
-                    ("bundle", result.bundle),
-                    ("registered model", f"{result.model_version}: {result.registry_decision}"),
-                ]
-                if result.bundle
-                else []
-            ),
-            *(
-                [("best compressed variant", f"{result.best_variant or 'none accepted'} ({result.comparison})")]
-                if result.comparison
-                else []
-            ),
-        ],
-    )
-    for line in result.quarantined[:20]:
-        console.print(f"  quarantined: {line}", highlight=False)
-
-
 @app.command()
 def run(
     params: Path | None = PARAMS_OPTION,
@@ -199,7 +118,7 @@ def run(
         wait_for_server()
         return pipeline(p, params_file=str(params) if params else None)
 
-    _print_pipeline_result(_run_guarded(go))
+    cli_output.print_pipeline_result(_run_guarded(go))
 
 
 @app.command()
@@ -219,7 +138,7 @@ def resume(
         wait_for_server()
         return resume_pipeline(run_id, set_ or [])
 
-    _print_pipeline_result(_run_guarded(go))
+    cli_output.print_pipeline_result(_run_guarded(go))
 
 
 @app.command("validate-data")
@@ -235,17 +154,15 @@ def validate_data(
         import tempfile
 
         from components.data.ingest import ingest
-        from components.data.validate import format_report, validate
+        from components.data.validate import validate
 
         p = load_params(params, [*(set_ or []), f"data.path={path}"])
         _check_writable(p, mlflow=False, prefect=False)
         out_dir = out or Path(tempfile.mkdtemp(prefix="visionflow-validate-"))
         snapshot = ingest(p.data, out_dir / "snapshot", Path(p.run.cache_dir))
-        report = validate(snapshot, p.data, out_dir)
-        console.print(format_report(report), highlight=False)
-        console.print(f"report: {report.report_path}\nquarantine list: {report.quarantine_path}", highlight=False)
+        return validate(snapshot, p.data, out_dir)
 
-    _run_guarded(go)
+    cli_output.print_validation(_run_guarded(go))
 
 
 @app.command("plan")
@@ -259,13 +176,12 @@ def plan_command(
     def go():
         import tempfile
 
-        from components.planning import format_plan, plan_source
+        from components.planning import plan_source
 
         p = load_params(params, [*(set_ or []), f"data.path={path}"])
-        plan = plan_source(p, Path(tempfile.mkdtemp(prefix="visionflow-plan-")))
-        console.print(format_plan(plan), highlight=False, markup=False, soft_wrap=True)
+        return plan_source(p, Path(tempfile.mkdtemp(prefix="visionflow-plan-")))
 
-    _run_guarded(go)
+    cli_output.print_plan(_run_guarded(go))
 
 
 @app.command()
@@ -291,19 +207,7 @@ def evaluate(
             str(checkpoint.resolve()), p.data, split, p.evaluate, p.run.experiment, p.run.output_dir, p.run.cache_dir
         )
 
-    result = _run_guarded(go)
-    m = result.metrics
-    _print_summary(
-        "visionflow evaluation",
-        [
-            ("images", str(result.num_images)),
-            ("accuracy", f"{m['test/accuracy']:.4f}"),
-            ("macro F1", f"{m['test/macro_f1']:.4f}"),
-            ("quarantined files", str(len(result.quarantined))),
-            ("MLflow run", result.run_id),
-            ("run directory", result.run_dir),
-        ],
-    )
+    cli_output.print_evaluation(_run_guarded(go))
 
 
 @app.command()
@@ -323,8 +227,7 @@ def explain(
             raise VisionflowError(f"invalid --method {method!r}: choose auto, gradcam or integrated_gradients")
         return explain_command(run, str(checkpoint) if checkpoint else None, images or [], str(out), method)
 
-    for item in _run_guarded(go):
-        console.print(f"{item.predicted} ({item.confidence:.2f})  {item.path} -> {item.png}", highlight=False)
+    cli_output.print_explanations(_run_guarded(go))
 
 
 @app.command()
@@ -353,30 +256,7 @@ def optimize(
         _check_writable(p)
         return optimize_from_checkpoint(str(checkpoint.resolve()), p)
 
-    result = _run_guarded(go)
-    _print_variants(result)
-
-
-def _print_variants(result) -> None:
-    table = _compact_table("visionflow compression")
-    table.add_column("variant", no_wrap=True)
-    for column in ("accuracy", "drop", "KB", "params", "b1 ms", "b32 ms", "accepted"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for v in result.variants:
-        table.add_row(
-            v.name,
-            f"{v.accuracy:.4f}",
-            f"{v.accuracy_drop:+.4f}",
-            f"{v.size_bytes / 1024:.0f}",
-            f"{v.params:,}" if v.params else "-",
-            f"{v.latency_b1_ms:.2f}",
-            f"{v.latency_b32_ms:.2f}",
-            "yes" if v.accepted else "no",
-        )
-    console.print(table)
-    console.print(f"best accepted variant ({result.objective}): {result.best or 'none'}", highlight=False)
-    _print_place("comparison", str(result.comparison_md))
-    console.print(f"MLflow run: {result.run_id}", highlight=False)
+    cli_output.print_variants(_run_guarded(go))
 
 
 def _serve_option(name: str, *flags: str, help: str | None = None):
@@ -426,12 +306,7 @@ def serve(
             first = err.errors()[0]
             raise VisionflowError(f"invalid option {first['loc'][0]}: {first['msg']}") from None
         bundle = resolve_bundle(source)
-        console.print(f"serving {bundle} on http://{host}:{port} (POST /predict)", highlight=False)
-        if prediction_log:
-            console.print(
-                f"prediction log: {prediction_log} (at most {prediction_log_files} x {prediction_log_max_bytes} bytes)",
-                highlight=False,
-            )
+        cli_output.print_serving(bundle, settings)
         run_server(bundle, settings)
 
     _run_guarded(go)
@@ -450,7 +325,7 @@ def promote(
         _check_writable(prefect=False)
         return promote_version(name, version)
 
-    console.print(_run_guarded(go), highlight=False)
+    cli_output.say(_run_guarded(go))
 
 
 @app.command()
@@ -465,7 +340,7 @@ def rollback(
         _check_writable(prefect=False)
         return rollback_champion(name)
 
-    console.print(_run_guarded(go), highlight=False)
+    cli_output.say(_run_guarded(go))
 
 
 # --- the local stack, deployments, retraining, comparison ------------------------------------------
@@ -541,21 +416,7 @@ def up(
     def go():
         return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout, database_url, auth)
 
-    state, started = _run_guarded(go)
-    _print_summary(
-        "visionflow stack " + ("started" if started else "already running"),
-        [
-            ("Prefect UI", state.prefect_url),
-            ("MLflow UI", state.mlflow_url),
-            ("database", state.database),
-            ("basic auth", "on (user admin)" if state.auth else "off"),
-            ("state", state.state_dir),
-            ("stop", "visionflow down"),
-        ],
-    )
-    console.print("Point other shells at it (visionflow commands started here find it by themselves):", highlight=False)
-    for line in state.exports():
-        console.print(f"  {line}", highlight=False)
+    cli_output.print_stack(*_run_guarded(go))
 
 
 @app.command()
@@ -564,7 +425,7 @@ def down(state_dir: Path | None = STATE_DIR_OPTION) -> None:
     from flows.local_stack import default_state_dir, stop_stack
 
     stopped = _run_guarded(lambda: stop_stack(state_dir or default_state_dir()))
-    console.print(f"stopped: {', '.join(stopped)}" if stopped else "no visionflow stack was running", highlight=False)
+    cli_output.print_stopped(stopped)
 
 
 @app.command()
@@ -589,16 +450,9 @@ def deploy(
             raise VisionflowError("deploy needs a Prefect server: run `visionflow up` first (or set PREFECT_API_URL)")
         deployments = build_deployments(p)
         if pool:
-            ids = deploy_to_pool(deployments, pool)
-            console.print(
-                f"{len(ids)} deployments sent to work pool {pool}; start a worker with "
-                f"`prefect worker start --pool {pool}`",
-                highlight=False,
-            )
+            cli_output.print_deployments_sent(deploy_to_pool(deployments, pool), pool)
             return
-        console.print(
-            f"retrain schedule: {p.retrain.cron} ({p.retrain.timezone}); Ctrl-C stops serving", highlight=False
-        )
+        cli_output.print_deployments_serving(p.retrain)
         serve_deployments(deployments, limit)
 
     _run_guarded(go)
@@ -619,60 +473,7 @@ def retrain_command(
         _check_writable(p)
         return retrain(p, force=force)
 
-    result = _run_guarded(go)
-    _print_summary(
-        f"visionflow retrain: {result.outcome.replace('_', ' ')}",
-        [
-            ("decision", result.reason),
-            ("model version", result.model_version or "-"),
-            (
-                f"challenger {result.gate_metric}",
-                "-" if result.challenger_accuracy is None else f"{result.challenger_accuracy:.4f}",
-            ),
-            (
-                f"champion {result.gate_metric}",
-                "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
-            ),
-            ("challenger macro F1", "-" if result.challenger_macro_f1 is None else f"{result.challenger_macro_f1:.4f}"),
-            ("MLflow run", result.run_id or "-"),
-        ],
-    )
-
-
-def _print_comparison(runs: list[dict], metric: str | None, title: str, plot: Path | None) -> None:
-    """A table of runs (short ids) by status, duration, the params that differ and the metrics; when that table
-    would not fit the terminal, one block per run instead (its values as key=value, wrapped)."""
-    from components.comparison import comparison_plot, metric_columns, varying_params
-
-    if not runs:
-        console.print("no runs found", highlight=False)
-        return
-    params = varying_params(runs)
-    metrics = metric_columns(runs, metric)
-    header = ["run", "status", "duration", *params, *metrics]
-    rows = []
-    for r in runs:
-        duration = f"{r['duration_s']:.0f} s" if r["duration_s"] is not None else "-"
-        values = [str(r["params"].get(p, "-")) for p in params]
-        values += [f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metrics]
-        rows.append((r["run_id"][:8], r["status"], duration, values))
-    cells = [header, *[[run_id, status, duration, *values] for run_id, status, duration, values in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    if sum(widths) + 2 * len(widths) <= console.width:
-        table = _compact_table(title)
-        for column in header:
-            table.add_column(column, no_wrap=True)
-        for run_id, status, duration, values in rows:
-            table.add_row(run_id, status, duration, *values)
-        console.print(table)
-    else:
-        console.print(title, style="bold", highlight=False)
-        for run_id, status, duration, values in rows:
-            console.print(f"{run_id}  {status}  {duration}", highlight=False)
-            pairs = "  ".join(f"{k}={v}" for k, v in zip([*params, *metrics], values, strict=True))
-            console.print(Padding(pairs, (0, 0, 0, 2)), highlight=False)
-    if metrics and plot is not None:
-        _print_place("comparison plot", str(comparison_plot(runs, metrics[0], plot)))
+    cli_output.print_retrain(_run_guarded(go))
 
 
 @app.command()
@@ -690,7 +491,7 @@ def compare(
     from flows.sweep import SWEEP_TAG
 
     runs = _run_guarded(lambda: tracking.recent_runs(experiment, last, tag=(SWEEP_TAG, sweep_id) if sweep_id else None))
-    _print_comparison(runs, metric, f"runs of {experiment or 'all experiments'} (newest first)", plot)
+    cli_output.print_comparison(runs, metric, f"runs of {experiment or 'all experiments'} (newest first)", plot)
 
 
 @app.command()
@@ -702,35 +503,7 @@ def runs(
     from components import tracking
 
     found = _run_guarded(lambda: tracking.recent_runs(experiment, last))
-    _print_runs(found, tracking.tracking_uri())
-
-
-def _print_runs(found: list[dict], uri: str) -> None:
-    """One line per run (short id, status, accuracy, experiment / name), then its Prefect and MLflow links
-    whole on their own lines; a local store's MLflow UI command once at the end."""
-    from components import tracking
-
-    if not found:
-        console.print("no runs found", highlight=False)
-        return
-    server = uri.startswith(("http://", "https://"))
-    console.print("recent runs (newest first)", style="bold", highlight=False)
-    console.print(f"{'run':<8}  {'status':<9}  {'accuracy':>8}  experiment / run name", style="bold", highlight=False)
-    for r in found:
-        accuracy = r["metrics"].get("test/accuracy")
-        shown = "-" if accuracy is None else f"{accuracy:.4f}"
-        console.print(
-            f"{r['run_id'][:8]:<8}  {r['status']:<9}  {shown:>8}  {r['experiment']} / {r['run_name'] or '-'}",
-            highlight=False,
-            markup=False,
-        )
-        url, flow_run_id = r["tags"].get("prefect.flow_run_url", ""), r["tags"].get("prefect.flow_run_id")
-        links = [url] if "://" in url else [f"Prefect flow run {flow_run_id}"] if flow_run_id else []
-        links.append(tracking.run_link(r["run_id"], uri) if server else f"MLflow run {r['run_id']}")
-        for link in links:
-            console.print(f"  {link}", highlight=False, markup=False, soft_wrap=True)
-    if not server:
-        console.print(f"MLflow UI:\n  {tracking.ui_hint(uri)}", highlight=False, markup=False, soft_wrap=True)
+    cli_output.print_runs(found, tracking.tracking_uri())
 
 
 @app.command()
@@ -763,9 +536,7 @@ def sweep(
             plan = plan_sweep(str(params) if params else None, set_ or [], grid, experiment)
         except ValueError as err:
             raise VisionflowError(str(err)) from None
-        console.print(
-            f"sweep {plan.sweep_id}: {len(plan.params)} combinations in experiment {plan.experiment}", highlight=False
-        )
+        cli_output.print_sweep_planned(plan)
         remote = mode == "deployment" or (
             mode == "auto" and server_configured() and deployment_exists(PIPELINE_DEPLOYMENT)
         )
@@ -779,12 +550,8 @@ def sweep(
     from components import tracking
     from flows.sweep import SWEEP_TAG
 
-    for key, state in outcome.states.items():
-        console.print(f"  {state:>10}  {key}", highlight=False)
     found = tracking.recent_runs(outcome.experiment, len(outcome.states), tag=(SWEEP_TAG, outcome.sweep_id))
-    _print_comparison(
-        found, None, f"sweep {outcome.sweep_id} ({outcome.experiment})", Path("runs") / f"sweep-{outcome.sweep_id}.png"
-    )
+    cli_output.print_sweep(outcome, found)
 
 
 @app.command()
@@ -824,28 +591,10 @@ def tune(
         )
         if parallel > 1:
             check_pool_deployment()
-        console.print(f"study {plan.study}: up to {plan.trials} trials, pruner {plan.space.pruner}", highlight=False)
+        cli_output.print_tune_planned(plan)
         return tune_flow(plan)
 
-    result = _run_guarded(go)
-    console.print(
-        _summary_table(
-            f"visionflow tune: study {result.study}",
-            [
-                ("trials", ", ".join(f"{n} {state.lower()}" for state, n in sorted(result.trials.items()))),
-                ("best val/acc", "-" if result.best_value is None else f"{result.best_value:.4f}"),
-                ("best trial", "-" if result.best_trial is None else str(result.best_trial)),
-                ("best params", ", ".join(f"{k}={v}" for k, v in result.best_params.items()) or "-"),
-                ("best params file", result.best_params_file or "-"),
-                ("MLflow study run", result.run_id),
-                *(
-                    [("full run", f"{result.then_run_id} (test/accuracy {result.then_test_accuracy})")]
-                    if result.then_run_id
-                    else []
-                ),
-            ],
-        )
-    )
+    cli_output.print_tune(_run_guarded(go))
 
 
 @app.command()
@@ -872,21 +621,7 @@ def monitor(
 
         return monitor_flow(str(log) if log else None, bundle, str(feedback) if feedback else None, p)
 
-    result = _run_guarded(go)
-    rows = [
-        ("verdict", f"DRIFT: {', '.join(result.triggered)}" if result.drift_detected else "no drift detected"),
-        ("predictions compared", str(result.window_predictions)),
-        ("computed", ", ".join(result.computed) or "nothing"),
-        ("not computed", "; ".join(sorted(set(result.not_computed.values()))) or "-"),
-        ("live accuracy", "-" if result.live_accuracy is None else f"{result.live_accuracy:.4f}"),
-        ("report", f"{result.report_markdown} ({result.report_html})"),
-        ("MLflow run", result.run_id),
-    ]
-    if result.event_id:
-        rows.append(("Prefect event", f"visionflow.drift.detected ({result.event_id})"))
-    _print_summary("visionflow monitor", rows)
-    for note in result.notes:
-        console.print(f"  note: {note}", highlight=False)
+    cli_output.print_monitor(_run_guarded(go))
 
 
 @app.command()
@@ -902,21 +637,7 @@ def package(
         _check_writable()
         return package_flow(from_run, set_ or [])
 
-    result = _run_guarded(go)
-    _print_summary(
-        "visionflow package",
-        [
-            ("bundle", result.archive),
-            ("registered model", f"{result.model_name} v{result.version}"),
-            ("challenger accuracy (test split)", f"{result.challenger_accuracy:.4f}"),
-            (
-                "champion accuracy (same split)",
-                "-" if result.champion_accuracy is None else f"{result.champion_accuracy:.4f}",
-            ),
-            ("registry gate", result.reason),
-            ("MLflow run", f"{result.run_id} (child of {from_run})"),
-        ],
-    )
+    cli_output.print_package(_run_guarded(go), from_run)
 
 
 @app.command("fit-spec")
@@ -936,9 +657,7 @@ def fit_spec(
         p = load_params(params, set_ or [])
         _check_writable(p, prefect=False)
         spec_path = prepare_fit_spec(p, out)
-        console.print(f"spec: {spec_path}", highlight=False)
-        for name, line in launch_commands(spec_path, p).items():
-            console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
+        cli_output.print_fit_spec(spec_path, launch_commands(spec_path, p))
 
     _run_guarded(go)
 
@@ -970,16 +689,7 @@ def diff(
         _check_writable()
         return diff_flow(run_a, run_b, data, split, str(out.resolve()) if out else None, grid)
 
-    done = _run_guarded(go)
-    result = done.result
-    rows = [("images", f"{result.num_images} ({result.source})")]
-    for name in ("accuracy", "macro_f1", "ece"):
-        if name in result.summary_a and name in result.summary_b:
-            a, b = result.summary_a[name], result.summary_b[name]
-            rows.append((name, f"{a:.4f} → {b:.4f} ({b - a:+.4f})"))
-    rows += [(kind, str(count)) for kind, count in result.counts.items()]
-    rows += [("MLflow run", done.run_id), ("summary", result.files["summary.md"]), ("folder", done.out_dir)]
-    _print_summary(f"visionflow diff {run_a[:8]} → {run_b[:8]}", rows)
+    cli_output.print_diff(_run_guarded(go), run_a, run_b)
 
 
 def main() -> None:
