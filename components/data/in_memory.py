@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from components.data.batch_augment import BatchAugment
 from components.data.image_cache import Size, decode_into, ensure_image_cache
+from components.data.manifest import ManifestRow
 
 InMemory = Literal["auto", "on", "off"]
 # Share of the available memory the automatic budget gives the train split: `auto` leaves room for the model,
@@ -97,7 +98,7 @@ def _whole_batch(batch: Any) -> Any:
 
 
 def decoded_train_images(
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     size: Size,
     channels: int,
     max_pixels: int,
@@ -155,7 +156,7 @@ def memory_loader(
 
 
 def hold_in_memory(
-    rows: list[dict[str, str]],
+    rows: list[ManifestRow],
     targets: list[Any],
     size: Size | None,
     channels: int,
