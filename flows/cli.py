@@ -1,7 +1,9 @@
-"""The `visionflow` command line: run, resume, validate-data, evaluate, explain, optimize, serve, promote, rollback,
-up, down, deploy, retrain, compare, diff, runs, sweep, fit-spec.
+"""The `visionflow` command line: run, resume, validate-data, plan, evaluate, explain, optimize, serve, promote,
+rollback, up, down, deploy, retrain, compare, runs, sweep, tune, monitor, package, fit-spec, diff.
 
-Expected failures (bad params, bad data, a failed stage) print one line and exit 2.
+Each command parses its options, calls its one function in flows/commands.py inside `_run_guarded` and prints
+the result with flows/cli_output.py. Expected failures (bad params, bad data, a failed stage) print one line and
+exit 2; any other error exits 1 with its traceback; an interrupt exits 130.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from components.config import load_params
 from components.errors import VisionflowError
 from components.quiet import set_offline_defaults
 from components.serving.settings import ServeSettings
-from flows import cli_output
+from flows import cli_output, commands
 from flows.cli_output import err_console
 
 # Offline-safe defaults and output routing, set before prefect / mlflow / albumentations are imported (lazily).
@@ -81,44 +82,13 @@ def _run_guarded(fn):
         raise typer.Exit(130) from None
 
 
-def _check_writable(params=None, mlflow: bool = True, prefect: bool = True) -> None:
-    """One line naming the first place this command would write (MLflow store when local, params' runs and
-    cache folders, Prefect home) that cannot be written, before anything starts (raises NotWritableError)."""
-    from components.writable import check_writable, places_to_check
-
-    tracking_uri = None
-    if mlflow:
-        from components.tracking import tracking_uri as current_uri
-
-        tracking_uri = current_uri()
-    prefect_home = None
-    if prefect:
-        from prefect.settings import get_current_settings
-
-        prefect_home = get_current_settings().home
-    runs_dir, cache_dir = (params.run.output_dir, params.run.cache_dir) if params is not None else (None, None)
-    check_writable(places_to_check(tracking_uri, runs_dir, cache_dir, prefect_home))
-
-
 @app.command()
 def run(
     params: Path | None = PARAMS_OPTION,
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Run the whole pipeline (ingest, validate, train, evaluate) and print where to look."""
-
-    def go():
-        p = load_params(params, set_ or [])
-        from flows.warm_start import early_start, wait_for_server
-
-        _check_writable(p)  # before anything starts
-        early_start()  # Prefect's temporary server and the training process start while the flow's modules import
-        from flows.pipeline import pipeline
-
-        wait_for_server()
-        return pipeline(p, params_file=str(params) if params else None)
-
-    cli_output.print_pipeline_result(_run_guarded(go))
+    cli_output.print_pipeline_result(_run_guarded(lambda: commands.run_pipeline(params, set_ or [])))
 
 
 @app.command()
@@ -127,18 +97,7 @@ def resume(
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Resume a failed, killed or crashed pipeline run: same MLflow run, training from its last checkpoint."""
-
-    def go():
-        from flows.warm_start import early_start, wait_for_server
-
-        _check_writable()
-        early_start()  # as for `run`
-        from flows.pipeline import resume_pipeline
-
-        wait_for_server()
-        return resume_pipeline(run_id, set_ or [])
-
-    cli_output.print_pipeline_result(_run_guarded(go))
+    cli_output.print_pipeline_result(_run_guarded(lambda: commands.resume_run(run_id, set_ or [])))
 
 
 @app.command("validate-data")
@@ -149,20 +108,7 @@ def validate_data(
     out: Path | None = typer.Option(None, help="Where to write manifest and report (default: a temp folder)."),
 ) -> None:
     """Check every image of a data set and print the validation report (no training)."""
-
-    def go():
-        import tempfile
-
-        from components.data.ingest import ingest
-        from components.data.validate import validate
-
-        p = load_params(params, [*(set_ or []), f"data.path={path}"])
-        _check_writable(p, mlflow=False, prefect=False)
-        out_dir = out or Path(tempfile.mkdtemp(prefix="visionflow-validate-"))
-        snapshot = ingest(p.data, out_dir / "snapshot", Path(p.run.cache_dir))
-        return validate(snapshot, p.data, out_dir)
-
-    cli_output.print_validation(_run_guarded(go))
+    cli_output.print_validation(_run_guarded(lambda: commands.validate_data(path, params, set_ or [], out)))
 
 
 @app.command("plan")
@@ -172,16 +118,7 @@ def plan_command(
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Show what a run would decide from the data (every `auto` param, its value and why); nothing is trained."""
-
-    def go():
-        import tempfile
-
-        from components.planning import plan_source
-
-        p = load_params(params, [*(set_ or []), f"data.path={path}"])
-        return plan_source(p, Path(tempfile.mkdtemp(prefix="visionflow-plan-")))
-
-    cli_output.print_plan(_run_guarded(go))
+    cli_output.print_plan(_run_guarded(lambda: commands.plan_data(path, params, set_ or [])))
 
 
 @app.command()
@@ -193,21 +130,8 @@ def evaluate(
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Evaluate an existing checkpoint on a data set; logs an MLflow run and prints the figures."""
-
-    def go():
-        if split not in ("all", "train", "val", "test"):
-            raise VisionflowError(f"invalid --split {split!r}: choose all, train, val or test")
-        if not checkpoint.is_file():
-            raise VisionflowError(f"checkpoint not found: {checkpoint}")
-        p = load_params(params, [*(set_ or []), f"data.path={data}"])
-        _check_writable(p)
-        from flows.evaluate import evaluate_flow
-
-        return evaluate_flow(
-            str(checkpoint.resolve()), p.data, split, p.evaluate, p.run.experiment, p.run.output_dir, p.run.cache_dir
-        )
-
-    cli_output.print_evaluation(_run_guarded(go))
+    result = _run_guarded(lambda: commands.evaluate_checkpoint(checkpoint, data, split, params, set_ or []))
+    cli_output.print_evaluation(result)
 
 
 @app.command()
@@ -219,15 +143,9 @@ def explain(
     method: str = typer.Option("auto", help="auto, gradcam or integrated_gradients (evaluate.explain_method)."),
 ) -> None:
     """Show where the model looked: one PNG per image, overlay titled with the predicted class and confidence."""
-
-    def go():
-        from flows.explain import explain_command
-
-        if method not in ("auto", "gradcam", "integrated_gradients"):
-            raise VisionflowError(f"invalid --method {method!r}: choose auto, gradcam or integrated_gradients")
-        return explain_command(run, str(checkpoint) if checkpoint else None, images or [], str(out), method)
-
-    cli_output.print_explanations(_run_guarded(go))
+    cli_output.print_explanations(
+        _run_guarded(lambda: commands.explain_images(images or [], run, checkpoint, out, method))
+    )
 
 
 @app.command()
@@ -239,24 +157,8 @@ def optimize(
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Compress a trained model (distill, prune, quantize); every variant measured and gated."""
-
-    def go():
-        from flows.optimize import optimize_from_checkpoint, optimize_from_run
-
-        if bool(from_run) == bool(checkpoint):
-            raise VisionflowError("give exactly one of --from-run RUN_ID or --checkpoint CKPT (with --data)")
-        if from_run:
-            _check_writable()
-            return optimize_from_run(from_run, set_ or [])
-        if not data:
-            raise VisionflowError("--checkpoint needs --data (the data set to fine-tune, calibrate and measure on)")
-        if not checkpoint.is_file():
-            raise VisionflowError(f"checkpoint not found: {checkpoint}")
-        p = load_params(params, ["optimize.enabled=true", *(set_ or []), f"data.path={data}"])
-        _check_writable(p)
-        return optimize_from_checkpoint(str(checkpoint.resolve()), p)
-
-    cli_output.print_variants(_run_guarded(go))
+    result = _run_guarded(lambda: commands.optimize_model(from_run, checkpoint, data, params, set_ or []))
+    cli_output.print_variants(result)
 
 
 def _serve_option(name: str, *flags: str, help: str | None = None):
@@ -282,34 +184,19 @@ def serve(
     store_images: bool = _serve_option("store_images", "--store-images"),
 ) -> None:
     """Serve a model bundle over HTTP: POST /predict, GET /health /ready /metadata /metrics."""
-
-    def go():
-        from pydantic import ValidationError
-
-        from components.packaging.resolve import resolve_bundle
-        from components.serving.app import serve as run_server
-
-        try:
-            settings = ServeSettings(
-                host=host,
-                port=port,
-                max_body_bytes=max_body_bytes,
-                max_pixels=max_pixels,
-                max_images=max_images,
-                top_k=top_k,
-                prediction_log_dir=str(prediction_log) if prediction_log else None,
-                prediction_log_max_bytes=prediction_log_max_bytes,
-                prediction_log_files=prediction_log_files,
-                store_images=store_images,
-            )
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise VisionflowError(f"invalid option {first['loc'][0]}: {first['msg']}") from None
-        bundle = resolve_bundle(source)
-        cli_output.print_serving(bundle, settings)
-        run_server(bundle, settings)
-
-    _run_guarded(go)
+    settings = dict(
+        host=host,
+        port=port,
+        max_body_bytes=max_body_bytes,
+        max_pixels=max_pixels,
+        max_images=max_images,
+        top_k=top_k,
+        prediction_log_dir=str(prediction_log) if prediction_log else None,
+        prediction_log_max_bytes=prediction_log_max_bytes,
+        prediction_log_files=prediction_log_files,
+        store_images=store_images,
+    )
+    _run_guarded(lambda: commands.serve_bundle(source, cli_output.print_serving, **settings))
 
 
 @app.command()
@@ -318,14 +205,7 @@ def promote(
     name: str = typer.Option("visionflow-classifier", "--name", help="Registered model name (package.model_name)."),
 ) -> None:
     """Make a registered model version the champion (recorded in the registry history)."""
-
-    def go():
-        from flows.package import promote_version
-
-        _check_writable(prefect=False)
-        return promote_version(name, version)
-
-    cli_output.say(_run_guarded(go))
+    cli_output.say(_run_guarded(lambda: commands.promote(name, version)))
 
 
 @app.command()
@@ -333,14 +213,7 @@ def rollback(
     name: str = typer.Option("visionflow-classifier", "--name", help="Registered model name (package.model_name)."),
 ) -> None:
     """Give the champion alias back to the version that held it before the last promotion."""
-
-    def go():
-        from flows.package import rollback_champion
-
-        _check_writable(prefect=False)
-        return rollback_champion(name)
-
-    cli_output.say(_run_guarded(go))
+    cli_output.say(_run_guarded(lambda: commands.rollback(name)))
 
 
 # --- the local stack, deployments, retraining, comparison ------------------------------------------
@@ -364,11 +237,7 @@ def _use_local_stack(
     """Point commands at the stack `visionflow up` started, unless PREFECT_API_URL / MLFLOW_TRACKING_URI are set;
     then route this command's output (log file, terminal)."""
     if ctx.invoked_subcommand not in ("up", "down"):
-        from flows.local_stack import running_stack
-
-        stack = running_stack()
-        for key, value in (stack.env() if stack else {}).items():
-            os.environ.setdefault(key, value)
+        commands.use_running_stack()
     _route_output(ctx.invoked_subcommand or "visionflow", verbose)
 
 
@@ -411,21 +280,14 @@ def up(
     ),
 ) -> None:
     """Start a Prefect server and an MLflow server (loopback only; SQLite, or PostgreSQL with --database-url)."""
-    from flows.local_stack import default_state_dir, start_stack
-
-    def go():
-        return start_stack(state_dir or default_state_dir(), prefect_port, mlflow_port, timeout, database_url, auth)
-
-    cli_output.print_stack(*_run_guarded(go))
+    started = _run_guarded(lambda: commands.stack_up(state_dir, prefect_port, mlflow_port, timeout, database_url, auth))
+    cli_output.print_stack(*started)
 
 
 @app.command()
 def down(state_dir: Path | None = STATE_DIR_OPTION) -> None:
     """Stop the servers `visionflow up` started (exactly those processes)."""
-    from flows.local_stack import default_state_dir, stop_stack
-
-    stopped = _run_guarded(lambda: stop_stack(state_dir or default_state_dir()))
-    cli_output.print_stopped(stopped)
+    cli_output.print_stopped(_run_guarded(lambda: commands.stack_down(state_dir)))
 
 
 @app.command()
@@ -439,23 +301,11 @@ def deploy(
 ) -> None:
     """Serve the deployments (pipeline, retrain on its cron schedule, evaluate, optimize, package, monitor) for
     the Prefect UI."""
-
-    def go():
-        from flows.deploy import build_deployments, deploy_to_pool, serve_deployments
-        from flows.prefect_api import server_configured
-
-        p = load_params(params, set_ or [])
-        _check_writable(p)
-        if not server_configured():
-            raise VisionflowError("deploy needs a Prefect server: run `visionflow up` first (or set PREFECT_API_URL)")
-        deployments = build_deployments(p)
-        if pool:
-            cli_output.print_deployments_sent(deploy_to_pool(deployments, pool), pool)
-            return
-        cli_output.print_deployments_serving(p.retrain)
-        serve_deployments(deployments, limit)
-
-    _run_guarded(go)
+    ids = _run_guarded(
+        lambda: commands.deploy_flows(params, set_ or [], pool, limit, cli_output.print_deployments_serving)
+    )
+    if ids is not None:
+        cli_output.print_deployments_sent(ids, pool)
 
 
 @app.command("retrain")
@@ -465,15 +315,7 @@ def retrain_command(
     force: bool = typer.Option(False, help="Train a challenger even when the data did not change."),
 ) -> None:
     """Retrain now: no new data → stop; else train a challenger and promote it only if it beats the champion."""
-
-    def go():
-        from flows.retrain import retrain
-
-        p = load_params(params, set_ or [])
-        _check_writable(p)
-        return retrain(p, force=force)
-
-    cli_output.print_retrain(_run_guarded(go))
+    cli_output.print_retrain(_run_guarded(lambda: commands.retrain_now(params, set_ or [], force)))
 
 
 @app.command()
@@ -487,10 +329,7 @@ def compare(
     plot: Path = typer.Option(Path("runs/comparison.png"), "--plot", help="Where to write the comparison plot."),
 ) -> None:
     """Compare runs: the params that differ, metrics, duration and status, and a comparison plot."""
-    from components import tracking
-    from flows.sweep import SWEEP_TAG
-
-    runs = _run_guarded(lambda: tracking.recent_runs(experiment, last, tag=(SWEEP_TAG, sweep_id) if sweep_id else None))
+    runs = _run_guarded(lambda: commands.compare_runs(experiment, last, sweep_id))
     cli_output.print_comparison(runs, metric, f"runs of {experiment or 'all experiments'} (newest first)", plot)
 
 
@@ -500,10 +339,7 @@ def runs(
     last: int = typer.Option(10, "--last", "-n", min=1, help="How many of the newest runs."),
 ) -> None:
     """List recent runs with their status and their Prefect and MLflow links."""
-    from components import tracking
-
-    found = _run_guarded(lambda: tracking.recent_runs(experiment, last))
-    cli_output.print_runs(found, tracking.tracking_uri())
+    cli_output.print_runs(*_run_guarded(lambda: commands.list_runs(experiment, last)))
 
 
 @app.command()
@@ -522,36 +358,10 @@ def sweep(
     timeout: float = typer.Option(24 * 3600, help="Seconds to wait for deployment runs."),
 ) -> None:
     """Run one pipeline per combination of the grid in one MLflow experiment, then print the comparison."""
-
-    def go():
-        from flows.deploy import PIPELINE_DEPLOYMENT, deployment_exists
-        from flows.prefect_api import server_configured
-        from flows.sweep import plan_sweep, submit_sweep
-        from flows.sweep import sweep as sweep_flow
-
-        if mode not in ("auto", "local", "deployment"):
-            raise VisionflowError(f"invalid --mode {mode!r}: choose auto, local or deployment")
-        _check_writable(load_params(params, set_ or []))
-        try:
-            plan = plan_sweep(str(params) if params else None, set_ or [], grid, experiment)
-        except ValueError as err:
-            raise VisionflowError(str(err)) from None
-        cli_output.print_sweep_planned(plan)
-        remote = mode == "deployment" or (
-            mode == "auto" and server_configured() and deployment_exists(PIPELINE_DEPLOYMENT)
-        )
-        if mode == "deployment" and not (server_configured() and deployment_exists(PIPELINE_DEPLOYMENT)):
-            raise VisionflowError(
-                f"no {PIPELINE_DEPLOYMENT} deployment: run `visionflow up` and `visionflow deploy` first"
-            )
-        return submit_sweep(plan, PIPELINE_DEPLOYMENT, timeout) if remote else sweep_flow(plan)
-
-    outcome = _run_guarded(go)
-    from components import tracking
-    from flows.sweep import SWEEP_TAG
-
-    found = tracking.recent_runs(outcome.experiment, len(outcome.states), tag=(SWEEP_TAG, outcome.sweep_id))
-    cli_output.print_sweep(outcome, found)
+    report = _run_guarded(
+        lambda: commands.run_sweep(params, set_ or [], grid, experiment, mode, timeout, cli_output.print_sweep_planned)
+    )
+    cli_output.print_sweep(report.outcome, report.runs)
 
 
 @app.command()
@@ -572,29 +382,22 @@ def tune(
     then_run: bool = typer.Option(False, "--then-run", help="Train the full pipeline with the best params."),
 ) -> None:
     """Search hyperparameters with Optuna (TPE, pruning hopeless trials per epoch); write the best params file."""
-
-    def go():
-        from flows.tune import check_pool_deployment, plan_tune
-        from flows.tune import tune as tune_flow
-
-        plan = plan_tune(
-            str(params) if params else None,
+    result = _run_guarded(
+        lambda: commands.tune_study(
+            params,
             set_ or [],
-            str(space),
+            space,
             trials,
             parallel,
             timeout,
             study,
             storage,
+            output,
             then_run,
-            str(output) if output else None,
+            cli_output.print_tune_planned,
         )
-        if parallel > 1:
-            check_pool_deployment()
-        cli_output.print_tune_planned(plan)
-        return tune_flow(plan)
-
-    cli_output.print_tune(_run_guarded(go))
+    )
+    cli_output.print_tune(result)
 
 
 @app.command()
@@ -613,15 +416,9 @@ def monitor(
 ) -> None:
     """Compare a window of the prediction log with the bundle's reference profile (drift report; Prefect event on
     drift)."""
-
-    def go():
-        p = load_params(params, set_ or [])
-        _check_writable(p)
-        from flows.monitor import monitor_flow
-
-        return monitor_flow(str(log) if log else None, bundle, str(feedback) if feedback else None, p)
-
-    cli_output.print_monitor(_run_guarded(go))
+    cli_output.print_monitor(
+        _run_guarded(lambda: commands.monitor_predictions(log, bundle, feedback, params, set_ or []))
+    )
 
 
 @app.command()
@@ -630,14 +427,7 @@ def package(
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Package a finished run's model again: ONNX export + parity, bundle, register, champion/challenger gate."""
-
-    def go():
-        from flows.package import package_flow
-
-        _check_writable()
-        return package_flow(from_run, set_ or [])
-
-    cli_output.print_package(_run_guarded(go), from_run)
+    cli_output.print_package(_run_guarded(lambda: commands.package_run(from_run, set_ or [])), from_run)
 
 
 @app.command("fit-spec")
@@ -650,16 +440,7 @@ def fit_spec(
 ) -> None:
     """Prepare a training run for torchrun or SLURM: ingest, validate, open the MLflow train run, write
     OUT/fit_spec.json, and print the launch lines for trainer.num_nodes × trainer.devices processes."""
-
-    def go():
-        from components.training.launch import launch_commands, prepare_fit_spec
-
-        p = load_params(params, set_ or [])
-        _check_writable(p, prefect=False)
-        spec_path = prepare_fit_spec(p, out)
-        cli_output.print_fit_spec(spec_path, launch_commands(spec_path, p))
-
-    _run_guarded(go)
+    cli_output.print_fit_spec(*_run_guarded(lambda: commands.fit_spec(out, params, set_ or [])))
 
 
 @app.command()
@@ -679,17 +460,8 @@ def diff(
 ) -> None:
     """What changed between two runs' models on the same images: per-class deltas, confusion difference, fixed and
     broken images, calibration curves; logged to a new MLflow run tagged with both run ids."""
-
-    def go():
-        if split not in (None, "all", "train", "val", "test"):
-            raise VisionflowError(f"invalid --split {split!r}: choose all, train, val or test")
-        from flows.diff import check_pair, diff_flow
-
-        check_pair(run_a, run_b)  # an unknown run, a run without a model, other label sets: before any flow starts
-        _check_writable()
-        return diff_flow(run_a, run_b, data, split, str(out.resolve()) if out else None, grid)
-
-    cli_output.print_diff(_run_guarded(go), run_a, run_b)
+    done = _run_guarded(lambda: commands.diff_runs(run_a, run_b, data, split, out, grid))
+    cli_output.print_diff(done, run_a, run_b)
 
 
 def main() -> None:
