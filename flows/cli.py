@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from components.config import EvaluateParams, PackageParams
 from components.errors import VisionflowError
 from components.quiet import set_offline_defaults
 from components.serving.settings import ServeSettings
@@ -35,6 +36,9 @@ app = typer.Typer(
 PARAMS_OPTION = typer.Option(None, "--params", "-p", help="Params YAML (default: built-in defaults).")
 SET_OPTION = typer.Option(
     None, "--set", "-s", help="Override one parameter, e.g. --set train.max_epochs=5 (repeatable)."
+)
+MODEL_NAME_OPTION = typer.Option(
+    PackageParams.model_fields["model_name"].default, "--name", help="Registered model name (package.model_name)."
 )
 
 
@@ -140,7 +144,10 @@ def explain(
     run: str | None = typer.Option(None, "--run", help="MLflow run id of a finished pipeline run (its checkpoint)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="A visionflow checkpoint (.ckpt)."),
     out: Path = typer.Option(Path("explanations"), "--out", "-o", help="Folder for the PNGs (created)."),
-    method: str = typer.Option("auto", help="auto, gradcam or integrated_gradients (evaluate.explain_method)."),
+    method: str = typer.Option(
+        EvaluateParams.model_fields["explain_method"].default,
+        help="auto, gradcam or integrated_gradients (evaluate.explain_method).",
+    ),
 ) -> None:
     """Show where the model looked: one PNG per image, overlay titled with the predicted class and confidence."""
     cli_output.print_explanations(
@@ -202,7 +209,7 @@ def serve(
 @app.command()
 def promote(
     version: str = typer.Argument(..., help="Registered model version to make champion."),
-    name: str = typer.Option("visionflow-classifier", "--name", help="Registered model name (package.model_name)."),
+    name: str = MODEL_NAME_OPTION,
 ) -> None:
     """Make a registered model version the champion (recorded in the registry history)."""
     cli_output.say(_run_guarded(lambda: commands.promote(name, version)))
@@ -210,7 +217,7 @@ def promote(
 
 @app.command()
 def rollback(
-    name: str = typer.Option("visionflow-classifier", "--name", help="Registered model name (package.model_name)."),
+    name: str = MODEL_NAME_OPTION,
 ) -> None:
     """Give the champion alias back to the version that held it before the last promotion."""
     cli_output.say(_run_guarded(lambda: commands.rollback(name)))

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
-from components.config import load_params
+from components.config import EvaluateParams, load_params
 from components.errors import VisionflowError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from flows.tune import TunePlan, TuneResult
 
 SPLITS = ("all", "train", "val", "test")
-EXPLAIN_METHODS = ("auto", "gradcam", "integrated_gradients")
+EXPLAIN_METHODS = get_args(EvaluateParams.model_fields["explain_method"].annotation)
 SWEEP_MODES = ("auto", "local", "deployment")
 
 
