@@ -1,6 +1,8 @@
 """The batched train transform (in-memory path) draws from the same distributions as the Albumentations one: crop
 areas, flips, rotation angles and pixel statistics of augmented batches from both paths, compared on the same
-source images (tolerances measured at 2,000 samples; a wrong range, probability or sampling rule misses them)."""
+source images (tolerances measured at 2,000 samples; a wrong range, probability or sampling rule misses them), and
+on images smaller than the input size (the 8×8 digits brought up to 32) pixel by pixel: the batch without random
+steps is the eval transform's output, and each output pixel's mean and spread match Albumentations'."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from scipy.stats import ks_2samp
 
 from components.config import AugmentParams
-from components.data.augment import build_train_transform
+from components.data.augment import build_eval_transform, build_train_transform
 from components.data.batch_augment import BatchAugment
 
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")
@@ -138,3 +140,34 @@ def test_output_is_normalised_float_batch_on_the_input_device():
     out = BatchAugment(params)(images, torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32 and out.shape == (4, 1, 16, 16)
     assert torch.allclose(out, torch.full_like(out, 2.0))  # (1 - 0.5) / 0.25
+
+
+def _digits(n: int) -> np.ndarray:
+    """The first n of scikit-learn's 8×8 digits as the bundled data set stores them: N×8×8×1 uint8."""
+    from sklearn.datasets import load_digits
+
+    return np.rint(load_digits().images[:n] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
+
+
+def test_small_images_without_random_steps_are_the_eval_transform_pixels():
+    """8×8 images brought up to 32 (the default job): with every random step off, the batch is the eval transform's
+    output (what validation and test see) within one grey level (cv2 rounds to uint8, the batch stays float)."""
+    params = AugmentParams(**{**QUIET, "mean": [0.5], "std": [0.5]})
+    images = _digits(64)
+    eval_transform = build_eval_transform(params)
+    expected = torch.stack([eval_transform(image=image)["image"] for image in images])
+    source = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    out = BatchAugment(params)(source, torch.Generator().manual_seed(0))
+    assert out.shape == expected.shape == (64, 1, S, S)
+    assert (out - expected).abs().max().item() <= 1 / 127.5  # one grey level after (x / 255 - 0.5) / 0.5
+
+
+def test_small_images_are_cropped_and_rotated_as_albumentations_does_pixel_by_pixel():
+    """The default job's augmentation (crop scale 0.85-1, rotation ±10° half the time) of one 8×8 digit brought up to
+    32: the mean and the spread of every output pixel over 4,000 samples match Albumentations'. A crop box, resize
+    grid or rotation centre off by a fraction of a source pixel moves the strokes by a few output pixels: tens of
+    grey levels; sampling noise is below 8."""
+    params = AugmentParams(**{**QUIET, "crop_scale_min": 0.85, "rotate_p": 0.5, "rotate_limit": 10.0})
+    a, b = _both(params, _digits(1)[0])
+    assert np.abs(a.mean(0) - b.mean(0)).max() < 8 and np.abs(a.mean(0) - b.mean(0)).mean() < 1.5
+    assert np.abs(a.std(0) - b.std(0)).max() < 8 and np.abs(a.std(0) - b.std(0)).mean() < 1.5
