@@ -2,8 +2,7 @@
 device memory on GPUs) and augmented in whole batches on the device (`batch_augment.BatchAugment`, the same
 distributions as the Albumentations train transform).
 
-A train split is held in memory when `data.in_memory` allows it (auto: not for images smaller than the input size,
-see `upsampled_in_auto`) and its decoded bytes fit the memory budget
+A train split is held in memory when `data.in_memory` allows it and its decoded bytes fit the memory budget
 (`data.memory_budget_mb`; auto: a share of the memory available now — free RAM on CPUs, divided among the node's
 training processes, free device memory on GPUs). Otherwise training keeps the memory-mapped image cache and the
 per-image Albumentations loader, with one log line saying why: too small a budget is never an out-of-memory crash.
@@ -68,20 +67,6 @@ def decide(mode: InMemory, need: int, budget: int, device: torch.device, what: s
     return False, (
         f"[visionflow] training images {fallback}: {what} = {_mib(need)} exceed the memory budget of "
         f"{_mib(budget)} (data.memory_budget_mb{', data.in_memory on' if mode == 'on' else ''})"
-    )
-
-
-def upsampled_in_auto(mode: InMemory, size: Size, image_size: int) -> str | None:
-    """Why `auto` leaves a train split of `size` images to the per-image loader, or None when it need not: images
-    smaller than the input size (brought up to `augment.image_size` by the crop's resize). On the 8×8 digits
-    brought up to 32 the batched path scored about a point of test accuracy lower than the per-image loader
-    (2026-12-01) although every step was checked to draw from Albumentations' distributions; `on` holds them anyway."""
-    if mode != "auto" or min(size) >= image_size:
-        return None
-    return (
-        f"[visionflow] training images not held in memory: {size[0]}×{size[1]} is smaller than the input size "
-        f"{image_size} (augment.image_size), where the batched augmentation has scored about a point lower than "
-        "the per-image loader; data.in_memory on holds them anyway"
     )
 
 
@@ -180,19 +165,14 @@ def hold_in_memory(
     log: Callable[[str], None],
 ) -> InMemoryImages | None:
     """The train split as an InMemoryImages on `device` when it fits the budget; None (after one log line) when it
-    does not, has no common size or (auto) is smaller than the input size (`upsampled_in_auto`). `targets`: one per
-    row (as ManifestDataset.target gives them); `settings`: in_memory, memory_budget_mb, augment (the BatchAugment),
-    local_processes, max_pixels, cache_dir, workers, with_index, rank (only rank 0 says that the split is held; a
-    fallback is said by every process)."""
+    does not or has no common size. `targets`: one per row (as ManifestDataset.target gives them); `settings`:
+    in_memory, memory_budget_mb, local_processes, max_pixels, cache_dir, workers, with_index, rank (only rank 0
+    says that the split is held; a fallback is said by every process)."""
     mode = settings["in_memory"]
     if mode == "off" or not rows:
         return None
     if size is None:
         log("[visionflow] training images not held in memory: they have different sizes, some below the input size")
-        return None
-    smaller = upsampled_in_auto(mode, size, settings["augment"].params.image_size)
-    if smaller is not None:
-        log(smaller)
         return None
     need = len(rows) * size[0] * size[1] * channels
     budget = budget_bytes(mode, settings["memory_budget_mb"], device, settings.get("local_processes", 1))

@@ -52,7 +52,7 @@ def _data(tmp_path, rows, in_memory: str, budget, cache: bool = True) -> ImageDa
 @pytest.mark.parametrize("cache", [True, False])
 def test_a_train_split_within_the_budget_is_held_at_native_size_and_augmented_in_batches(tmp_path, capsys, cache):
     rows = _rows(tmp_path / "images")
-    data = _data(tmp_path, rows, "on", 1.0, cache)  # on: auto leaves images below the input size to the loader
+    data = _data(tmp_path, rows, "auto", 1.0, cache)
     loader = data.train_dataloader()
     assert isinstance(loader.dataset, InMemoryImages) and loader.dataset.images.shape == (16, 12, 12, 1)
     lines = [line for line in capsys.readouterr().out.splitlines() if "memory budget" in line]
@@ -83,27 +83,6 @@ def test_a_budget_too_small_falls_back_to_the_cache_with_one_log_line(tmp_path, 
     assert isinstance(off.train_dataloader().dataset, ManifestDataset)
 
 
-def test_auto_leaves_images_smaller_than_the_input_size_to_the_per_image_loader_with_one_log_line(tmp_path, capsys):
-    """12×12 images for a 16-pixel input: auto keeps the cache and the Albumentations loader and says why (the
-    batched path scored lower on the 8×8 digits brought up to 32); on holds them; images of the input size are held
-    by auto."""
-    small = _rows(tmp_path / "small")
-    data = _data(tmp_path, small, "auto", 1.0)
-    loader = data.train_dataloader()
-    assert isinstance(loader.dataset, ManifestDataset) and loader.dataset.cache is not None and data._memory is None
-    assert next(iter(loader))[0].shape == (4, 1, 16, 16)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "held" in line]
-    assert lines == [
-        "[visionflow] training images not held in memory: 12×12 is smaller than the input size 16 "
-        "(augment.image_size), where the batched augmentation has scored about a point lower than the per-image "
-        "loader; data.in_memory on holds them anyway"
-    ]
-    assert isinstance(_data(tmp_path, small, "on", 1.0).train_dataloader().dataset, InMemoryImages)
-    same = _data(tmp_path, _rows(tmp_path / "same", size=16), "auto", 1.0)
-    assert isinstance(same.train_dataloader().dataset, InMemoryImages)
-    assert "held in cpu memory" in capsys.readouterr().out
-
-
 def test_a_tiny_training_on_the_in_memory_path(tmp_path, capsys):
     """Lightning feeds the in-memory batches through the DataModule's hook: the model sees normalised float batches
     at the input size (with the row positions the margins callback reads), validation stays the per-image
@@ -114,7 +93,7 @@ def test_a_tiny_training_on_the_in_memory_path(tmp_path, capsys):
     from components.training.module import ClassifierModule
 
     overrides = ["augment.image_size=16", "train.batch_size=4", "train.num_workers=0", "trainer.accelerator=cpu",
-                 "data.channels=1", "augment.mean=[0.5]", "augment.std=[0.5]", "train.lr=0.01", "data.in_memory=on",
+                 "data.channels=1", "augment.mean=[0.5]", "augment.std=[0.5]", "train.lr=0.01",
                  f"run.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     params = fill_auto(load_params(None, overrides))
     data = datamodule_from_params(params, _rows(tmp_path / "images", n=48), ["a", "b"])
