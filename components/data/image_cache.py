@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, Dataset
 
@@ -129,7 +130,14 @@ def decode_into(
     """Decode `paths` (resized to `size` = (height, width) unless already that size) into the (N, H, W, C) uint8
     `array` (a memory map or a plain array), with `workers` DataLoader processes; ImageDecodeError names a file
     that cannot be decoded."""
-    loader = DataLoader(_DecodeResize(paths, size, channels, max_pixels), batch_size=None, num_workers=workers)
+    # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, and a run that
+    # builds the cache would then train on other random streams than the same seed's rerun that finds it.
+    loader = DataLoader(
+        _DecodeResize(paths, size, channels, max_pixels),
+        batch_size=None,
+        num_workers=workers,
+        generator=torch.Generator(),
+    )
     for i, image, reason in loader:
         if reason:
             raise ImageDecodeError(paths[int(i)], reason)

@@ -87,6 +87,16 @@ def test_built_once_then_reused_and_other_data_gets_its_own_file(tmp_path):
     assert not [p for p in (tmp_path / "cache" / "images").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_building_the_cache_leaves_the_global_random_stream_alone(tmp_path):
+    """A run that builds the cache trains on the same random streams as the same seed's rerun that finds it."""
+    rows = _rows(tmp_path / "images")
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    ensure_image_cache(rows, tmp_path / "cache", 16, 3, MAX_PIXELS, log=lambda line: None)
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("damage", ["foreign header", "truncated data", "old version"])
 def test_a_stale_cache_is_rebuilt_with_a_message(tmp_path, damage):
     rows = _rows(tmp_path / "images")
