@@ -5,16 +5,9 @@ Every deployment's parameters are the flow's own typed parameters (PipelineParam
 the Prefect UI shows a form with descriptions and defaults. The retrain deployment runs on the cron
 schedule of `retrain.cron` / `retrain.timezone`, never overlaps itself (a run that would collide with
 a running one is cancelled) and skips slots it starts too late for (see flows/retrain.py).
-
-A killed worker or flow-run process cannot report its flow run's end: the runs of these deployments send
-Prefect's flow-run heartbeat every 30 s, and a Prefect automation (made here, `visionflow-crash-silent-flow-runs`)
-sets a Running visionflow run Crashed once it has been silent for $VISIONFLOW_ZOMBIE_AFTER_S seconds (120 by
-default), so nothing waits on it forever (flows/prefect_api.py).
 """
 
 from __future__ import annotations
-
-import os
 
 from prefect import flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -92,48 +85,27 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
     return deployments
 
 
-def crash_silent_runs(replace: bool = True) -> int:
-    """The zombie rule for the visionflow flow runs (tag TAGS[0]): Crashed after $VISIONFLOW_ZOMBIE_AFTER_S seconds
-    without a heartbeat. `replace` sets the window from the environment, else an existing rule is kept. Returns the
-    window in force (s)."""
-    from flows.prefect_api import crash_silent_flow_runs, zombie_after_s
-
-    return crash_silent_flow_runs(TAGS[0], zombie_after_s(), replace=replace)
-
-
 def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
-    """Register the deployments and run their flow runs in this process until interrupted (Prefect's serve); the
-    flow runs send heartbeats and the zombie rule is in place."""
+    """Register the deployments and run their flow runs in this process until interrupted (Prefect's serve)."""
     from prefect import serve
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows.prefect_api import HEARTBEAT_S, heartbeat_env
-
-    crash_silent_runs()
-    os.environ.update(heartbeat_env())  # the flow runs' processes inherit it, however the runner starts them
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
-        serve(*deployments, limit=limit, print_starting_message=True)
+    serve(*deployments, limit=limit, print_starting_message=True)
 
 
 def deploy_to_pool(deployments: list[RunnerDeployment], pool: str) -> list[str]:
     """Register the deployments on work pool `pool` (its workers run them); returns the deployment ids.
 
     The pool must exist (`prefect work-pool create NAME --type process`); its workers must have
-    visionflow installed (the flows load by module path, e.g. flows.pipeline.pipeline). The runs' job variables
-    turn on the heartbeats the zombie rule (set here too) watches; workers need no setting for it.
+    visionflow installed (the flows load by module path, e.g. flows.pipeline.pipeline).
     """
     from prefect import deploy
 
-    from flows.prefect_api import heartbeat_env, work_pool_exists
+    from flows.prefect_api import work_pool_exists
 
     if not work_pool_exists(pool):
         raise VisionflowError(
             f"no Prefect work pool {pool!r}: create it with `prefect work-pool create {pool} --type process`"
         )
-    crash_silent_runs()
-    for deployment in deployments:
-        env = {**deployment.job_variables.get("env", {}), **heartbeat_env()}
-        deployment.job_variables = {**deployment.job_variables, "env": env}
     ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [str(i) for i in ids]
 
