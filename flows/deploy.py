@@ -5,9 +5,17 @@ Every deployment's parameters are the flow's own typed parameters (PipelineParam
 the Prefect UI shows a form with descriptions and defaults. The retrain deployment runs on the cron
 schedule of `retrain.cron` / `retrain.timezone`, never overlaps itself (a run that would collide with
 a running one is cancelled) and skips slots it starts too late for (see flows/retrain.py).
+
+A killed worker or flow-run process cannot report its flow run's end: the runs of these deployments send
+Prefect's flow-run heartbeat every 30 s and carry the tag `visionflow-heartbeat`, and a Prefect automation (made
+here, `visionflow-crash-silent-flow-runs`) sets such a run Crashed once it has been Running for
+$VISIONFLOW_ZOMBIE_AFTER_S seconds (120 by default) without a heartbeat, so nothing waits on it forever
+(flows/prefect_api.py). Runs without the tag (started some other way, without heartbeats) are left alone.
 """
 
 from __future__ import annotations
+
+import os
 
 from prefect import flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -85,18 +93,48 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
     return deployments
 
 
-def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
-    """Register the deployments and run their flow runs in this process until interrupted (Prefect's serve)."""
-    from prefect import serve
+def crash_silent_runs(replace: bool = True) -> int:
+    """The zombie rule for the flow runs started with heartbeats (tag HEARTBEAT_TAG): Crashed after
+    $VISIONFLOW_ZOMBIE_AFTER_S seconds without a heartbeat. `replace` sets the window from the environment, else an
+    existing rule is kept. Returns the window in force (s)."""
+    from flows.prefect_api import HEARTBEAT_TAG, crash_silent_flow_runs, zombie_after_s
 
-    serve(*deployments, limit=limit, print_starting_message=True)
+    return crash_silent_flow_runs(HEARTBEAT_TAG, zombie_after_s(), replace=replace)
+
+
+def _with_heartbeats(deployments: list[RunnerDeployment], job_env: bool) -> None:
+    """Tag the deployments' runs as heartbeat senders (the zombie rule watches that tag) and, with `job_env`, put
+    the heartbeat setting in their job variables (a work pool's runs); served runs inherit it from the process."""
+    from flows.prefect_api import HEARTBEAT_TAG, heartbeat_env
+
+    for deployment in deployments:
+        deployment.tags = [*dict.fromkeys([*deployment.tags, HEARTBEAT_TAG])]
+        if job_env:
+            env = {**deployment.job_variables.get("env", {}), **heartbeat_env()}
+            deployment.job_variables = {**deployment.job_variables, "env": env}
+
+
+def serve_deployments(deployments: list[RunnerDeployment], limit: int | None = None) -> None:
+    """Register the deployments and run their flow runs in this process until interrupted (Prefect's serve); the
+    flow runs send heartbeats and the zombie rule is in place."""
+    from prefect import serve
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.prefect_api import HEARTBEAT_S, heartbeat_env
+
+    crash_silent_runs()
+    _with_heartbeats(deployments, job_env=False)
+    os.environ.update(heartbeat_env())  # the flow runs' processes inherit it, however the runner starts them
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
+        serve(*deployments, limit=limit, print_starting_message=True)
 
 
 def deploy_to_pool(deployments: list[RunnerDeployment], pool: str) -> list[str]:
     """Register the deployments on work pool `pool` (its workers run them); returns the deployment ids.
 
     The pool must exist (`prefect work-pool create NAME --type process`); its workers must have
-    visionflow installed (the flows load by module path, e.g. flows.pipeline.pipeline).
+    visionflow installed (the flows load by module path, e.g. flows.pipeline.pipeline). The runs' job variables
+    turn on the heartbeats the zombie rule (set here too) watches; workers need no setting for it.
     """
     from prefect import deploy
 
@@ -106,6 +144,8 @@ def deploy_to_pool(deployments: list[RunnerDeployment], pool: str) -> list[str]:
         raise VisionflowError(
             f"no Prefect work pool {pool!r}: create it with `prefect work-pool create {pool} --type process`"
         )
+    crash_silent_runs()
+    _with_heartbeats(deployments, job_env=True)
     ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [str(i) for i in ids]
 

@@ -7,6 +7,10 @@ RUNNING by a killed search are marked FAIL (study and MLflow) and the search con
 ended trials. Alone, trials run one after another in this process; with `parallel` > 1 they are flow
 runs of the pipeline deployment on a work pool, `parallel` at a time. The training process of each
 trial reports val/acc per epoch to the study and stops when the pruner says so (components.tuning).
+
+A pooled trial whose worker or flow-run process is killed never keeps the search waiting: its flow run sends
+heartbeats, and Prefect's zombie automation (flows/deploy.py `crash_silent_runs`, made here if missing) sets it
+Crashed after $VISIONFLOW_ZOMBIE_AFTER_S seconds of silence; the trial then ends FAIL in the study and in MLflow.
 """
 
 from __future__ import annotations
@@ -154,10 +158,12 @@ def _trial_run(plan: TunePlan, number: int):
     return found[0] if found else None
 
 
-def _fail_run(run) -> None:
-    """End a trial's MLflow run FAILED if it is still RUNNING (its process was killed), with its stage runs."""
+def _fail_run(run, flow_state: str | None = None) -> None:
+    """End a trial's MLflow run FAILED if it is still RUNNING (its process was killed), with its stage runs;
+    `flow_state` (e.g. Crashed) is kept as a tag."""
     if run is not None:
-        tracking.set_tags(run.info.run_id, {"visionflow.tune.state": "FAIL"})
+        tags = {"visionflow.tune.state": "FAIL"} | ({"visionflow.tune.flow_state": flow_state} if flow_state else {})
+        tracking.set_tags(run.info.run_id, tags)
         tracking.fail_stale_runs(run.info.run_id)
 
 
@@ -174,7 +180,7 @@ def settle_trial(plan: TunePlan, study, trial, flow_state: str) -> str:
     value = tracking.get_run(train_run).data.metrics.get(OBJECTIVE_METRIC) if train_run else None
     if flow_state != "Completed" or value is None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        _fail_run(run)
+        _fail_run(run, flow_state)
         return "FAIL"
     if PRUNED_EPOCH_ATTR in attrs:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -218,12 +224,13 @@ def run_trials_here(plan: TunePlan, trials: list, parent_run_id: str) -> list[st
 
 
 def run_trials_on_pool(plan: TunePlan, trials: list, parent_run_id: str, timeout: float) -> list[str]:
-    """Start each trial as a flow run of the pipeline deployment (on a work pool, the trial's identity in the
-    run's environment), wait for all; returns their state names."""
+    """Start each trial as a flow run of the pipeline deployment (on a work pool, the trial's identity and the
+    heartbeat setting in the run's environment), wait for all; returns their state names (Crashed for a run
+    whose process was killed: the zombie rule ends it)."""
     from prefect.deployments import run_deployment
 
     from flows.deploy import PIPELINE_DEPLOYMENT
-    from flows.prefect_api import wait_for_flow_runs
+    from flows.prefect_api import HEARTBEAT_TAG, heartbeat_env, wait_for_flow_runs
 
     ids = []
     for trial in trials:
@@ -236,8 +243,8 @@ def run_trials_on_pool(plan: TunePlan, trials: list, parent_run_id: str, timeout
             },
             timeout=0,
             as_subflow=False,
-            job_variables={"env": _context(plan, trial).env()},
-            tags=["visionflow", f"tune-{plan.study}"],
+            job_variables={"env": {**_context(plan, trial).env(), **heartbeat_env()}},
+            tags=["visionflow", HEARTBEAT_TAG, f"tune-{plan.study}"],
         )
         ids.append(run.id)
     try:
@@ -300,6 +307,11 @@ def tune(plan: TunePlan) -> TuneResult:
     stale = resume_stale(plan, study)
     if stale:
         get_run_logger().warning("trials %s of a killed search marked FAIL", stale)
+    if plan.parallel > 1:  # the deployment's rule, or one made now: a trial whose worker dies ends Crashed
+        from flows.deploy import crash_silent_runs
+
+        window = crash_silent_runs(replace=False)
+        get_run_logger().info("a trial's flow run silent for %d s (worker killed) is marked Crashed", window)
     earlier = study.user_attrs.get(RUN_ATTR)
     with tracking.run_scope(
         plan.experiment, f"tune-{plan.study}", {STUDY_TAG: plan.study, "visionflow.tune": "study"}, reopen=earlier

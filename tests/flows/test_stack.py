@@ -1,11 +1,13 @@
 """The daily-life stack on real servers: `up`, `deploy` (served and on a process work pool), runs triggered
-through Prefect's REST API that log to the MLflow server, the retrain schedule, and `down`.
+through Prefect's REST API that log to the MLflow server, the retrain schedule, a search whose worker is killed
+mid-trial (Prefect's zombie rule ends it), and `down`.
 
 Everything talks to the servers over loopback HTTP on free ports with a temp state dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -14,9 +16,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import optuna
 import psutil
 import pytest
 import yaml
@@ -311,6 +315,177 @@ def test_deployments_on_a_process_work_pool_run_by_a_worker(stack):
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
+
+
+def _kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and everything under it, as a dead machine would: frozen first (SIGSTOP, until no new
+    child shows up) so nothing spawns while the tree is killed. Prefect starts each flow run in its own session,
+    so the worker's process group alone would not reach them."""
+    frozen: dict[int, psutil.Process] = {}
+    while True:
+        found = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        new = [p for p in found if p.pid not in frozen]
+        if not new:
+            break
+        for proc in new:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGSTOP)
+                frozen[proc.pid] = proc
+    for proc in frozen.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(list(frozen.values()), timeout=30)
+    return list(frozen)
+
+
+def _runs_of(mlflow: str, experiment: str) -> list[dict]:
+    found = httpx.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment})
+    experiment_id = found.json()["experiment"]["experiment_id"]
+    return (
+        httpx.post(
+            f"{mlflow}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment_id], "max_results": 1000}
+        )
+        .json()
+        .get("runs", [])
+    )
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _worker_on_a_pool_with_the_zombie_rule(prefect: str, env: dict, params_file: str) -> subprocess.Popen:
+    """A process pool `zombie-pool` with a worker (its own session), the deployments sent to it by `visionflow
+    deploy` with the zombie window of $VISIONFLOW_ZOMBIE_AFTER_S: heartbeats in the job variables, the rule set."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    pool = {"name": "zombie-pool", "type": "process", "base_job_template": template}
+    created = _api("POST", f"{prefect}/api/work_pools/", json=pool)
+    assert created.status_code == 201, created.text
+    worker = subprocess.Popen(  # starts while the deployments are sent
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "zombie-pool"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        out = _cli("deploy", "--pool", "zombie-pool", "--params", params_file, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
+        assert pipeline["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert "visionflow-heartbeat" in pipeline["tags"]
+        rules = _api("POST", f"{prefect}/api/automations/filter", json={}).json()
+        rule = next((a for a in rules if a["name"] == "visionflow-crash-silent-flow-runs"), None)
+        assert rule, f"`visionflow deploy` made no zombie automation: {[a['name'] for a in rules]}"
+        assert rule["trigger"]["within"] == int(env["VISIONFLOW_ZOMBIE_AFTER_S"])
+        assert rule["actions"][0]["state"] == "CRASHED"
+    except BaseException:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+        raise
+    return worker
+
+
+def test_a_worker_killed_mid_trial_leaves_the_trials_failed_never_running(stack, tmp_path):
+    """`tune --parallel 2` on a process pool; the worker and its flow-run processes are SIGKILLed while the trials
+    train. Prefect's zombie automation (60 s here, through $VISIONFLOW_ZOMBIE_AFTER_S) marks their flow runs
+    Crashed, so the search ends with both trials FAIL in the study and FAILED in MLflow, nothing RUNNING. A flow run
+    that died before its first heartbeat is Crashed too; one without the heartbeat tag is left alone."""
+    prefect, mlflow = stack["prefect"], stack["mlflow"]
+    env = dict(
+        stack["env"], PREFECT_API_URL=prefect + "/api", MLFLOW_TRACKING_URI=mlflow, VISIONFLOW_ZOMBIE_AFTER_S="60"
+    )
+    worker = _worker_on_a_pool_with_the_zombie_rule(prefect, env, stack["params_file"])
+    experiment, study = f"zombie-{uuid.uuid4().hex[:8]}", f"zombie-{uuid.uuid4().hex[:8]}"
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  train.lr: {low: 0.001, high: 0.01, log: true}\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    silent = _bare_running_flow_run(prefect, ["visionflow", "visionflow-heartbeat"])  # no heartbeat ever
+    untagged = _bare_running_flow_run(prefect, ["visionflow"])  # started without heartbeats: not watched
+    tune = None
+    try:
+        tune = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "tune", "--params", stack["params_file"], "--space", str(space)]
+            + ["--trials", "2", "--parallel", "2", "--study", study, "--storage", storage]
+            + ["--set", f"run.experiment={experiment}", "--set", "train.max_epochs=300"],
+            env=dict(env, COLUMNS="200"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        _wait_until_both_trials_train(prefect, mlflow, experiment, study, tune)
+        assert len(_kill_tree(worker.pid)) >= 3  # the worker and at least the two flow-run processes
+        try:  # the test's deadline: without the zombie rule the search would wait for 24 h
+            output, _ = tune.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                "the search still waits 240 s after its worker was killed: the trials' flow runs were never "
+                f"marked Crashed (no heartbeat rule?); flow-run events: {_flow_run_events(prefect)}"
+            ) from None
+    finally:
+        for proc in (tune, worker):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    assert tune.returncode == 0 and "2 fail" in output, output
+    states = [t.state for t in optuna.load_study(study_name=study, storage=storage).get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL] * 2
+    flow_runs = _api(
+        "POST", f"{prefect}/api/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"tune-{study}"]}}}
+    ).json()
+    assert [r["state"]["type"] for r in flow_runs] == ["CRASHED"] * 2
+    assert all("no heartbeat for 60 s" in r["state"]["message"] for r in flow_runs), flow_runs
+    assert _api("GET", f"{prefect}/api/flow_runs/{silent}").json()["state"]["type"] == "CRASHED"
+    assert _api("GET", f"{prefect}/api/flow_runs/{untagged}").json()["state"]["type"] == "RUNNING"
+    _api("POST", f"{prefect}/api/flow_runs/{untagged}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
+    runs = _runs_of(mlflow, experiment)
+    trials = [r for r in runs if "visionflow.tune.trial" in _tags(r)]
+    assert len(trials) == 2 and all(_tags(r)["visionflow.tune.flow_state"] == "Crashed" for r in trials)
+    assert {r["info"]["status"] for r in trials} == {"FAILED"}
+    trained = [r for r in runs if _tags(r).get("visionflow.stage") == "train"]  # killed while training
+    assert trained and {r["info"]["status"] for r in trained} == {"FAILED"}
+    assert [r["info"]["run_name"] for r in runs if r["info"]["status"] == "RUNNING"] == []
+
+
+def _flow_run_events(prefect: str) -> list:
+    """The last 50 flow-run events (time, event, end of the flow run id), for a failure message."""
+    body = {"filter": {"event": {"prefix": ["prefect.flow-run."]}}, "limit": 50}
+    found = _api("POST", f"{prefect}/api/events/filter", json=body).json().get("events", [])
+    return [(e["occurred"][11:19], e["event"], e["resource"]["prefect.resource.id"][-6:]) for e in found]
+
+
+def _bare_running_flow_run(prefect: str, tags: list[str]) -> str:
+    """A flow run set Running through the API that never sends a heartbeat: a process killed before its first
+    heartbeat left it. Returns its id."""
+    flow = _api("POST", f"{prefect}/api/flows/", json={"name": "zombie-check"}).json()
+    run = _api("POST", f"{prefect}/api/flow_runs/", json={"flow_id": flow["id"], "tags": tags}).json()
+    state = {"state": {"type": "RUNNING"}, "force": True}
+    assert _api("POST", f"{prefect}/api/flow_runs/{run['id']}/set_state", json=state).status_code in (200, 201)
+    return run["id"]
+
+
+def _wait_until_both_trials_train(prefect: str, mlflow: str, experiment: str, study: str, tune, timeout=240):
+    """Both trials' flow runs Running and a training run of theirs RUNNING in MLflow."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert tune.poll() is None, tune.stdout.read()
+        flow_runs = _api(
+            "POST", f"{prefect}/api/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"tune-{study}"]}}}
+        ).json()
+        running = [r for r in flow_runs if r["state"]["type"] == "RUNNING"]
+        with contextlib.suppress(KeyError, ValueError):
+            training = [
+                r
+                for r in _runs_of(mlflow, experiment)
+                if _tags(r).get("visionflow.stage") == "train" and r["info"]["status"] == "RUNNING"
+            ]
+            if len(running) == 2 and training:
+                return
+        time.sleep(1)
+    raise AssertionError(f"the trials did not start training within {timeout} s")
 
 
 def test_down_stops_exactly_what_up_started(stack):

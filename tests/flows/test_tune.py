@@ -88,6 +88,26 @@ def test_bad_tune_input_exits_2_before_anything_runs(tmp_path):
     assert out.returncode == 2 and "--parallel needs" in out.stderr
 
 
+def test_the_zombie_window_is_a_setting_checked_before_use(monkeypatch):
+    """$VISIONFLOW_ZOMBIE_AFTER_S: whole seconds, at least two heartbeats; it becomes the automation's window
+    (the real automation firing is tested on a live stack in test_stack.py)."""
+    from components.errors import VisionflowError
+    from flows.prefect_api import HEARTBEAT_S, ZOMBIE_ENV, _zombie_automation, zombie_after_s
+
+    monkeypatch.delenv(ZOMBIE_ENV, raising=False)
+    assert zombie_after_s() == 120 and HEARTBEAT_S == 30
+    monkeypatch.setenv(ZOMBIE_ENV, "90")
+    assert zombie_after_s() == 90
+    for bad, words in (("45", "at least 60 s"), ("2m", "whole seconds")):
+        monkeypatch.setenv(ZOMBIE_ENV, bad)
+        with pytest.raises(VisionflowError, match=words):
+            zombie_after_s()
+    rule = _zombie_automation("visionflow", 90)
+    assert rule.trigger.within.total_seconds() == 90 and rule.trigger.posture == "Proactive"
+    assert rule.trigger.after == {"prefect.flow-run.heartbeat", "prefect.flow-run.Running"}
+    assert rule.actions[0].state.value == "CRASHED"
+
+
 @pytest.mark.slow
 def test_a_search_prunes_a_hopeless_trial_and_reports_the_best(tmp_path, shapes_dir, prefect_harness):
     from flows.tune import STUDY_TAG, plan_tune, tune
