@@ -80,9 +80,13 @@ def use_running_stack() -> None:
 
 
 def _checkpoint_file(checkpoint: Path) -> str:
-    """The checkpoint's absolute path; VisionflowError when it is not a file."""
+    """The checkpoint's absolute path; VisionflowError when it is not a file or not a visionflow checkpoint (checked
+    here, before Prefect or a flow starts)."""
+    from components.training.checkpoint import check_checkpoint
+
     if not checkpoint.is_file():
         raise VisionflowError(f"checkpoint not found: {checkpoint}")
+    check_checkpoint(str(checkpoint))
     return str(checkpoint.resolve())
 
 

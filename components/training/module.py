@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import pickle
-import re
 import warnings
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -22,6 +19,7 @@ from components.errors import CheckpointError, TrainingError
 from components.models import ModelSpec, build_model
 from components.models.multitask import split_logits
 from components.models.weights import param_groups
+from components.training.checkpoint import read_checkpoint
 
 
 def warmup_then(total_steps: int, warmup_steps: int, after: Callable[[float], float]) -> Callable[[int], float]:
@@ -301,44 +299,12 @@ class Classifier(NamedTuple):
     task: str = "single"  # "multilabel": one sigmoid per class (data.task)
 
 
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    """torch.load(weights_only=True) of a Lightning checkpoint; CheckpointError (one line) for anything else."""
-
-    def refuse(reason: str) -> CheckpointError:
-        return CheckpointError(f"{path} is not a visionflow checkpoint ({reason})")
-
-    file = Path(path)
-    if not file.is_file():
-        raise refuse("a directory" if file.is_dir() else "no such file")
-    if file.stat().st_size == 0:
-        raise refuse("empty file")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if not found:
-            raise refuse("not a PyTorch file") from None
-        safe_loader = "the safe loader, torch.load(weights_only=True), refuses"
-        raise refuse(f"it holds a Python object, {found.group(1)}, that {safe_loader}") from None
-    except OSError as err:
-        raise refuse(f"cannot read it: {err.strerror or err}") from None
-    except Exception:  # the unpickler's KeyError / IndexError / EOFError, the zip reader's RuntimeError
-        raise refuse("not a PyTorch file") from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "spec" not in hparams or "classes" not in hparams:
-        kind = "a Lightning checkpoint" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
-        raise refuse(f"{kind} without a visionflow model spec and classes")
-    if not isinstance(ckpt.get("state_dict"), dict):
-        raise refuse("no state_dict")
-    return ckpt
-
-
 def load_classifier(checkpoint_path: str) -> Classifier:
     """Load a visionflow checkpoint safely (weights_only=True); returns a Classifier in eval mode.
 
     Raises CheckpointError, one line naming the file and why, for a file that is not one (missing, empty,
     text, another PyTorch file, weights that do not fit the spec inside)."""
-    ckpt = _read_checkpoint(checkpoint_path)
+    ckpt = read_checkpoint(checkpoint_path)
     hparams = ckpt["hyper_parameters"]
     prefix = "model."
     try:
