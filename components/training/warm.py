@@ -27,6 +27,10 @@ TIMINGS_FILE = "process_timings.json"
 def preload() -> None:
     """Import what a training run imports, lazily or not (the expensive part of starting the process)."""
     import lightning.pytorch.loggers.mlflow  # noqa: F401
+    import matplotlib
+
+    matplotlib.use("Agg")  # the suspicious-label grid is drawn at the end of training, headless
+    import matplotlib.pyplot  # noqa: F401
     import mlflow  # noqa: F401
     import mlflow.system_metrics.system_metrics_monitor  # noqa: F401
 
@@ -77,4 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    from components.training.fit import exit_now  # imported already, unless the pipeline ended before training
+
+    exit_now(_code)
