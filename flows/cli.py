@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from components import fast_exit
 from components.config import EvaluateParams, PackageParams
 from components.errors import VisionflowError
 from components.quiet import set_offline_defaults
@@ -472,8 +473,13 @@ def diff(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="visionflow")
+    """Console-script entry point. The process ends after the atexit handlers, without Python's module teardown
+    (3.3 s after a `run`, components/fast_exit.py)."""
+    fast_exit.arm()
+    try:
+        app(prog_name="visionflow")
+    except SystemExit as done:
+        fast_exit.exit_with(done.code)
 
 
 if __name__ == "__main__":
