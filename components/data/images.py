@@ -103,7 +103,8 @@ def load_image(path: str | os.PathLike, channels: int, max_pixels: int) -> np.nd
     Takes the file path, the channel count wanted (1 = grayscale, 3 = RGB) and the largest pixel
     count accepted (checked from the header, before decoding). Returns a HxWxC uint8 array (always
     3-D), EXIF orientation applied, alpha composited on white, 16-bit/float scaled to 8 bits.
-    Raises ImageDecodeError(path, reason) with reason one of: "file not found", "empty file",
+    Raises ImageDecodeError(path, reason) with reason one of: "file not found", "a folder, not an image file",
+    "empty file",
     "not an image", "truncated", "corrupt image data", "too many pixels (...)" (as its subclass
     ImageTooLargeError), "unsupported mode X".
     """
@@ -111,7 +112,7 @@ def load_image(path: str | os.PathLike, channels: int, max_pixels: int) -> np.nd
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ImageDecodeError(path, "file not found")
+        raise ImageDecodeError(path, "a folder, not an image file" if os.path.isdir(path) else "file not found")
     if os.path.getsize(path) == 0:
         raise ImageDecodeError(path, "empty file")
     try:

@@ -38,6 +38,13 @@ def test_missing_file(tmp_path):
     assert info.value.reason == "file not found"
 
 
+def test_a_folder_is_called_a_folder(tmp_path):
+    (tmp_path / "cats.png").mkdir()
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(tmp_path / "cats.png", 3, DEFAULT_MAX_PIXELS)
+    assert info.value.reason == "a folder, not an image file"
+
+
 def test_pixel_limit_is_checked_before_decoding_without_pil_warnings(corpus):
     with warnings.catch_warnings(record=True) as caught:
         for name in ("huge_header.png", "bomb_header.png"):
