@@ -6,14 +6,20 @@ command (a fresh process: interpreter, imports, Prefect's temporary server, flow
 reads its MLflow runs back for the breakdown. Prints a table of wall times and ratios (medians over --repeat
 rounds), then what each part of the fixed cost took.
 
+With --with-server each round also runs the command against a Prefect server that is already running (what
+`visionflow up` gives: no temporary server to start), in the same MLflow store.
+
     python bench/train_overhead.py [--params params/default.yaml] [--set train.max_epochs=10] [--repeat 3]
+                                   [--with-server]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -174,6 +180,35 @@ ROWS = [
 ]
 
 
+@contextlib.contextmanager
+def prefect_server(work: Path, env: dict[str, str]):
+    """A `prefect server start` on a free loopback port for the rounds (its own home in `work`); yields its API URL."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (work / "prefect-server.log").open("w")
+    server_env = dict(env, PREFECT_HOME=str(work / "prefect-server"))
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    server = subprocess.Popen([*command, "--port", str(port)], env=server_env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            sys.exit(f"the Prefect server did not answer within 180 s (log: {log.name})")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -183,6 +218,9 @@ def main() -> None:
     parser.add_argument("--params", default="params/default.yaml")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--repeat", type=int, default=1, help="Rounds (plain loop then visionflow run); medians.")
+    parser.add_argument(
+        "--with-server", action="store_true", help="Also run against a running Prefect server (as after visionflow up)."
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visionflow-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
@@ -191,22 +229,36 @@ def main() -> None:
     snapshot = ingest(params.data, work / "snapshot", Path(params.run.cache_dir))
     report = validate(snapshot, params.data, work / "data")
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect"))
-    rounds: list[dict[str, float]] = []
-    for round_ in range(args.repeat):
-        plain, first = plain_loop(params, report.clean_manifest_path, snapshot.classes)
-        launched, ended, wall = run_cli(args.params, sets, env)
-        parts = breakdown(params.run.experiment, launched, ended, wall)
-        parts.update(plain=plain, plain_epoch=(plain - first) / max(1, params.train.max_epochs - 1))
-        rounds.append(parts)
-        print(
-            f"round {round_ + 1}: plain {plain:.1f} s, train stage {parts['train_stage']:.1f} s, "
-            f"visionflow run {wall:.1f} s",
-            flush=True,
-        )
+    with prefect_server(work, env) if args.with_server else contextlib.nullcontext() as api_url:
+        rounds = [
+            measure_round(i, args.params, sets, params, report, snapshot, env, api_url) for i in range(args.repeat)
+        ]
     alone = standalone_costs(env)
     med = {key: median([r[key] for r in rounds if key in r]) for key in rounds[0]}
-    ratios = {k: median([r[k] / r["plain"] for r in rounds]) for k in ("train_stage", "whole")}
+    keys = ("train_stage", "whole", "whole_server") if args.with_server else ("train_stage", "whole")
+    ratios = {k: median([r[k] / r["plain"] for r in rounds]) for k in keys}
+    print_tables(params, rounds, med, ratios, alone)
 
+
+def measure_round(index, params_file, sets, params, report, snapshot, env, api_url) -> dict[str, float]:
+    """One round: the plain loop, `visionflow run` (its temporary server) and, given `api_url`, the command again
+    against that server; returns the parts (seconds)."""
+    plain, first = plain_loop(params, report.clean_manifest_path, snapshot.classes)
+    launched, ended, wall = run_cli(params_file, sets, env)
+    parts = breakdown(params.run.experiment, launched, ended, wall)
+    parts.update(plain=plain, plain_epoch=(plain - first) / max(1, params.train.max_epochs - 1))
+    line = (
+        f"round {index + 1}: plain {plain:.1f} s, train stage {parts['train_stage']:.1f} s, visionflow run {wall:.1f} s"
+    )
+    if api_url:
+        parts["whole_server"] = run_cli(params_file, sets, dict(env, PREFECT_API_URL=api_url))[2]
+        line += f", with a running server {parts['whole_server']:.1f} s"
+    print(line, flush=True)
+    return parts
+
+
+def print_tables(params, rounds, med, ratios, alone) -> None:
+    """The table of wall times and ratios, then where the time goes."""
     console = Console()
     title = (
         f"`visionflow run` overhead: {params.model.name}, {params.train.max_epochs} epochs, batch "
@@ -220,6 +272,9 @@ def main() -> None:
                   f"{ratios['train_stage']:.2f}")  # fmt: skip
     table.add_row("whole `visionflow run` (new process, Prefect, ingest … evaluate)", f"{med['whole']:.1f}",
                   f"{ratios['whole']:.2f}")  # fmt: skip
+    if "whole_server" in ratios:
+        table.add_row("whole `visionflow run`, Prefect server already running (visionflow up)",
+                      f"{med['whole_server']:.1f}", f"{ratios['whole_server']:.2f}")  # fmt: skip
     console.print(table)
 
     parts = Table(title="where the time goes (median seconds)")
