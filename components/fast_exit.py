@@ -3,8 +3,8 @@
 Once a command's work is done and its files are written, CPython still frees every module and object it loaded;
 with torch, Lightning, MLflow and Prefect loaded that took 2.3 s at the end of a training process and 3.3 s at the
 end of `visionflow run` (2 cores). `exit_now` flushes the output and logging and ends the process at once;
-`exit_after_cleanup` lets Python do everything that matters first (join the non-daemon threads, run every atexit
-handler: Prefect's temporary server stop, MLflow's flushes) and skips only the teardown after it.
+`arm` + `exit_with` let Python do everything that matters first (join the non-daemon threads, run every atexit
+handler: Prefect's temporary server stop, MLflow's flushes) and skip only the teardown after it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def exit_code_of(code: object) -> int:
 def exit_now(code: int) -> NoReturn:
     """Flush stdout, stderr and the logging handlers and end the process with `code` (no atexit handlers run)."""
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`visionflow runs | head`) or a closed stream
+            pass
     os._exit(code)
 
 

@@ -162,7 +162,10 @@ def explain_images(
     from flows.explain import explain_command
 
     check_choice("method", method, EXPLAIN_METHODS)
-    return explain_command(run_id, str(checkpoint) if checkpoint else None, images, str(out), method)
+    ckpt = str(checkpoint) if checkpoint else None
+    if checkpoint and not run_id:  # both given: explain_command says to give one
+        ckpt = _checkpoint_file(checkpoint)
+    return explain_command(run_id, ckpt, images, str(out), method)
 
 
 def optimize_model(

@@ -215,6 +215,22 @@ def write_suspicious_labels(
     )
 
 
+GRID_CELL_PX = 171  # a 1.9-inch cell at 90 dpi: larger pictures are shrunk before they are pasted
+
+
+def _thumbnail(image):
+    """`image` (HxWxC uint8) shrunk so that its longer side is at most GRID_CELL_PX (area averaging)."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = GRID_CELL_PX / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    shrunk = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return shrunk[..., None] if shrunk.ndim == 2 else shrunk
+
+
 def suspicious_grid(
     cells: list[tuple[str, str, str, float]], path: Path, channels: int, max_pixels: int, columns: int = 8
 ) -> Path:
@@ -230,7 +246,7 @@ def suspicious_grid(
 
     columns = min(columns, len(cells))
     lines = -(-len(cells) // columns)
-    images = [load_image(image_path, channels, max_pixels) for image_path, *_ in cells]
+    images = [_thumbnail(load_image(image_path, channels, max_pixels)) for image_path, *_ in cells]
     side = max(max(im.shape[0], im.shape[1]) for im in images)
     cell_w = side + max(1, side // 10)
     cell_h = round(cell_w * 2.5 / 1.9)  # a cell is 1.9 × 2.5 inches: the picture at its foot, the text above

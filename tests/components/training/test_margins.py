@@ -73,3 +73,21 @@ def test_margins_of_mixed_batches_are_skipped_and_averaged_over_visits():
     recorder.on_train_epoch_end(trainer, module)  # an epoch without validation
     assert recorder.ranking() == [(3, -6.0, 1, 2, -9.0), (1, 2.0, 2, 2, 3.0)]  # last: the second epoch's margin
     assert recorder.ranking()[0].flagged and not recorder.ranking()[1].flagged
+
+
+def test_the_grid_shrinks_large_pictures_and_keeps_small_ones(tmp_path):
+    """A 12-megapixel photo is shrunk to a cell before it is pasted (a canvas of full-size photos would take
+    gigabytes); an 8×8 grey digit stays as it is."""
+    import numpy as np
+    from PIL import Image
+
+    from components.training.margins import GRID_CELL_PX, _thumbnail, suspicious_grid
+
+    photo = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    shrunk = _thumbnail(photo)
+    assert shrunk.shape == (128, GRID_CELL_PX, 3)  # 4000 → 171 wide, 3000 → 128 high: the aspect kept
+    digit = np.zeros((8, 8, 1), dtype=np.uint8)
+    assert _thumbnail(digit) is digit
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    grid = suspicious_grid([(str(tmp_path / "photo.png"), "cat", "dog", -0.5)], tmp_path / "grid.png", 3, 10**8)
+    assert Image.open(grid).size == (171, 261)  # one 1.9 × 2.9-inch cell at 90 dpi
