@@ -97,9 +97,13 @@ def crash_silent_runs(replace: bool = True) -> int:
     """The zombie rule for the flow runs started with heartbeats (tag HEARTBEAT_TAG): Crashed after
     $VISIONFLOW_ZOMBIE_AFTER_S seconds without a heartbeat. `replace` sets the window from the environment, else an
     existing rule is kept. Returns the window in force (s)."""
-    from flows.prefect_api import HEARTBEAT_TAG, crash_silent_flow_runs, zombie_after_s
+    from flows.prefect_api import HEARTBEAT_TAG, crash_silent_flow_runs, tag_waiting_runs, zombie_after_s
 
-    return crash_silent_flow_runs(HEARTBEAT_TAG, zombie_after_s(), replace=replace)
+    window = crash_silent_flow_runs(HEARTBEAT_TAG, zombie_after_s(), replace=replace)
+    # Runs scheduled before the deployments carried the tag: a state change's event carries the deployment's tags,
+    # a heartbeat only the run's own, so such a run would open the rule's window and never close it.
+    tag_waiting_runs(TAGS[0], HEARTBEAT_TAG)
+    return window
 
 
 def _with_heartbeats(deployments: list[RunnerDeployment], job_env: bool) -> None:

@@ -130,3 +130,31 @@ def crash_silent_flow_runs(tag: str, after_s: int, replace: bool = True) -> int:
         else:
             client.create_automation(automation)
     return after_s
+
+
+def tag_waiting_runs(tag: str, new_tag: str) -> int:
+    """Add `new_tag` to every flow run tagged `tag` that has not started (Scheduled, Late, Pending, waiting for a
+    slot): runs made before the deployments carried `new_tag` start with it, so their heartbeats carry it too.
+    Returns how many were tagged."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    waiting = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[tag]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])),
+    )
+    tagged = 0
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while runs := client.read_flow_runs(flow_run_filter=waiting, limit=200, offset=offset):
+            offset += len(runs)
+            for run in runs:
+                if new_tag not in run.tags:
+                    client.update_flow_run(run.id, tags=[*run.tags, new_tag])
+                    tagged += 1
+    return tagged

@@ -371,8 +371,12 @@ def _worker_on_a_pool_with_the_zombie_rule(prefect: str, env: dict, params_file:
         start_new_session=True,
     )
     try:
+        waiting = _bare_running_flow_run(prefect, ["visionflow"], "SCHEDULED")  # made before the rule existed
         out = _cli("deploy", "--pool", "zombie-pool", "--params", params_file, env=env)
         assert out.returncode == 0, out.stdout + out.stderr
+        # it starts with the tag, so its heartbeats carry it like its state changes (which get the deployment's)
+        assert "visionflow-heartbeat" in _api("GET", f"{prefect}/api/flow_runs/{waiting}").json()["tags"]
+        _api("POST", f"{prefect}/api/flow_runs/{waiting}/set_state", json={"state": {"type": "CANCELLED"}})
         pipeline = _deployment(prefect, "visionflow-pipeline/pipeline")
         assert pipeline["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
         assert "visionflow-heartbeat" in pipeline["tags"]
@@ -397,13 +401,13 @@ def test_a_worker_killed_mid_trial_leaves_the_trials_failed_never_running(stack,
     env = dict(
         stack["env"], PREFECT_API_URL=prefect + "/api", MLFLOW_TRACKING_URI=mlflow, VISIONFLOW_ZOMBIE_AFTER_S="60"
     )
+    untagged = _bare_running_flow_run(prefect, ["visionflow"])  # running without heartbeats: deploy leaves it
     worker = _worker_on_a_pool_with_the_zombie_rule(prefect, env, stack["params_file"])
     experiment, study = f"zombie-{uuid.uuid4().hex[:8]}", f"zombie-{uuid.uuid4().hex[:8]}"
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  train.lr: {low: 0.001, high: 0.01, log: true}\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     silent = _bare_running_flow_run(prefect, ["visionflow", "visionflow-heartbeat"])  # no heartbeat ever
-    untagged = _bare_running_flow_run(prefect, ["visionflow"])  # started without heartbeats: not watched
     tune = None
     try:
         tune = subprocess.Popen(
@@ -439,7 +443,8 @@ def test_a_worker_killed_mid_trial_leaves_the_trials_failed_never_running(stack,
     assert [r["state"]["type"] for r in flow_runs] == ["CRASHED"] * 2
     assert all("no heartbeat for 60 s" in r["state"]["message"] for r in flow_runs), flow_runs
     assert _api("GET", f"{prefect}/api/flow_runs/{silent}").json()["state"]["type"] == "CRASHED"
-    assert _api("GET", f"{prefect}/api/flow_runs/{untagged}").json()["state"]["type"] == "RUNNING"
+    left = _api("GET", f"{prefect}/api/flow_runs/{untagged}").json()
+    assert left["state"]["type"] == "RUNNING" and "visionflow-heartbeat" not in left["tags"]
     _api("POST", f"{prefect}/api/flow_runs/{untagged}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
     runs = _runs_of(mlflow, experiment)
     trials = [r for r in runs if "visionflow.tune.trial" in _tags(r)]
@@ -457,12 +462,12 @@ def _flow_run_events(prefect: str) -> list:
     return [(e["occurred"][11:19], e["event"], e["resource"]["prefect.resource.id"][-6:]) for e in found]
 
 
-def _bare_running_flow_run(prefect: str, tags: list[str]) -> str:
-    """A flow run set Running through the API that never sends a heartbeat: a process killed before its first
-    heartbeat left it. Returns its id."""
+def _bare_running_flow_run(prefect: str, tags: list[str], state_type: str = "RUNNING") -> str:
+    """A flow run set Running (or `state_type`) through the API that never sends a heartbeat: a process killed
+    before its first heartbeat left it. Returns its id."""
     flow = _api("POST", f"{prefect}/api/flows/", json={"name": "zombie-check"}).json()
     run = _api("POST", f"{prefect}/api/flow_runs/", json={"flow_id": flow["id"], "tags": tags}).json()
-    state = {"state": {"type": "RUNNING"}, "force": True}
+    state = {"state": {"type": state_type}, "force": True}
     assert _api("POST", f"{prefect}/api/flow_runs/{run['id']}/set_state", json=state).status_code in (200, 201)
     return run["id"]
 
