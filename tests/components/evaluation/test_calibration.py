@@ -64,8 +64,8 @@ def test_a_validation_split_without_errors_keeps_t_1_and_one_error_gives_a_bound
     grid = torch.linspace(1.0, MAX_TEMPERATURE, 20_000)  # the NLL's minimum found by brute force
     nll = torch.stack([torch.nn.functional.cross_entropy(logits / t, targets) for t in grid])
     best = grid[nll.argmin()].item()
-    assert 1.0 < best < MAX_TEMPERATURE  # the case has an inner minimum, not one at a bound the fit clamps to
-    assert fitted == pytest.approx(best, rel=1e-2)
+    assert 1.0 < fitted < MAX_TEMPERATURE  # a fitted temperature, not one clamped to a bound
+    assert fitted == pytest.approx(best, rel=1e-2)  # at the NLL's minimum
 
 
 def test_reliability_bins_follow_torchmetrics_binning():
