@@ -33,6 +33,10 @@ _HANDED_OVER = (
     "PYTORCH_NVML_BASED_CUDA_CHECK",
     "TORCHINDUCTOR_CACHE_DIR",
     "_MLFLOW_TELEMETRY_SESSION_ID",
+    # scikit-learn's import sets these two (the bundled digits are read with it, on a fresh snapshot only); they
+    # steer OpenMP's start, long done in the waiting process: without them here every first run started anew.
+    "KMP_DUPLICATE_LIB_OK",
+    "KMP_INIT_AT_FORK",
 )
 _HANDED_OVER_PREFIXES = ("PREFECT__",)
 

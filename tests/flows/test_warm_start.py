@@ -22,6 +22,9 @@ def test_a_changed_environment_is_not_handed_over_but_the_run_variables_are():
     assert warm_start.changed_variables(waiting, run) == []
     assert warm_start.changed_variables(waiting, {**run, "CUDA_VISIBLE_DEVICES": "1"}) == ["CUDA_VISIBLE_DEVICES"]
     assert warm_start.changed_variables(waiting, {**run, "VISIONFLOW_TUNE_TRIAL": "{}"}) == ["VISIONFLOW_TUNE_TRIAL"]
+    # what scikit-learn's import sets in the flow's process (the bundled digits): handed over, no new process
+    sklearn = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE"}
+    assert warm_start.changed_variables(waiting, {**run, **sklearn}) == []
 
 
 def test_a_waiting_process_never_handed_a_spec_exits_cleanly():
