@@ -1,9 +1,12 @@
 """Fixed costs paid while other work goes on: Prefect's temporary server and the training process's imports.
 
 - `early_start()`: the CLI's `run` / `resume` call it before importing the pipeline's modules. Without a
-  PREFECT_API_URL, Prefect's temporary server starts in a thread (its own process does the work); a training
-  process starts and imports torch, Lightning and MLflow (components/training/warm.py). `wait_for_server()`
-  joins the thread before the flow asks Prefect for a client.
+  Prefect API URL, Prefect's temporary server starts in its own process the way Prefect starts it (uvicorn on
+  the server app, UI off, the temporary server's services) and this process then talks to it through
+  PREFECT_API_URL, so it never imports the server's modules (2.4 s); a training process starts and imports torch,
+  Lightning and MLflow (components/training/warm.py). `wait_for_server()` waits for the server's health before
+  the flow asks Prefect for a client; a server that does not come up is stopped and Prefect's own start tries
+  again and reports. The server is stopped when the command exits.
 - `prestart_training_process()`: the pipeline flow calls it first, so callers that skip the CLI (a deployment,
   a sweep's subflows, the tests) get the same head start over ingest, validate, plan and the preview.
 - `training_process(spec_path, env)`: the train task's process. The waiting one is handed the spec and `env` when
@@ -13,13 +16,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,9 @@ _HANDED_OVER = (
     # steer OpenMP's start, long done in the waiting process: without them here every first run started anew.
     "KMP_DUPLICATE_LIB_OK",
     "KMP_INIT_AT_FORK",
+    # set by early_start() for the temporary server (the training process does not talk to Prefect)
+    "PREFECT_API_URL",
+    "PREFECT_UI_URL",
 )
 _HANDED_OVER_PREFIXES = ("PREFECT__",)
 
@@ -51,7 +60,7 @@ class _Waiting:
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _waiting: _Waiting | None = None
-_server_thread: threading.Thread | None = None
+_server: subprocess.Popen | None = None  # the temporary server early_start() started
 
 
 def changed_variables(waiting: dict[str, str], env: dict[str, str]) -> list[str]:
@@ -129,36 +138,91 @@ def training_process(spec_path: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def _start_server(server) -> None:
-    # A terminal's Ctrl-C signals the whole foreground process group. The server's process is started from this
-    # thread with SIGINT blocked (a child keeps the mask across exec), so it outlives Ctrl-C and the flow can still
-    # record the interruption; Prefect stops it with SIGTERM when this process exits.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_temporary_server(settings) -> None:
+    """Start Prefect's temporary server as Prefect does (prefect.server.api.server.SubprocessASGIServer) and point
+    this process's Prefect settings at it."""
+    global _server
+    import prefect
+    from prefect.context import refresh_global_settings_context
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **settings.to_environment_variables(exclude_unset=True),
+    }
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+               "error", "--lifespan", "on"]  # fmt: skip
+    # A terminal's Ctrl-C signals the whole foreground process group. The server's process starts with SIGINT
+    # blocked (a child keeps the mask across exec), so it outlives Ctrl-C and the flow can still record the
+    # interruption; it is stopped with SIGTERM when this process exits.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        server.start()
-    except Exception:  # not up in time: stop its process; the flow's own start tries again and reports
-        server.stop()
+        _server = subprocess.Popen(command, env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    atexit.register(_stop_server)
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI: no dead "View at" links
+    refresh_global_settings_context()
+    logging.getLogger("prefect").info("Starting temporary server on http://127.0.0.1:%d", port)
+
+
+def _stop_server() -> None:
+    global _server
+    server, _server = _server, None
+    if server is None or server.poll() is not None:
+        return
+    logging.getLogger("prefect").info(
+        "Stopping temporary server on %s", os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
+    )
+    server.terminate()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def early_start() -> None:
     """Start Prefect's temporary server (when no API URL is set) and a waiting training process, both in the
     background; call before importing the pipeline's modules, and wait_for_server() before the flow."""
-    global _server_thread
-    prestart_training_process()
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if not settings.api.url and settings.server.ephemeral.enabled and _server_thread is None:
-        # Imported here, not in the thread: two threads importing Prefect's modules at once could meet a
-        # partly initialised module. The thread only starts the server's process and polls its health.
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        _server_thread = threading.Thread(target=_start_server, args=(server,), name="prefect-server", daemon=True)
-        _server_thread.start()
+    if not settings.api.url and settings.server.ephemeral.enabled and _server is None:
+        _start_temporary_server(settings)
+    prestart_training_process()  # after the server: its environment has the server's URL, as the run's will
 
 
 def wait_for_server() -> None:
-    """Wait until the temporary server early_start() began is up (or failed to start)."""
-    if _server_thread is not None:
-        _server_thread.join()
+    """Wait until the temporary server early_start() started answers; one that exits or does not answer within
+    Prefect's start-up limit is stopped, and Prefect's own temporary server starts with the flow (or reports)."""
+    if _server is None:
+        return
+    import httpx
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    url = os.environ["PREFECT_API_URL"] + "/health"
+    deadline = time.monotonic() + get_current_settings().server.ephemeral.startup_timeout_seconds
+    while _server.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    _log.warning("Prefect's temporary server did not start (exit code %s)", _server.poll())
+    _stop_server()
+    os.environ.pop("PREFECT_API_URL", None)
+    refresh_global_settings_context()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -56,3 +59,51 @@ def test_the_waiting_process_trains_the_spec_and_its_ddp_ranks_start_from_it(tmp
     client = MlflowClient(tracking.tracking_uri())
     assert len(client.get_metric_history(spec.mlflow_run_id, "val/acc")) == 2
     assert any(key.startswith("system/") for key in client.get_run(spec.mlflow_run_id).data.metrics)
+
+
+_FLOW_ON_EARLY_SERVER = """
+import json, os, socket, sys
+from components.quiet import set_offline_defaults
+set_offline_defaults()
+from flows import warm_start
+if sys.argv[1] == "taken":  # the server's port is taken: its process exits, Prefect's own start takes over
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    warm_start._free_port = lambda: held.getsockname()[1]
+warm_start.early_start()
+ours = os.environ.get("PREFECT_API_URL")
+server = warm_start._server
+warm_start.wait_for_server()
+from prefect import flow
+answer = flow(lambda: 42, name="probe")()
+print(json.dumps({"answer": answer, "ours": ours, "pid": server.pid if server else None,
+                  "api": os.environ.get("PREFECT_API_URL"),
+                  "server_modules": "prefect.server.api.server" in sys.modules}))
+"""
+
+
+def _run_flow_on_early_server(tmp_path, case: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    done = subprocess.run(
+        [sys.executable, "-c", _FLOW_ON_EARLY_SERVER, case], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_temporary_server_started_early_runs_the_flow_and_stops_with_the_command(tmp_path):
+    out = _run_flow_on_early_server(tmp_path, "free")
+    assert out["answer"] == 42
+    assert out["ours"] and out["api"] == out["ours"]  # Prefect used the server started before the imports
+    assert not out["server_modules"]  # so this process never imported the server's modules
+    assert not psutil.pid_exists(out["pid"]) or psutil.Process(out["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_temporary_server_that_cannot_start_gives_way_to_prefects_own(tmp_path):
+    out = _run_flow_on_early_server(tmp_path, "taken")
+    assert out["answer"] == 42  # the flow still ran, on Prefect's own temporary server
+    assert out["ours"] and out["api"] is None
+    assert out["server_modules"]
