@@ -193,14 +193,20 @@ def _stop_server() -> None:
         server.wait()
 
 
-def early_start() -> None:
-    """Start Prefect's temporary server (when no API URL is set) and a waiting training process, both in the
-    background; call before importing the pipeline's modules, and wait_for_server() before the flow."""
+def start_temporary_server() -> None:
+    """Start Prefect's temporary server in the background when no API URL is set (and none was started); call
+    before importing a flow's modules, and wait_for_server() before the flow."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if not settings.api.url and settings.server.ephemeral.enabled and _server is None:
         _start_temporary_server(settings)
+
+
+def early_start() -> None:
+    """Start Prefect's temporary server (when no API URL is set) and a waiting training process, both in the
+    background; call before importing the pipeline's modules, and wait_for_server() before the flow."""
+    start_temporary_server()
     prestart_training_process()  # after the server: its environment has the server's URL, as the run's will
 
 
