@@ -223,7 +223,7 @@ def wait_for_server() -> None:
     deadline = time.monotonic() + get_current_settings().server.ephemeral.startup_timeout_seconds
     while _server.poll() is None and time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:  # loopback: no proxy
                 return
         except httpx.HTTPError:
             pass
