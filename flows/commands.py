@@ -166,10 +166,8 @@ def explain_images(
     ckpt = str(checkpoint) if checkpoint else None
     if checkpoint and not run_id:  # both given: explain_command says to give one
         ckpt = _checkpoint_file(checkpoint)
-    start_temporary_server()
-    from flows.explain import explain_command
+    from flows.explain import explain_command  # no flow: Prefect's server is not needed
 
-    wait_for_server()
     return explain_command(run_id, ckpt, images, str(out), method)
 
 
@@ -181,10 +179,8 @@ def optimize_model(
         raise VisionflowError("give exactly one of --from-run RUN_ID or --checkpoint CKPT (with --data)")
     if from_run:
         check_writable()
-        start_temporary_server()
-        from flows.optimize import optimize_from_run
+        from flows.optimize import optimize_from_run  # checks the run before its flow starts Prefect's server
 
-        wait_for_server()
         return optimize_from_run(from_run, sets)
     if not data:
         raise VisionflowError("--checkpoint needs --data (the data set to fine-tune, calibrate and measure on)")

@@ -4,6 +4,9 @@ image files, and the one-line refusals (a run without checkpoint, an unreadable 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,18 @@ def test_explain_command_refuses_bad_input_in_one_line(shapes_run, shapes_dir, t
     both = _invoke("explain", "--run", result.run_id, "--checkpoint", result.checkpoint, image)
     _assert_one_line_error(both, "exactly one of --run RUN_ID or --checkpoint CKPT")
     _assert_one_line_error(_invoke("explain", "--run", result.run_id), "at least one image")
+
+
+def test_explain_in_its_own_process_starts_no_prefect_server(shapes_run, shapes_dir, tmp_path):
+    """explain runs no flow: as a command of its own it must not start Prefect's temporary server."""
+    _, result = shapes_run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    image = str(shapes_dir / "circle" / "circle_000.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "explain", "--checkpoint", result.checkpoint, "--out", "png", image],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "png" / "circle_000.explain.png").is_file()
+    log = "".join(p.read_text() for p in (tmp_path / ".visionflow" / "logs").glob("*.log"))
+    assert "temporary server" not in done.stdout + done.stderr + log
