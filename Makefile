@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
+# Tests run in one process per CPU (at most 4), a whole test file per process: its module fixtures start once.
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 # The offline defaults (no telemetry, no update checks) are set by visionflow itself: components/quiet.py.
 
 .PHONY: install browser run up down deploy lint test test-fast bench bench-overhead bench-techniques bench-compress clean
@@ -28,10 +30,10 @@ browser:  ## Debian's chromium, for the test that opens both UIs in a headless b
 		echo "chromium is missing and cannot be installed here (needs apt-get as root): the browser test will fail"
 
 test: install lint browser  ## lint, then every test, the slow end-to-end ones included
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 test-fast: install lint browser  ## lint, then all but the slow end-to-end tests
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 bench: bench-overhead bench-techniques bench-compress  ## all three benchmarks (tables on stdout)
 

@@ -141,7 +141,10 @@ def print_evaluation(result) -> None:
 def print_explanations(explanations) -> None:
     """`explain`: one line per image, its predicted class and confidence and the PNG written."""
     for item in explanations:
-        console.print(f"{item.predicted} ({item.confidence:.2f})  {item.path} -> {item.png}", highlight=False)
+        # soft wrap: the paths are never broken by a newline, so they copy whole from a narrow terminal or a pipe
+        console.print(
+            f"{item.predicted} ({item.confidence:.2f})  {item.path} -> {item.png}", highlight=False, soft_wrap=True
+        )
 
 
 def print_variants(result) -> None:

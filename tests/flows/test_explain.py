@@ -18,8 +18,8 @@ from flows.cli import app
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+def _invoke(*args: str, columns: int = 250):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": str(columns)})
 
 
 def _assert_one_line_error(out, expected: str) -> None:
@@ -44,12 +44,16 @@ def test_the_pipeline_evaluation_logs_its_explanation_grid(shapes_run):
 def test_explain_command_writes_one_png_per_image(shapes_run, shapes_dir, tmp_path):
     _, result = shapes_run
     images = [str(shapes_dir / "circle" / "circle_000.png"), str(shapes_dir / "square" / "square_001.png")]
-    out = _invoke("explain", "--run", result.run_id, "--out", str(tmp_path / "png"), *images)
+    out = _invoke("explain", "--run", result.run_id, "--out", str(tmp_path / "png"), *images, columns=80)
     assert out.exit_code == 0, out.output
     written = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert written == ["circle_000.explain.png", "square_001.explain.png"]
     assert all((tmp_path / "png" / name).stat().st_size > 3000 for name in written)
     assert "circle_000.explain.png" in out.stdout and "(" in out.stdout  # predicted class (confidence) -> png
+    # each path is whole on its line (longer than the 80 columns of a pipe): it copies as it is
+    png = tmp_path / "png" / "circle_000.explain.png"
+    assert len(f"{images[0]} -> {png}") > 80
+    assert any(line.endswith(f"{images[0]} -> {png}") for line in out.stdout.splitlines()), out.stdout
 
 
 def test_explain_of_a_run_uses_the_temperature_its_evaluation_fitted(shapes_run):
