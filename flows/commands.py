@@ -68,6 +68,13 @@ def check_writable(params: PipelineParams | None = None, mlflow: bool = True, pr
     writable.check_writable(writable.places_to_check(tracking_uri, runs_dir, cache_dir, prefect_home))
 
 
+def check_data(path: str) -> None:
+    """One line (DataError) for a data source that does not exist, before anything starts (ingest asks again)."""
+    from components.data.sources import check_source
+
+    check_source(path)
+
+
 def use_running_stack() -> None:
     """Point this process at the stack `visionflow up` started (its Prefect and MLflow URLs), unless
     PREFECT_API_URL / MLFLOW_TRACKING_URI are set already."""
@@ -100,6 +107,7 @@ def run_pipeline(params_file: Path | None, sets: list[str]) -> PipelineResult:
     from flows.warm_start import early_start
 
     check_writable(p)  # before anything starts
+    check_data(p.data.path)
     early_start()  # Prefect's temporary server and the training process start while the flow's modules import
     from flows.pipeline import pipeline
 
@@ -109,9 +117,11 @@ def run_pipeline(params_file: Path | None, sets: list[str]) -> PipelineResult:
 
 def resume_run(run_id: str, sets: list[str]) -> PipelineResult:
     """`resume`: the same MLflow run again, training from its last checkpoint."""
+    from flows.runs import resumable_pipeline_run
     from flows.warm_start import early_start
 
     check_writable()
+    resumable_pipeline_run(run_id)  # a run that cannot resume is one line before anything starts
     early_start()  # as for `run`
     from flows.pipeline import resume_pipeline
 
@@ -151,6 +161,7 @@ def evaluate_checkpoint(
     ckpt = _checkpoint_file(checkpoint)
     p = load_params(params_file, [*sets, f"data.path={data}"])
     check_writable(p)
+    check_data(p.data.path)
     start_temporary_server()  # Prefect's temporary server starts while the flow's modules import (as for `run`)
     from flows.evaluate import evaluate_flow
 
@@ -187,6 +198,7 @@ def optimize_model(
     ckpt = _checkpoint_file(checkpoint)
     p = load_params(params_file, ["optimize.enabled=true", *sets, f"data.path={data}"])
     check_writable(p)
+    check_data(p.data.path)
     start_temporary_server()
     from flows.optimize import optimize_from_checkpoint
 
@@ -281,6 +293,7 @@ def retrain_now(params_file: Path | None, sets: list[str], force: bool) -> Retra
     """`retrain`: retrain now when the data changed (or `force`), promoting only a better challenger."""
     p = load_params(params_file, sets)
     check_writable(p)
+    check_data(p.data.path)
     start_temporary_server()
     from flows.retrain import retrain
 
@@ -412,7 +425,10 @@ def monitor_predictions(
 
 def package_run(from_run: str, sets: list[str]) -> PackageResult:
     """`package`: package a finished run's model again (export, bundle, register, gate)."""
+    from flows.runs import finished_pipeline_run
+
     check_writable()
+    finished_pipeline_run(from_run, "package")  # an unknown or unfinished run is one line before anything starts
     start_temporary_server()
     from flows.package import package_flow
 

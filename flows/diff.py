@@ -30,7 +30,8 @@ from components.evaluation.diff import (
     task_diff,
     write_diff,
 )
-from flows.tasks import ingest_task, pipeline_run, validate_task
+from flows.runs import pipeline_run
+from flows.tasks import ingest_task, validate_task
 
 RUN_A_TAG = "visionflow.diff.run_a"
 RUN_B_TAG = "visionflow.diff.run_b"

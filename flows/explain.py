@@ -8,7 +8,7 @@ from components.config import DataParams
 from components.errors import VisionflowError
 from components.evaluation.calibration import read_calibration
 from components.evaluation.explain import ExplainMethod, Explanation, explain_files
-from flows.tasks import finished_pipeline_run
+from flows.runs import finished_pipeline_run
 
 
 def checkpoint_of_run(run_id: str) -> tuple[str, float]:

@@ -39,7 +39,7 @@ from components.optimization.variants import (
     student_variant,
     with_checkpoint_channels,
 )
-from flows.tasks import finished_pipeline_run
+from flows.runs import finished_pipeline_run
 
 
 class OptimizeResult(BaseModel):

@@ -24,7 +24,8 @@ from components.packaging.gate import GateDecision, bundle_incompatibility, deci
 from components.packaging.package import PackagedModel, bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
 from flows.diff import gate_diff
-from flows.tasks import finished_pipeline_run, publish_summary
+from flows.runs import finished_pipeline_run
+from flows.tasks import publish_summary
 
 DATA_FINGERPRINT_TAG = "visionflow.data_fingerprint"
 

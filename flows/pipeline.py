@@ -19,15 +19,14 @@ from components.config import PipelineParams, load_params, params_to_flat_dict
 from components.errors import VisionflowError
 from components.monitoring.resources import StageClock
 from flows import warm_start
+from flows.runs import process_tags, resumable_pipeline_run
 from flows.tasks import (
     evaluate_task,
     ingest_task,
     json_dump,
     plan_task,
     preview_task,
-    process_tags,
     publish_summary,
-    resumable_pipeline_run,
     train_task,
     validate_task,
 )

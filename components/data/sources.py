@@ -48,6 +48,21 @@ class SourceItem(BaseModel):
     reason: str = ""  # set on an item refused before it was opened (listed in SourceListing.quarantined)
 
 
+def check_source(path: str) -> None:
+    """Raise DataError (one line) for a bundled data set that does not exist or a local folder, CSV or archive
+    that does not exist (the bundled and torchvision sets are made on first use). Ingest asks, and the CLI before
+    anything starts."""
+    if path.startswith("bundled:"):
+        name = path.split(":", 1)[1]
+        if name not in BUNDLED_DATASETS:
+            raise DataError(
+                f"unknown bundled data set {name!r}: supported are "
+                + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
+            )
+    elif not path.startswith("torchvision:") and not Path(path).expanduser().exists():
+        raise DataError(f"data source not found: {path}")
+
+
 def resolve_source(
     path: str,
     cache_dir: Path,
@@ -66,13 +81,9 @@ def resolve_source(
     when the source cannot be used.
     """
     cache_dir = Path(cache_dir).expanduser().resolve()  # item paths must be absolute
+    check_source(path)
     if path.startswith("bundled:"):
         name = path.split(":", 1)[1]
-        if name not in BUNDLED_DATASETS:
-            raise DataError(
-                f"unknown bundled data set {name!r}: supported are "
-                + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
-            )
         listing = _from_folder(materialize_digits(cache_dir))
         if name == "digits-multitask":
             listing.items = [
@@ -84,10 +95,7 @@ def resolve_source(
         return listing
     if path.startswith("torchvision:"):
         return _from_folder(materialize_torchvision(path.split(":", 1)[1], cache_dir))
-    target = Path(path).expanduser()
-    if not target.exists():
-        raise DataError(f"data source not found: {path}")
-    target = target.resolve()
+    target = Path(path).expanduser().resolve()
     if target.is_dir():
         return _from_folder(target)
     if target.suffix.lower() == ".csv":

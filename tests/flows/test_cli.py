@@ -43,6 +43,23 @@ def test_invalid_yaml_exits_2(tmp_path):
     assert out.returncode == 2 and "invalid YAML" in out.stderr
 
 
+def test_a_data_source_that_does_not_exist_is_one_line_before_anything_starts(tmp_path):
+    """A mistyped data path or bundled name: exit 2 with one line, and no Prefect server, training process or MLflow
+    run is started for it (it took 15-20 s to say so when ingest was the first to look)."""
+    for path, expected in (
+        (tmp_path / "no-such-folder", f"data source not found: {tmp_path / 'no-such-folder'}"),
+        ("bundled:digts", "unknown bundled data set 'digts'"),
+    ):
+        out = _visionflow(
+            "run", "--set", f"data.path={path}", "--set", f"run.output_dir={tmp_path / 'runs'}", cwd=tmp_path
+        )
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], out.stderr
+        assert "temporary server" not in out.stdout + out.stderr, out.stdout
+        assert not (tmp_path / "runs").exists()
+
+
 def test_validate_data_prints_the_report(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=8)
     out = _visionflow("validate-data", str(data), "--set", f"run.cache_dir={tmp_path / 'cache'}")

@@ -14,7 +14,7 @@ from components import tracking
 from components.config import load_params
 from components.errors import StageError, VisionflowError
 from flows.pipeline import pipeline, resume_pipeline
-from flows.tasks import PID_STARTED_TAG, PID_TAG, resumable_pipeline_run
+from flows.runs import PID_STARTED_TAG, PID_TAG, resumable_pipeline_run
 from tests.helpers.params import tiny_overrides
 
 
@@ -70,6 +70,7 @@ def test_a_finished_run_is_refused_with_one_line_and_nothing_logged(failed_then_
     assert len(lines) == 1, out.stderr
     assert f"run {result.run_id} is FINISHED" in lines[0]
     assert f"visionflow run --params {result.run_dir}/params.yaml" in lines[0]
+    assert "temporary server" not in out.stdout + out.stderr, out.stdout  # refused before anything starts
     assert _registry_state(client, failed.info.experiment_id, params.package.model_name) == before
 
 
