@@ -88,7 +88,7 @@ def prestart_training_process() -> None:
 
 
 def discard_training_process() -> None:
-    """Close the waiting process's stdin (it exits once its imports are done)."""
+    """Stop the waiting process (never handed a spec: it only imports or waits)."""
     global _waiting
     with _lock:
         waiting, _waiting = _waiting, None
@@ -97,11 +97,20 @@ def discard_training_process() -> None:
 
 
 def _close(process: subprocess.Popen) -> None:
+    """Stop a waiting process that was never handed a spec. It holds no work, so it is ended now rather than left
+    importing for seconds of CPU after the command has exited (a run that failed before training)."""
     try:
         if process.stdin:
             process.stdin.close()
     except OSError:
         pass
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _hand_over(process: subprocess.Popen, spec_path: Path, env: dict[str, str]) -> bool:

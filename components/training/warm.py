@@ -7,7 +7,8 @@ torch, Lightning and MLflow are off the train stage's path. It imports the train
 for the spec would get), names the spec in `sys.argv` and runs `components.training.fit.main`: from there on
 it is the process `python -m components.training.fit PATH` would be. Lightning's DDP launcher re-runs
 `sys.argv`, so its other ranks start as `python -m components.training.warm PATH` and train at once. Stdin
-closed without a line (the pipeline ended before training, or its process died): exit 0.
+closed without a line (its pipeline's process died): exit 0. A pipeline that ends before training stops it
+(SIGTERM): it holds no work.
 
 Rank zero writes `process_timings.json` beside the spec: when the process started, when its imports were done,
 when it read the spec and when training returned (epoch seconds), for bench/train_overhead.py.

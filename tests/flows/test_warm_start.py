@@ -34,7 +34,7 @@ def test_a_waiting_process_never_handed_a_spec_exits_cleanly():
     warm_start.prestart_training_process()
     process = warm_start._waiting.process
     warm_start.discard_training_process()
-    assert process.wait(timeout=300) == 0
+    assert process.poll() is not None  # ended with the discard, not left importing after the command's end
     assert warm_start._waiting is None
 
 
