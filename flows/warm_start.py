@@ -104,13 +104,19 @@ def _close(process: subprocess.Popen) -> None:
             process.stdin.close()
     except OSError:
         pass
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    _stop(process, timeout=10)
+
+
+def _stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; reaped either way (no-op when it has ended)."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _hand_over(process: subprocess.Popen, spec_path: Path, env: dict[str, str]) -> bool:
@@ -194,12 +200,7 @@ def _stop_server() -> None:
     logging.getLogger("prefect").info(
         "Stopping temporary server on %s", os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
     )
-    server.terminate()
-    try:
-        server.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    _stop(server, timeout=5)
 
 
 def start_temporary_server() -> None:
