@@ -120,6 +120,9 @@ def route_output(log_file: str | Path | None, verbose: bool = False, terminal=No
     """Route this process's logging and warnings: everything (INFO and up, tracebacks included) appended to
     `log_file`; to the terminal (the root logger's existing stream handlers, or a new one on `terminal` /
     stderr when there is none) what `TerminalFilter` keeps, or everything when `verbose`. Idempotent."""
+    # off, then on: re-installs the hook when something has put warnings.showwarning back since an earlier call
+    # (captureWarnings(True) alone does nothing once it has been called in this process)
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     root = logging.getLogger()
     for name in FILE_ONLY_INFO:
