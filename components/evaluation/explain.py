@@ -10,7 +10,6 @@ images); `explain_files` writes one PNG per image for `visionflow explain`.
 from __future__ import annotations
 
 import csv
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from components.config import EvaluateParams
 from components.data.augment import build_eval_transform
 from components.data.images import load_image
 from components.errors import VisionflowError
+from components.image_grid import Cell, image_grid, overlay
 from components.training.module import Classifier, load_classifier
 
 ExplainMethod = Literal["auto", "gradcam", "integrated_gradients"]
@@ -140,10 +140,7 @@ def _figure(width: float, height: float):
 
 def _overlay(ax, image: np.ndarray, heat: np.ndarray | None) -> None:
     """The image (H x W x C uint8) with the [0, 1] map over it (none: the plain image)."""
-    gray = image.shape[-1] == 1
-    ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, interpolation="nearest")
-    if heat is not None:
-        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, interpolation="bilinear")
+    ax.imshow(overlay(image, heat), interpolation="nearest")
     ax.axis("off")
 
 
@@ -248,20 +245,16 @@ def pick_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
 
 
 def _grid(rows: list[dict], shown: list[np.ndarray], maps: torch.Tensor, title: str, path: Path) -> Path:
-    """The overlays in a square grid, each titled "true → predicted (probability)", mistakes in red."""
-    columns = max(1, math.ceil(math.sqrt(len(rows))))
-    grid_rows = math.ceil(len(rows) / columns)
-    fig = _figure(2.0 * columns, 2.0 * grid_rows + 0.4)
-    axes = fig.subplots(grid_rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row, image, heat in zip(axes.flat, rows, shown, maps, strict=False):
-        _overlay(ax, image, heat.numpy())
-        text = f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})"
-        ax.set_title(text, fontsize=8, color="black" if row["correct"] else "tab:red")
-    fig.suptitle(f"{title} (true → predicted; mistakes in red)", fontsize=9)
-    fig.savefig(path, format="png", dpi=100)
-    return path
+    """The overlays in a square grid, each captioned "true → predicted (probability)", mistakes in red."""
+    cells = [
+        Cell(
+            overlay(image, heat.numpy()),
+            f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})",
+            "black" if row["correct"] else "tab:red",
+        )
+        for row, image, heat in zip(rows, shown, maps, strict=False)
+    ]
+    return image_grid(cells, path, f"{title} (true → predicted; mistakes in red)")
 
 
 def explain_predictions(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel
 from components.config import EvaluateParams
 from components.evaluation.calibration import CalibrationResult, read_calibration
 from components.evaluation.metrics import compute_metrics
+from components.image_grid import Cell, fit_to_cell, image_grid
 
 
 class EvalReport(BaseModel):
@@ -86,7 +86,7 @@ def _load_for_display(path: str, channels: int) -> np.ndarray | None:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+            return fit_to_cell(np.asarray(im.convert("L" if channels == 1 else "RGB")))  # fitted as it is read
     except (OSError, ValueError):
         return None
 
@@ -103,22 +103,9 @@ def write_misclassified_png(rows: list[dict[str, Any]], path: Path, limit: int, 
     if limit <= 0 or not wrong:
         return None
     wrong = sorted(wrong, key=lambda r: -r["confidence"])[:limit]
-    columns = max(1, math.ceil(math.sqrt(len(wrong))))
-    grid_rows = math.ceil(len(wrong) / columns)
-    cell = 2.0
-    fig = _figure(cell * columns, cell * grid_rows + 0.2)
-    axes = fig.subplots(grid_rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, wrong, strict=False):
-        image = _load_for_display(row["path"], channels)
-        if image is None:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})", fontsize=8)
-    fig.savefig(path, format="png", dpi=100)
-    return path
+    captions = [f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})" for row in wrong]
+    cells = [Cell(_load_for_display(row["path"], channels), text) for row, text in zip(wrong, captions, strict=True)]
+    return image_grid(cells, path, "Most confident mistakes (true → predicted (confidence))")
 
 
 def write_report(

@@ -215,56 +215,22 @@ def write_suspicious_labels(
     )
 
 
-GRID_CELL_PX = 171  # a 1.9-inch cell at 90 dpi: larger pictures are shrunk before they are pasted
-
-
-def _thumbnail(image):
-    """`image` (HxWxC uint8) shrunk so that its longer side is at most GRID_CELL_PX (area averaging)."""
-    import cv2
-
-    height, width = image.shape[:2]
-    scale = GRID_CELL_PX / max(height, width)
-    if scale >= 1:
-        return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    shrunk = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return shrunk[..., None] if shrunk.ndim == 2 else shrunk
-
-
 def suspicious_grid(
     cells: list[tuple[str, str, str, float]], path: Path, channels: int, max_pixels: int, columns: int = 8
 ) -> Path:
-    """A grid of (image path, given label, likely label, AUM) cells, saved as a PNG at `path`: the images pasted
-    into one canvas (one axes: a figure of 64 axes took seconds at the end of every training)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """A grid of (image path, given label, likely label, AUM) cells, saved as a PNG at `path` (one canvas,
+    components/image_grid.py), a negative AUM's caption in red."""
     from components.data.images import load_image
+    from components.image_grid import Cell, fit_to_cell, image_grid
 
-    columns = min(columns, len(cells))
-    lines = -(-len(cells) // columns)
-    images = [_thumbnail(load_image(image_path, channels, max_pixels)) for image_path, *_ in cells]
-    side = max(max(im.shape[0], im.shape[1]) for im in images)
-    cell_w = side + max(1, side // 10)
-    cell_h = round(cell_w * 2.5 / 1.9)  # a cell is 1.9 × 2.5 inches: the picture at its foot, the text above
-    canvas = np.full((lines * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        bottom, left = (i // columns + 1) * cell_h, (i % columns) * cell_w
-        rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-        canvas[bottom - image.shape[0] : bottom, left : left + image.shape[1]] = rgb
-    height = 2.5 * lines + 0.4
-    fig = plt.figure(figsize=(1.9 * columns, height))
-    ax = fig.add_axes((0, 0, 1, 1 - 0.4 / height))
-    ax.imshow(canvas, interpolation="nearest", aspect="auto")
-    ax.axis("off")
-    for i, (_, given, likely, aum) in enumerate(cells):
-        x, y = (i % columns) * cell_w + side / 2, (i // columns + 1) * cell_h - side - 0.5
-        text = f"given {given}\nlikely {likely}\nAUM {aum:.2f}"
-        ax.text(x, y, text, fontsize=8, va="bottom", ha="center", color="C3" if aum < 0 else "k")
-    fig.suptitle("Training images whose label is probably wrong (lowest area under the margin first)", fontsize=10)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    # each picture is fitted as it is read: 64 full-size photos held at once could take gigabytes
+    drawn = [
+        Cell(
+            fit_to_cell(load_image(image_path, channels, max_pixels)),
+            f"given {given}\nlikely {likely}\nAUM {aum:.2f}",
+            "C3" if aum < 0 else "black",
+        )
+        for image_path, given, likely, aum in cells
+    ]
+    title = "Training images whose label is probably wrong (lowest area under the margin first)"
+    return image_grid(drawn, path, title, columns=columns)

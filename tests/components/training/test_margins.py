@@ -75,19 +75,27 @@ def test_margins_of_mixed_batches_are_skipped_and_averaged_over_visits():
     assert recorder.ranking()[0].flagged and not recorder.ranking()[1].flagged
 
 
-def test_the_grid_shrinks_large_pictures_and_keeps_small_ones(tmp_path):
-    """A 12-megapixel photo is shrunk to a cell before it is pasted (a canvas of full-size photos would take
-    gigabytes); an 8×8 grey digit stays as it is."""
+def test_the_grid_shrinks_large_pictures_and_enlarges_small_ones(tmp_path):
+    """A 12-megapixel photo is shrunk to a cell as it is read (a canvas of full-size photos would take gigabytes); an
+    8×8 grey digit is enlarged to the cell pixel by pixel, so its pixels stay sharp."""
     import numpy as np
     from PIL import Image
 
-    from components.training.margins import GRID_CELL_PX, _thumbnail, suspicious_grid
+    from components.image_grid import CELL_PX, fit_to_cell
+    from components.training.margins import suspicious_grid
 
     photo = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
-    shrunk = _thumbnail(photo)
-    assert shrunk.shape == (128, GRID_CELL_PX, 3)  # 4000 → 171 wide, 3000 → 128 high: the aspect kept
-    digit = np.zeros((8, 8, 1), dtype=np.uint8)
-    assert _thumbnail(digit) is digit
+    assert fit_to_cell(photo).shape == (128, CELL_PX, 3)  # 4000 → 171 wide, 3000 → 128 high: the aspect kept
+    digit = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    enlarged = fit_to_cell(digit)
+    assert enlarged.shape == (CELL_PX, CELL_PX, 1)
+    assert set(np.unique(enlarged)) == set(range(64))  # nearest neighbour: no blended values
     Image.fromarray(photo).save(tmp_path / "photo.png")
-    grid = suspicious_grid([(str(tmp_path / "photo.png"), "cat", "dog", -0.5)], tmp_path / "grid.png", 3, 10**8)
-    assert Image.open(grid).size == (171, 261)  # one 1.9 × 2.9-inch cell at 90 dpi
+    Image.fromarray(digit[..., 0]).save(tmp_path / "digit.png")
+    cells = [(str(tmp_path / "photo.png"), "cat", "dog", -0.5), (str(tmp_path / "digit.png"), "3", "8", 0.1)]
+    grid = suspicious_grid(cells, tmp_path / "grid.png", 3, 10**8)
+    with Image.open(grid) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape[1] == 2 * (CELL_PX + 12)  # two cells side by side, each the picture and its margins
+    digit_cell = pixels[-CELL_PX - 6 : -6, CELL_PX + 12 + 6 : 2 * CELL_PX + 12 + 6]
+    assert digit_cell[..., 0].tolist() == enlarged[..., 0].tolist()  # pasted without resampling

@@ -1,0 +1,89 @@
+"""Grids of pictures, each with a caption above it (the misclassified test images, the explanations, the suspicious
+training labels), drawn as one canvas at the PNG's own pixel size.
+
+A matplotlib figure of one axes per picture took 1-2 s to lay out and draw (constrained layout, one resampled image
+per axes) at the end of every training and every evaluation; here the pictures are resized once (nearest-neighbour
+up, area-averaged down, so pixels stay visible and a 12-megapixel photo does not become a gigabyte canvas), pasted
+into one array, put on a figure without resampling, and only the captions and the title are drawn as text.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+CELL_PX = 171  # the longest side of a picture in its cell (1.9 inches at 90 dpi)
+DPI = 90
+FONT_PT = 8.0
+_LINE_PX = round(FONT_PT / 72 * DPI * 1.35)  # one caption line
+_PAD = 6
+
+
+class Cell(NamedTuple):
+    image: np.ndarray | None  # H x W x C (C 1 or 3) or H x W, uint8; None: "unreadable" instead of a picture
+    caption: str  # one or more lines
+    color: str = "black"
+
+
+def fit_to_cell(image: np.ndarray, side: int = CELL_PX) -> np.ndarray:
+    """`image` (H x W x C or H x W, uint8) resized so that its longer side is `side`, the aspect kept: small pictures
+    grow by nearest neighbour (an 8x8 digit stays sharp), large ones shrink by area averaging."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = side / max(height, width)
+    if scale == 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
+    return resized[..., None] if resized.ndim == 2 and image.ndim == 3 else resized
+
+
+def overlay(image: np.ndarray, heat: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
+    """The picture (H x W x C uint8, C 1 or 3) as RGB uint8 with the [0, 1] map (H x W) over it in the jet colour
+    map (None: the picture alone)."""
+    from matplotlib import colormaps
+
+    rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+    if heat is None:
+        return np.ascontiguousarray(rgb)
+    colours = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
+    return (rgb * (1.0 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def image_grid(cells: list[Cell], path: Path, title: str, columns: int | None = None) -> Path:
+    """Write the cells as one PNG at `path`: `columns` per row (default: a square grid), each picture fitted to
+    CELL_PX at the foot of its cell with its caption above, the title across the top. Returns path."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in task threads
+
+    columns = max(1, min(columns or math.ceil(math.sqrt(len(cells))), len(cells)))
+    rows = math.ceil(len(cells) / columns)
+    lines = max(cell.caption.count("\n") + 1 for cell in cells)
+    cell_w, cell_h = CELL_PX + 2 * _PAD, CELL_PX + lines * _LINE_PX + 2 * _PAD
+    width = columns * cell_w
+    title = textwrap.fill(title, width=max(24, width // 7))  # about 7 pixels a character: a narrow grid wraps it
+    title_h = (title.count("\n") + 1) * round(_LINE_PX * 1.25) + _PAD
+    height = title_h + rows * cell_h
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    for i, cell in enumerate(cells):
+        left, bottom = (i % columns) * cell_w + _PAD, title_h + (i // columns + 1) * cell_h - _PAD
+        centre = (left + CELL_PX / 2) / width
+        top = bottom - CELL_PX  # the picture sits at the foot of its cell, the caption just above it
+        if cell.image is None:
+            fig.text(centre, 1 - (bottom - CELL_PX / 2) / height, "unreadable", ha="center", va="center")
+        else:
+            picture = fit_to_cell(cell.image if cell.image.ndim == 3 else cell.image[..., None])
+            h, w = picture.shape[:2]
+            x = left + (CELL_PX - w) // 2
+            canvas[bottom - h : bottom, x : x + w] = picture[..., :3]  # a grey picture broadcasts
+        fig.text(centre, 1 - (top - 2) / height, cell.caption, fontsize=FONT_PT, ha="center", va="bottom",
+                 color=cell.color)  # fmt: skip
+    fig.figimage(canvas, 0, 0, origin="upper", zorder=0)
+    fig.text(0.5, 1 - (_PAD / 2) / height, title, fontsize=FONT_PT + 1.5, ha="center", va="top")
+    fig.savefig(path, format="png", dpi=DPI)
+    return path
