@@ -37,6 +37,11 @@ def preload() -> None:
 
     import components.training.fit  # noqa: F401 - torch, Lightning, the data, model and module code
     import components.tuning.pruning  # noqa: F401
+    from components.tracking import tracking_uri
+
+    if not tracking_uri().startswith(("http:", "https:", "databricks")):
+        # the MLflow logger's store for a database URI (sqlite, postgresql): about 1 s of imports at the first epoch
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 def read_order(stream=None) -> tuple[str, dict[str, str]] | None:
