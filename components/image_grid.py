@@ -58,7 +58,9 @@ def overlay(image: np.ndarray, heat: np.ndarray | None, alpha: float = 0.45) -> 
 def image_grid(cells: list[Cell], path: Path, title: str, columns: int | None = None) -> Path:
     """Write the cells as one PNG at `path`: `columns` per row (default: a square grid), each picture fitted to
     CELL_PX at the foot of its cell with its caption above, the title across the top. Returns path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, safe in task threads
+    from PIL import Image
 
     columns = max(1, min(columns or math.ceil(math.sqrt(len(cells))), len(cells)))
     rows = math.ceil(len(cells) / columns)
@@ -68,22 +70,25 @@ def image_grid(cells: list[Cell], path: Path, title: str, columns: int | None = 
     title = textwrap.fill(title, width=max(24, width // 7))  # about 7 pixels a character: a narrow grid wraps it
     title_h = (title.count("\n") + 1) * round(_LINE_PX * 1.25) + _PAD
     height = title_h + rows * cell_h
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    agg = FigureCanvasAgg(fig)
+    fig.text(0.5, 1 - (_PAD / 2) / height, title, fontsize=FONT_PT + 1.5, ha="center", va="top")
+    places = []  # (picture, its lower-left pixel) pasted after the text is drawn
     for i, cell in enumerate(cells):
         left, bottom = (i % columns) * cell_w + _PAD, title_h + (i // columns + 1) * cell_h - _PAD
         centre = (left + CELL_PX / 2) / width
         top = bottom - CELL_PX  # the picture sits at the foot of its cell, the caption just above it
+        fig.text(centre, 1 - (top - 2) / height, cell.caption, fontsize=FONT_PT, ha="center", va="bottom",
+                 color=cell.color)  # fmt: skip
         if cell.image is None:
             fig.text(centre, 1 - (bottom - CELL_PX / 2) / height, "unreadable", ha="center", va="center")
         else:
-            picture = fit_to_cell(cell.image if cell.image.ndim == 3 else cell.image[..., None])
-            h, w = picture.shape[:2]
-            x = left + (CELL_PX - w) // 2
-            canvas[bottom - h : bottom, x : x + w] = picture[..., :3]  # a grey picture broadcasts
-        fig.text(centre, 1 - (top - 2) / height, cell.caption, fontsize=FONT_PT, ha="center", va="bottom",
-                 color=cell.color)  # fmt: skip
-    fig.figimage(canvas, 0, 0, origin="upper", zorder=0)
-    fig.text(0.5, 1 - (_PAD / 2) / height, title, fontsize=FONT_PT + 1.5, ha="center", va="top")
-    fig.savefig(path, format="png", dpi=DPI)
+            places.append((fit_to_cell(cell.image if cell.image.ndim == 3 else cell.image[..., None]), left, bottom))
+    agg.draw()  # the text only: the pictures are pasted as arrays, never resampled by matplotlib
+    canvas = np.array(agg.buffer_rgba())[:height, :width, :3]
+    for picture, left, bottom in places:
+        h, w = picture.shape[:2]
+        x = left + (CELL_PX - w) // 2
+        canvas[bottom - h : bottom, x : x + w] = picture[..., :3]  # a grey picture broadcasts
+    Image.fromarray(canvas).save(path, format="PNG")
     return path
