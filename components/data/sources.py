@@ -49,9 +49,10 @@ class SourceItem(BaseModel):
 
 
 def check_source(path: str) -> None:
-    """Raise DataError (one line) for a bundled data set that does not exist or a local folder, CSV or archive
-    that does not exist (the bundled and torchvision sets are made on first use). Ingest asks, and the CLI before
-    anything starts."""
+    """Raise DataError (one line) for a bundled data set that does not exist, a local folder, CSV or archive that
+    does not exist, a folder with no class sub-folders (a flat folder of images) and a file that is neither a CSV nor
+    an archive (the bundled and torchvision sets are made on first use). Ingest asks, and the CLI before anything
+    starts: these look at names only, never inside an image."""
     if path.startswith("bundled:"):
         name = path.split(":", 1)[1]
         if name not in BUNDLED_DATASETS:
@@ -59,8 +60,17 @@ def check_source(path: str) -> None:
                 f"unknown bundled data set {name!r}: supported are "
                 + ", ".join(f"bundled:{n}" for n in BUNDLED_DATASETS)
             )
-    elif not path.startswith("torchvision:") and not Path(path).expanduser().exists():
+        return
+    if path.startswith("torchvision:"):
+        return
+    target = Path(path).expanduser()
+    if not target.exists():
         raise DataError(f"data source not found: {path}")
+    if target.is_dir():
+        if not _class_folders(target.resolve()):
+            raise _no_images(target.resolve())
+    elif target.suffix.lower() != ".csv" and not target.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise _unsupported(path)
 
 
 def resolve_source(
@@ -102,7 +112,11 @@ def resolve_source(
         return SourceListing(items=_from_csv(target, label_column, task != "single"), label_cells=True)
     if target.name.lower().endswith(ARCHIVE_SUFFIXES):
         return _from_extracted(extract_archive(target, cache_dir, limits), label_column, task != "single")
-    raise DataError(
+    raise _unsupported(path)
+
+
+def _unsupported(path: str) -> DataError:
+    return DataError(
         f"unsupported data source {path}: expected a folder, a .csv manifest, a .zip/.tar.gz/.tgz/.tar "
         "archive, bundled:digits or torchvision:MNIST|FashionMNIST|CIFAR10"
     )
@@ -232,16 +246,20 @@ def _from_folder(root: Path) -> SourceListing:
     for label, split, folder in walk.claim(folders):
         walk.folder(folder, label, split, linked=Path(os.path.realpath(folder)) != folder)
     if not walk.items and not walk.quarantined:
-        raise DataError(
-            f"no images found in {root}: expected class sub-folders of images (e.g. {root}/cat/001.png), "
-            "optionally under train/val/test folders"
-        )
+        raise _no_images(root)
     claimed = {label for label, _ in walk.owners.values()}
     taken = {item.label for item in walk.items + walk.quarantined}
     return SourceListing(
         items=sorted(walk.items, key=lambda item: item.path),
         quarantined=sorted(walk.quarantined, key=lambda item: item.path),
         empty_classes=sorted(claimed - taken),
+    )
+
+
+def _no_images(root: Path) -> DataError:
+    return DataError(
+        f"no images found in {root}: expected class sub-folders of images (e.g. {root}/cat/001.png), "
+        "optionally under train/val/test folders"
     )
 
 

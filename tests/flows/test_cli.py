@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from PIL import Image
+
 from tests.helpers.shapes import make_shapes
 
 
@@ -44,11 +46,19 @@ def test_invalid_yaml_exits_2(tmp_path):
 
 
 def test_a_data_source_that_does_not_exist_is_one_line_before_anything_starts(tmp_path):
-    """A mistyped data path or bundled name: exit 2 with one line, and no Prefect server, training process or MLflow
-    run is started for it (it took 15-20 s to say so when ingest was the first to look)."""
+    """A mistyped data path or bundled name, a flat folder of images (no class folders) or a file that is neither
+    a CSV nor an archive: exit 2 with one line, and no Prefect server, training process or MLflow run is started
+    for it (it took 15-20 s to say so when ingest was the first to look)."""
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "001.png")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a data set\n")
     for path, expected in (
         (tmp_path / "no-such-folder", f"data source not found: {tmp_path / 'no-such-folder'}"),
         ("bundled:digts", "unknown bundled data set 'digts'"),
+        (flat, f"no images found in {flat.resolve()}: expected class sub-folders"),
+        (notes, f"unsupported data source {notes}: expected a folder"),
     ):
         out = _visionflow(
             "run", "--set", f"data.path={path}", "--set", f"run.output_dir={tmp_path / 'runs'}", cwd=tmp_path

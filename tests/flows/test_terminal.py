@@ -55,7 +55,7 @@ def _log_text(cwd: Path) -> str:
 
 
 def test_a_data_mistake_is_one_line_on_stderr_and_its_traceback_is_in_the_log(tmp_path):
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "cat").mkdir(parents=True)  # a class folder with no image: ingest is the one to tell
     out = _visionflow("run", "--set", f"data.path={tmp_path / 'empty'}", cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert len(_lines(out.stderr)) == 1, out.stderr
@@ -67,7 +67,7 @@ def test_a_data_mistake_is_one_line_on_stderr_and_its_traceback_is_in_the_log(tm
 
 @pytest.mark.slow
 def test_verbose_shows_the_traceback_on_the_terminal(tmp_path):
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "cat").mkdir(parents=True)  # a class folder with no image: ingest is the one to tell
     out = _visionflow("--verbose", "run", "--set", f"data.path={tmp_path / 'empty'}", cwd=tmp_path)
     assert out.returncode == 2
     assert "Traceback" in out.stdout + out.stderr
