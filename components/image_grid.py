@@ -2,9 +2,9 @@
 training labels), drawn as one canvas at the PNG's own pixel size.
 
 A matplotlib figure of one axes per picture took 1-2 s to lay out and draw (constrained layout, one resampled image
-per axes) at the end of every training and every evaluation; here the pictures are resized once (nearest-neighbour
-up, area-averaged down, so pixels stay visible and a 12-megapixel photo does not become a gigabyte canvas), pasted
-into one array, put on a figure without resampling, and only the captions and the title are drawn as text.
+per axes) at the end of every training and every evaluation; here matplotlib draws only the title and the captions,
+and the pictures, resized once (nearest neighbour up, area averaging down, so pixels stay visible and a 12-megapixel
+photo does not become a gigabyte canvas), are pasted into those pixels before Pillow writes the PNG.
 """
 
 from __future__ import annotations
