@@ -69,7 +69,8 @@ def check_writable(params: PipelineParams | None = None, mlflow: bool = True, pr
 
 
 def check_data(path: str) -> None:
-    """One line (DataError) for a data source that does not exist, before anything starts (ingest asks again)."""
+    """One line (DataError) for a data source that cannot be one (components.data.sources.check_source: missing,
+    unknown bundled name, no class folders, neither CSV nor archive), before anything starts (ingest asks again)."""
     from components.data.sources import check_source
 
     check_source(path)
