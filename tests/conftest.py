@@ -1,11 +1,15 @@
 """Shared test set-up: an offline environment, temp Prefect home and MLflow store per session."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from components.quiet import set_offline_defaults
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="visionflow-tests-")
+# Each test process (the controller and every xdist worker) makes one; about 100 MB each once the servers ran.
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 set_offline_defaults()
 # Commands run as subprocesses start Prefect's temporary server; its 20 s default start-up limit is too short
 # on a loaded 2-core machine.
