@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from components.errors import TrainingError
 from components.models import ModelSpec, build_model
-from components.training.module import ClassifierModule
+from components.training.module import ClassifierModule, EpochLog, epoch_mean
 
 
 def distillation_loss(
@@ -96,6 +96,9 @@ class DistillationModule(L.LightningModule):
         n = self.spec.num_classes
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.train_kd_mean, self.train_ce_mean, self.train_loss_mean = epoch_mean(), epoch_mean(), epoch_mean()
+        self.val_loss_mean = epoch_mean()
+        self.epoch_log = EpochLog()
 
     @property
     def teacher(self) -> nn.Module:
@@ -118,19 +121,25 @@ class DistillationModule(L.LightningModule):
         loss = self.alpha * kd + (1 - self.alpha) * ce
         if not torch.isfinite(loss):
             raise TrainingError(f"distillation loss became {loss.item()} at epoch {self.current_epoch}: lower train.lr")
-        self.train_acc(logits, y)
-        self.log("train/kd", kd, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_acc.update(logits, y)
+        self.epoch_log.log(self, "train/acc", self.train_acc)
+        self.epoch_log.mean(self, "train/kd", self.train_kd_mean, kd, len(y))
+        self.epoch_log.mean(self, "train/ce", self.train_ce_mean, ce, len(y))
+        self.epoch_log.mean(self, "train/loss", self.train_loss_mean, loss, len(y), prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.val_acc.update(logits, y)
+        self.epoch_log.mean(self, "val/loss", self.val_loss_mean, F.cross_entropy(logits, y), len(y), prog_bar=True)
+        self.epoch_log.log(self, "val/acc", self.val_acc, prog_bar=True)
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_log.start()
+
+    def on_validation_epoch_start(self) -> None:
+        self.epoch_log.start()
 
     def configure_optimizers(self):
         # The same optimizer and schedule as a plain training run (the module's own parameters

@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from components.config import AugmentParams, TrainParams
@@ -57,6 +58,48 @@ def test_learns_a_separable_problem_and_checkpoint_loads_safely(tmp_path):
     x = torch.randn(4, 1, 8, 8)
     module.eval()
     torch.testing.assert_close(classifier.model(x), module(x))
+
+
+class _StepRecorder(L.Callback):
+    """Each epoch's training-step losses, correct predictions and batch sizes, and what the epoch logged."""
+
+    def __init__(self):
+        self.steps, self.epochs = [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        correct = (outputs["logits"].argmax(1) == batch[1]).sum().item()
+        self.steps.append((outputs["loss"].item(), correct, len(batch[1])))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        n = sum(s[2] for s in self.steps)
+        expected = {
+            "train/loss": sum(s[0] * s[2] for s in self.steps) / n,
+            "train/acc": sum(s[1] for s in self.steps) / n,
+        }
+        self.epochs.append((expected, {k: trainer.callback_metrics[k].item() for k in expected}))
+
+
+def test_epoch_metrics_are_batch_weighted_means_of_that_epoch_alone(tmp_path):
+    """Metrics are updated every step and handed to Lightning once an epoch: each epoch's train/loss and train/acc
+    are its own steps' batch-size-weighted means (the last batch is smaller), and val/loss and val/acc are the
+    whole validation set's, without the sanity check's two batches."""
+    module, recorder = _module(lr=0.01, warmup_epochs=0), _StepRecorder()
+    trainer = _trainer(tmp_path, epochs=2)
+    trainer.callbacks.append(recorder)
+    val = _data(70)
+    trainer.fit(module, _data(70), val)
+    assert len(recorder.epochs) == 2
+    for expected, logged in recorder.epochs:
+        assert logged == pytest.approx(expected, rel=1e-5)
+    module.eval()
+    with torch.no_grad():
+        pairs = [(module(x), y) for x, y in val]
+    logits, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert trainer.callback_metrics["val/acc"].item() == pytest.approx((logits.argmax(1) == y).float().mean().item())
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
