@@ -43,6 +43,19 @@ def fit_to_cell(image: np.ndarray, side: int = CELL_PX) -> np.ndarray:
     return resized[..., None] if resized.ndim == 2 and image.ndim == 3 else resized
 
 
+def read_picture(path: str, channels: int, max_pixels: int) -> np.ndarray | None:
+    """A picture for a cell, decoded as training decodes it (components/data/images.py: orientation, alpha, the
+    pixel limit) and fitted as it is read, so 64 full-size photos are never held at once; None when the file
+    cannot be read any more (moved or damaged since ingest): its cell then says "unreadable"."""
+    from components.data.images import load_image
+    from components.errors import ImageDecodeError
+
+    try:
+        return fit_to_cell(load_image(path, channels, max_pixels))
+    except ImageDecodeError:
+        return None
+
+
 def overlay(image: np.ndarray, heat: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
     """The picture (H x W x C uint8, C 1 or 3) as RGB uint8 with the [0, 1] map (H x W) over it in the jet colour
     map (None: the picture alone)."""

@@ -79,6 +79,7 @@ def evaluate_checkpoint(
         Path(out_dir),
         params,
         classifier.spec.in_channels,
+        max_pixels,
     )
     report.metrics.update(extra)
     report.calibration = calibration

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from components.config import EvaluateParams
+from components.config import DataParams, EvaluateParams
 from components.evaluation.calibration import CalibrationResult, read_calibration
 from components.evaluation.metrics import compute_metrics
-from components.image_grid import Cell, fit_to_cell, image_grid
+from components.image_grid import Cell, image_grid, read_picture
+
+MAX_PIXELS = DataParams.model_fields["max_pixels"].default  # data.max_pixels when the caller has none
 
 
 class EvalReport(BaseModel):
@@ -81,17 +83,9 @@ def write_confusion_png(confusion: list[list[int]], classes: list[str], path: Pa
     return path
 
 
-def _load_for_display(path: str, channels: int) -> np.ndarray | None:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return fit_to_cell(np.asarray(im.convert("L" if channels == 1 else "RGB")))  # fitted as it is read
-    except (OSError, ValueError):
-        return None
-
-
-def write_misclassified_png(rows: list[dict[str, Any]], path: Path, limit: int, channels: int = 3) -> Path | None:
+def write_misclassified_png(
+    rows: list[dict[str, Any]], path: Path, limit: int, channels: int = 3, max_pixels: int = MAX_PIXELS
+) -> Path | None:
     """Draw up to `limit` misclassified images, most confident mistakes first.
 
     Takes prediction rows (dicts with path, target, predicted, confidence, correct), the PNG path,
@@ -104,7 +98,9 @@ def write_misclassified_png(rows: list[dict[str, Any]], path: Path, limit: int, 
         return None
     wrong = sorted(wrong, key=lambda r: -r["confidence"])[:limit]
     captions = [f"{row['target']} → {row['predicted']} ({row['confidence']:.2f})" for row in wrong]
-    cells = [Cell(_load_for_display(row["path"], channels), text) for row, text in zip(wrong, captions, strict=True)]
+    cells = [
+        Cell(read_picture(row["path"], channels, max_pixels), text) for row, text in zip(wrong, captions, strict=True)
+    ]
     return image_grid(cells, path, "Most confident mistakes (true → predicted (confidence))")
 
 
@@ -116,12 +112,14 @@ def write_report(
     out_dir: Path,
     params: EvaluateParams,
     channels: int,
+    max_pixels: int = MAX_PIXELS,
 ) -> EvalReport:
     """Compute the metrics of a test set and write the evaluate stage's files into out_dir.
 
     Takes logits (N, C), integer targets (N,), the class names in index order, the N source
     image paths (same order), the output folder (created), the evaluate parameters and the
-    number of channels the model sees (the misclassified images are shown in that mode).
+    number of channels the model sees (the misclassified images are shown in that mode) and data.max_pixels (the
+    largest image decoded for that grid).
 
     Writes metrics.json (compute_metrics' whole dict plus "classes"),
     per_class.csv (class, precision, recall, f1, support), confusion_matrix.csv (header row and
@@ -173,7 +171,9 @@ def write_report(
         writer.writeheader()
         writer.writerows({**r, "confidence": f"{r['confidence']:.6f}"} for r in rows)
 
-    misclassified = write_misclassified_png(rows, out_dir / "misclassified.png", params.misclassified_grid, channels)
+    misclassified = write_misclassified_png(
+        rows, out_dir / "misclassified.png", params.misclassified_grid, channels, max_pixels
+    )
 
     return EvalReport(
         metrics=metrics["summary"],

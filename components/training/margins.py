@@ -220,13 +220,11 @@ def suspicious_grid(
 ) -> Path:
     """A grid of (image path, given label, likely label, AUM) cells, saved as a PNG at `path` (one canvas,
     components/image_grid.py), a negative AUM's caption in red."""
-    from components.data.images import load_image
-    from components.image_grid import Cell, fit_to_cell, image_grid
+    from components.image_grid import Cell, image_grid, read_picture
 
-    # each picture is fitted as it is read: 64 full-size photos held at once could take gigabytes
     drawn = [
         Cell(
-            fit_to_cell(load_image(image_path, channels, max_pixels)),
+            read_picture(image_path, channels, max_pixels),
             f"given {given}\nlikely {likely}\nAUM {aum:.2f}",
             "C3" if aum < 0 else "black",
         )

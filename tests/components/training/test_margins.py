@@ -99,3 +99,26 @@ def test_the_grid_shrinks_large_pictures_and_enlarges_small_ones(tmp_path):
     assert pixels.shape[1] == 2 * (CELL_PX + 12)  # two cells side by side, each the picture and its margins
     digit_cell = pixels[-CELL_PX - 6 : -6, CELL_PX + 12 + 6 : 2 * CELL_PX + 12 + 6]
     assert digit_cell[..., 0].tolist() == enlarged[..., 0].tolist()  # pasted without resampling
+
+
+def test_a_picture_gone_since_training_is_an_unreadable_cell_not_a_failed_training(tmp_path):
+    """The ranking's grid is drawn after the last epoch: a training image deleted or damaged in the meantime leaves
+    its cell blank but for "unreadable" (as the misclassified grid does), where it used to fail the train stage."""
+    import numpy as np
+    from PIL import Image
+
+    from components.image_grid import CELL_PX
+    from components.training.margins import suspicious_grid
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "digit.png")
+    (tmp_path / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image any more")
+    cells = [(str(tmp_path / p), "3", "8", -0.2) for p in ("digit.png", "gone.png", "damaged.png")]
+    grid = suspicious_grid(cells, tmp_path / "grid.png", 1, 10**8)
+    with Image.open(grid) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    height = pixels.shape[0]
+    assert (pixels[height - 6 - CELL_PX : height - 6, 6 : 6 + CELL_PX] == 0).all()  # the black digit is drawn
+    for column in (1, 2):
+        left = column * (CELL_PX + 12) + 6
+        cell = pixels[height - 6 - CELL_PX : height - 6, left : left + CELL_PX]
+        assert (cell < 128).any() and (cell == 255).mean() > 0.9  # a few letters on white, no picture
