@@ -32,8 +32,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from components.config import EvaluateParams, load_params  # noqa: E402
-from components.data.dataset import rows_of_split  # noqa: E402
 from components.data.ingest import ingest, read_manifest  # noqa: E402
+from components.data.manifest import rows_of_split  # noqa: E402
 from components.data.validate import validate  # noqa: E402
 from components.evaluation.evaluate import evaluate_checkpoint  # noqa: E402
 from components.planning import plan_for_manifest  # noqa: E402

@@ -219,8 +219,9 @@ def run_test_images(run_id: str):
 
     from components import tracking
     from components.data.augment import build_eval_transform
-    from components.data.dataset import eval_arrays, rows_of_split
+    from components.data.dataset import eval_arrays
     from components.data.ingest import read_manifest
+    from components.data.manifest import rows_of_split
     from components.training.module import load_classifier
 
     run_dir = Path(tracking.get_run(run_id).data.tags[tracking.RUN_DIR_TAG])

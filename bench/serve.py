@@ -44,8 +44,8 @@ from rich.console import Console
 from rich.table import Table
 
 from components.config import PipelineParams, load_params
-from components.data.dataset import rows_of_split
 from components.data.ingest import ingest, read_manifest
+from components.data.manifest import rows_of_split
 from components.optimization.measure import cpu_model
 from components.serving.predictor import Predictor, top_k_predictions
 

@@ -20,6 +20,9 @@ class ImageDecodeError(DataError):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self):  # pickled whole: an error raised in the training process reaches the pipeline's
+        return type(self), (self.path, self.reason)
+
 
 class ImageTooLargeError(ImageDecodeError):
     """An image with more pixels than allowed (read from its header, before decoding)."""
@@ -40,3 +43,7 @@ class StageError(VisionflowError):
     def __init__(self, stage: str, message: str):
         super().__init__(f"stage {stage} failed: {message}")
         self.stage = stage
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.stage, self.message)

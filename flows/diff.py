@@ -15,9 +15,8 @@ from pydantic import BaseModel
 
 from components import tracking
 from components.config import DataParams, load_params
-from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
-from components.data.manifest import ManifestRow
+from components.data.manifest import ManifestRow, rows_of_split
 from components.errors import VisionflowError
 from components.evaluation.calibration import read_calibration
 from components.evaluation.diff import (

@@ -15,9 +15,8 @@ from pydantic import BaseModel, Field
 from components import tracking
 from components.bundle_format import TASK_FILE
 from components.config import PipelineParams, load_params
-from components.data.dataset import rows_of_split
 from components.data.ingest import read_manifest
-from components.data.manifest import ManifestRow
+from components.data.manifest import ManifestRow, rows_of_split
 from components.errors import VisionflowError
 from components.evaluation.report import EvalReport, read_report
 from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison

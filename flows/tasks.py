@@ -11,6 +11,7 @@ import uuid
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -18,22 +19,16 @@ from pydantic import BaseModel
 
 from components import tracking
 from components.config import DataParams, EvaluateParams, PipelineParams, params_to_flat_dict
-from components.data.augment import (
-    build_eval_transform,
-    build_train_transform,
-    preview_grid,
-    save_transforms,
-)
-from components.data.dataset import rows_of_split
-from components.data.images import load_image
 from components.data.ingest import DatasetSnapshot, ingest, read_manifest
+from components.data.manifest import rows_of_split
 from components.data.validate import ValidationReport, validate
 from components.errors import TrainingError, VisionflowError
-from components.evaluation.evaluate import evaluate_checkpoint
-from components.evaluation.explain import explain_predictions
-from components.evaluation.report import EvalReport
-from components.training.fit import FitResult, FitSpec
+from components.training.spec import FitResult, FitSpec
+from components.training.warm import SERVING_LINE
 from flows import warm_start
+
+if TYPE_CHECKING:
+    from components.evaluation.results import EvalReport
 
 
 class TrainedModel(BaseModel):
@@ -187,49 +182,45 @@ def plan_task(params: PipelineParams, report: ValidationReport, run_dir: str, ru
 
 @task(name="augmentation-preview")
 def preview_task(params: PipelineParams, report: ValidationReport, run_dir: str, run_id: str) -> str:
-    """Save the train/eval transforms (Albumentations to_dict) and log a preview grid; returns the JSON path."""
-    out = Path(run_dir) / "augment"
-    out.mkdir(parents=True, exist_ok=True)
-    transforms_path = out / "transforms.json"
-    save_transforms(build_train_transform(params.augment), build_eval_transform(params.augment), transforms_path)
-    paths = [transforms_path]
-    if params.augment.preview_images:
-        rows = rows_of_split(read_manifest(report.clean_manifest_path), "train")
-        step = max(1, len(rows) // params.augment.preview_images)
-        sample = rows[::step][: params.augment.preview_images // 4 or 1]
-        images = [load_image(r["path"], params.data.channels, params.data.max_pixels) for r in sample]
-        transform = build_train_transform(params.augment, normalize=False)
-        paths.append(preview_grid(images, transform, out / "augmentation_preview.png", seed=params.train.seed))
-    tracking.log_artifacts(run_id, paths, "augment")
-    return str(transforms_path)
+    """Save the train/eval transforms (Albumentations to_dict) and log a preview grid; returns the JSON path. Drawn
+    in the waiting training process (warm_start.call): its imports are done, and this process never needs them."""
+    paths = warm_start.call(
+        "components.data.augment:write_preview", params, report.clean_manifest_path, str(Path(run_dir) / "augment")
+    )
+    tracking.log_artifacts(run_id, [Path(path) for path in paths], "augment")
+    return paths[0]
 
 
 # --- train --------------------------------------------------------------------------------------
 
 
-def _relay(process: subprocess.Popen, logger) -> str:
-    """Copy the training process's output to our stdout (progress bars intact) and its
-    `[visionflow]` lines to the task log; returns the last few KB of output."""
+def _relay(process: subprocess.Popen, logger) -> tuple[str, bool]:
+    """Copy the training process's output to our stdout (progress bars intact) and its `[visionflow]` lines to the
+    task log until it exits or says it serves calls (SERVING_LINE); returns the last few KB of output and whether
+    it serves."""
     tail: deque[bytes] = deque(maxlen=64)
     pending = b""
+    serving = False
     assert process.stdout is not None
-    while chunk := os.read(process.stdout.fileno(), 4096):
+    while not serving and (chunk := os.read(process.stdout.fileno(), 4096)):
         tail.append(chunk)
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
             text = line.decode(errors="replace").rsplit("\r", 1)[-1]
-            if text.startswith("[visionflow] "):
+            if text == SERVING_LINE:
+                serving = True
+            elif text.startswith("[visionflow] "):
                 logger.info(text.removeprefix("[visionflow] "))
             else:
                 sys.stdout.write(line.decode(errors="replace") + "\n")
         sys.stdout.flush()
-    return b"".join(tail).decode(errors="replace")[-3000:]
+    return b"".join(tail).decode(errors="replace")[-3000:], serving
 
 
 def run_training_process(spec: FitSpec, spec_path: Path, logger) -> FitResult:
     """Run the training process on the spec (the one flows.warm_start started ahead, else a new
-    `python -m components.training.fit SPEC`) and wait; returns its FitResult.
+    `python -m components.training.fit SPEC`) and wait until it exits or serves calls; returns its FitResult.
 
     Raises TrainingError with the process's own message (or its output's tail) when it fails.
     """
@@ -238,14 +229,17 @@ def run_training_process(spec: FitSpec, spec_path: Path, logger) -> FitResult:
     if spec.mlflow_run_id:
         env["MLFLOW_RUN_ID"] = spec.mlflow_run_id
     env.setdefault("PYTHONUNBUFFERED", "1")
-    process = warm_start.training_process(spec_path, env)  # the one started ahead (imports done), else a new one
+    # the one started ahead (imports done), else a new one; the one started ahead serves the evaluate stage after
+    process = warm_start.training_process(spec_path, env, serve=True)
     try:
-        tail = _relay(process, logger)
-        code = process.wait()
+        tail, serving = _relay(process, logger)
+        code = 0 if serving else process.wait()
     except BaseException:
         process.terminate()
         process.wait(timeout=30)
         raise
+    if serving:
+        warm_start.keep_serving(process)
     result_path = Path(spec.result_path)
     result = FitResult.model_validate_json(result_path.read_text()) if result_path.is_file() else None
     if result is not None and result.error:
@@ -306,7 +300,10 @@ def _log_explanations(run_id: str, checkpoint: str, report: EvalReport, evaluate
     )
     try:
         out_dir = Path(report.predictions_path).parent
-        result = explain_predictions(checkpoint, report.predictions_path, out_dir, evaluate, data.max_pixels)
+        result = warm_start.call(
+            "components.evaluation.explain:explain_predictions",
+            checkpoint, report.predictions_path, out_dir, evaluate, data.max_pixels,
+        )  # fmt: skip
     except Exception as err:  # noqa: BLE001 (explanations are extra: the evaluation stands without them)
         logger.warning("explanations skipped: %s: %s", type(err).__name__, err)
         return
@@ -341,7 +338,10 @@ def evaluate_task(
     calibration_rows = rows_of_split(manifest, "val") if split not in ("val", "all") else None
     with tracking.run_scope(experiment, "evaluate", {tracking.STAGE_TAG: "evaluate"}, parent_run_id) as run:
         run_id = run.run_id
-        report = evaluate_checkpoint(checkpoint, rows, Path(out_dir), evaluate, data.max_pixels, calibration_rows)
+        report = warm_start.call(  # in the training process when it serves (its imports done), else here
+            "components.evaluation.evaluate:evaluate_checkpoint",
+            checkpoint, rows, Path(out_dir), evaluate, data.max_pixels, calibration_rows,
+        )  # fmt: skip
         tracking.log_params(run_id, {"checkpoint": checkpoint, "split": split, "evaluate.top_k": evaluate.top_k})
         tracking.log_metrics(run_id, {f"test/{k}": v for k, v in report.metrics.items()})
         if report.calibration:

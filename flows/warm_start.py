@@ -9,21 +9,29 @@
   again and reports. The server is stopped when the command exits.
 - `prestart_training_process()`: the pipeline flow calls it first, so callers that skip the CLI (a deployment,
   a sweep's subflows, the tests) get the same head start over ingest, validate, plan and the preview.
-- `training_process(spec_path, env)`: the train task's process. The waiting one is handed the spec and `env` when
-  it was started in the same directory with the same environment (MLFLOW_RUN_ID, Prefect's per-run variables
+- `training_process(spec_path, env, serve)`: the train task's process. The waiting one is handed the spec and `env`
+  when it was started in the same directory with the same environment (MLFLOW_RUN_ID, Prefect's per-run variables
   aside, which it takes from `env`); otherwise it is closed and `python -m components.training.fit SPEC` starts.
+  With `serve`, after a single-process fit it answers calls (`keep_serving`) until `discard_training_process()`.
+- `call("module:function", *args)`: a component function run in the training process (waiting, or serving after
+  its fit) so this process never imports torch for it; here when there is none.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
+import importlib
 import json
 import logging
 import os
+import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +68,7 @@ class _Waiting:
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _waiting: _Waiting | None = None
+_serving: _Waiting | None = None  # a training process that finished its fit and answers calls
 _server: subprocess.Popen | None = None  # the temporary server early_start() started
 
 
@@ -88,12 +97,33 @@ def prestart_training_process() -> None:
 
 
 def discard_training_process() -> None:
-    """Stop the waiting process (never handed a spec: it only imports or waits)."""
-    global _waiting
+    """Stop the waiting process (never handed a spec: it only imports or waits) and the one serving calls after its
+    fit (its work is done and answered)."""
+    global _waiting, _serving
     with _lock:
         waiting, _waiting = _waiting, None
-    if waiting is not None:
-        _close(waiting.process)
+        serving, _serving = _serving, None
+    for left in (waiting, serving):
+        if left is not None:
+            _close(left.process)
+
+
+def keep_serving(process: subprocess.Popen) -> None:
+    """`process` finished its fit and answers calls now (components.training.warm, SERVING_LINE): the next calls
+    go to it. A thread copies what it prints to this process's stdout until it exits."""
+    global _serving
+
+    def drain() -> None:
+        assert process.stdout is not None
+        while chunk := os.read(process.stdout.fileno(), 4096):
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+
+    threading.Thread(target=drain, name="visionflow-serving-output", daemon=True).start()
+    with _lock:
+        previous, _serving = _serving, _Waiting(process, {}, os.getcwd())
+    if previous is not None:
+        _close(previous.process)
 
 
 def _close(process: subprocess.Popen) -> None:
@@ -119,20 +149,76 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
         process.wait()
 
 
-def _hand_over(process: subprocess.Popen, spec_path: Path, env: dict[str, str]) -> bool:
-    """Send the waiting process its order (components.training.warm); False when it is gone meanwhile."""
+def _hand_over(process: subprocess.Popen, spec_path: Path, env: dict[str, str], serve: bool) -> bool:
+    """Send the waiting process its order (components.training.warm); False when it is gone meanwhile. Its stdin
+    stays open when it is to serve calls after the fit."""
+    if not _send(process, {"spec": str(spec_path), "env": env, "serve": serve}):
+        return False
+    if not serve:
+        try:
+            assert process.stdin is not None
+            process.stdin.close()
+        except OSError:
+            return False
+    return True
+
+
+def call(target: str, *args, **kwargs):
+    """`module:function`(*args, **kwargs) run in the training process when one waits in this directory or serves
+    after its fit (its imports are done, so this process need not import torch, albumentations or Lightning for it),
+    else here. Returns what the function returns; raises what it raises. A process that ends before it answers is
+    let go and the function runs here."""
+    reply = Path(tempfile.mkdtemp(prefix="visionflow-call-")) / "answer.pickle"
+    try:
+        with _lock:
+            ready = [w for w in (_serving, _waiting) if w and w.process.poll() is None and w.cwd == os.getcwd()]
+            process = ready[0].process if ready else None
+            order = {"call": target, "args": _packed(args, kwargs), "reply": str(reply)}
+            sent = process is not None and _send(process, order)
+        answer = _answer(process, reply) if sent else None
+    finally:
+        shutil.rmtree(reply.parent, ignore_errors=True)
+    if answer is not None:
+        status, value = answer
+        if status == "error":
+            raise value
+        return value
+    if sent:
+        _log.info("%s ran in this process: the training process ended first", target)
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def _packed(args: tuple, kwargs: dict) -> str:
+    return base64.b64encode(pickle.dumps((args, kwargs))).decode()
+
+
+def _send(process: subprocess.Popen, order: dict) -> bool:
+    """Write one order line to the waiting process's stdin (kept open); False when it is gone."""
     try:
         assert process.stdin is not None
-        process.stdin.write((json.dumps({"spec": str(spec_path), "env": env}) + "\n").encode())
-        process.stdin.close()
+        process.stdin.write((json.dumps(order) + "\n").encode())
+        process.stdin.flush()
     except OSError:
         return False
     return True
 
 
-def training_process(spec_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def _answer(process: subprocess.Popen, reply: Path) -> tuple[str, object] | None:
+    """The waiting process's answer to a call (components.training.warm.answer_call), once its file exists; None
+    when the process ends without one."""
+    while not reply.exists():
+        if process.poll() is not None and not reply.exists():
+            return None
+        time.sleep(0.01)
+    return pickle.loads(reply.read_bytes())
+
+
+def training_process(spec_path: Path, env: dict[str, str], serve: bool = False) -> subprocess.Popen:
     """A training process for the spec at `spec_path` with environment `env`, its output on a pipe: the waiting
-    one when it matches (same directory, same environment but for the handed-over variables), else a new one."""
+    one when it matches (same directory, same environment but for the handed-over variables), else a new one.
+    With `serve`, the waiting one prints SERVING_LINE after a single-process fit that succeeded and answers calls
+    (keep_serving) until discard_training_process(); a new one only trains."""
     global _waiting
     with _lock:
         waiting, _waiting = _waiting, None
@@ -140,7 +226,7 @@ def training_process(spec_path: Path, env: dict[str, str]) -> subprocess.Popen:
         changed = changed_variables(waiting.env, env)
         same_place = waiting.cwd == os.getcwd()
         usable = waiting.process.poll() is None and same_place and not changed
-        if usable and _hand_over(waiting.process, spec_path, env):
+        if usable and _hand_over(waiting.process, spec_path, env, serve):
             return waiting.process
         _log.info("training process started anew (the waiting one: exit code %s, same directory %s, variables "
                   "changed %s)", waiting.process.poll(), same_place, changed)  # fmt: skip
@@ -231,13 +317,16 @@ def wait_for_server() -> None:
 
     url = os.environ["PREFECT_API_URL"] + "/health"
     deadline = time.monotonic() + get_current_settings().server.ephemeral.startup_timeout_seconds
-    while _server.poll() is None and time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:  # loopback: no proxy
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    # one client for every probe: a new one per probe builds an SSL context each time (40 ms of CPU, taken from the
+    # server's start); loopback, so no proxy
+    with httpx.Client(timeout=2, trust_env=False) as probe:
+        while _server.poll() is None and time.monotonic() < deadline:
+            try:
+                if probe.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
     _log.warning("Prefect's temporary server did not start (exit code %s)", _server.poll())
     _stop_server()
     os.environ.pop("PREFECT_API_URL", None)

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from components.config import AugmentParams
+from components.config import AugmentParams, PipelineParams
 
 # Albumentations' default ColorJitter ranges (hue +-0.5) are far too strong for classification
 # data; these are the moderate ranges commonly used with torchvision's ColorJitter.
@@ -250,3 +250,26 @@ def preview_grid(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format="png", dpi=100)
     return out_path
+
+
+def write_preview(params: PipelineParams, manifest_path: str, out_dir: str) -> list[str]:
+    """The augment stage's files in `out_dir`: transforms.json (the train and eval transforms, Albumentations
+    to_dict) and, with augment.preview_images, augmentation_preview.png: an even sample of the clean manifest's
+    train split, each image beside augmented copies (seeded with train.seed). Returns the paths, the JSON first."""
+    from components.data.images import load_image
+    from components.data.ingest import read_manifest
+    from components.data.manifest import rows_of_split
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    transforms_path = out / "transforms.json"
+    save_transforms(build_train_transform(params.augment), build_eval_transform(params.augment), transforms_path)
+    paths = [str(transforms_path)]
+    count = params.augment.preview_images
+    if count:
+        rows = rows_of_split(read_manifest(manifest_path), "train")
+        sample = rows[:: max(1, len(rows) // count)][: count // 4 or 1]
+        images = [load_image(row["path"], params.data.channels, params.data.max_pixels) for row in sample]
+        transform = build_train_transform(params.augment, normalize=False)
+        paths.append(str(preview_grid(images, transform, out / "augmentation_preview.png", seed=params.train.seed)))
+    return paths

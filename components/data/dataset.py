@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from components.data.image_cache import ImageCache, ensure_image_cache, storage_size
 from components.data.images import load_image
-from components.data.manifest import ManifestRow
+from components.data.manifest import ManifestRow, rows_of_split
 from components.data.multilabel import multi_hot
 
 
@@ -97,11 +97,6 @@ def _reseed_worker_transform(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(info.seed % 2**32)
-
-
-def rows_of_split(rows: list[ManifestRow], split: str) -> list[ManifestRow]:
-    """The manifest rows of one split ("train", "val", "test"; "all" keeps every row)."""
-    return list(rows) if split == "all" else [row for row in rows if row["split"] == split]
 
 
 class ImageDataModule(L.LightningDataModule):

@@ -1,8 +1,9 @@
 """The manifest row: one image of a data snapshot, as ingest writes it and read_manifest reads it back.
 
-A leaf module (typing only), so every sub-package that passes manifest rows around can name the type without
-importing ingest. Every value is a string, as in the CSV file. No `from __future__ import annotations` here: with
-string annotations Python 3.11 does not see NotRequired and would count every key as required.
+A leaf module (the row's type and `rows_of_split`), so every sub-package that passes manifest rows around can
+name the type without importing ingest. Every value is a string, as in the CSV file. No `from __future__ import
+annotations` here: with string annotations Python 3.11 does not see NotRequired and would count every key as
+required.
 """
 
 from typing import NotRequired, TypedDict
@@ -29,3 +30,8 @@ class ManifestRow(TypedDict):
 
 # The columns ingest writes, in file order (extra label columns follow them).
 MANIFEST_COLUMNS = list(ManifestRow.__annotations__)
+
+
+def rows_of_split(rows: list[ManifestRow], split: str) -> list[ManifestRow]:
+    """The manifest rows of one split ("train", "val", "test"; "all" keeps every row)."""
+    return list(rows) if split == "all" else [row for row in rows if row["split"] == split]

@@ -17,27 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 from torchmetrics.functional.classification import multiclass_calibration_error
+
+from components.evaluation.results import CalibrationResult
 
 CALIBRATION_JSON = "calibration.json"
 RELIABILITY_PNG = "reliability.png"
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
-
-
-class CalibrationResult(BaseModel):
-    """The fitted temperature and the calibration error of the evaluated split before and after it."""
-
-    temperature: float = Field(description="T: calibrated probabilities are softmax(logits / T).")
-    ece_before: float = Field(description="Expected calibration error (l1) of the evaluated split with T = 1.")
-    ece_after: float = Field(description="Expected calibration error (l1) of the evaluated split with T.")
-    nll_before: float = Field(description="Negative log-likelihood of the validation split with T = 1.")
-    nll_after: float = Field(description="Negative log-likelihood of the validation split with T.")
-    num_fitted: int = Field(description="Validation images T was fitted on.")
-    bounded: bool = Field(False, description="T hit MIN_TEMPERATURE or MAX_TEMPERATURE.")
-    json_path: str | None = None
-    png_path: str | None = None
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:

@@ -17,13 +17,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from components.config import EvaluateParams
 from components.data.augment import build_eval_transform
 from components.data.images import load_image
 from components.errors import VisionflowError
+from components.evaluation.results import ExplainResult, Explanation
 from components.image_grid import Cell, image_grid, overlay
 from components.training.module import Classifier, load_classifier
 
@@ -36,26 +36,6 @@ METHOD_TITLES = {"gradcam": "Grad-CAM", "integrated_gradients": "Integrated Grad
 
 class UnsupportedModelError(VisionflowError):
     """The model has no layer the chosen explanation method can use."""
-
-
-class Explanation(BaseModel):
-    """One explained image: the file, the model's answer and the PNG drawn for it (None in a grid)."""
-
-    path: str
-    predicted: str
-    confidence: float
-    target: str | None = None
-    png: str | None = None
-
-
-class ExplainResult(BaseModel):
-    """What explaining an evaluation produced: the grid (None when skipped), the method used and why it skipped."""
-
-    png_path: str | None = None
-    method: str | None = None
-    layer: str | None = None
-    skipped: str | None = None
-    images: list[Explanation] = []
 
 
 def feature_layer(model: nn.Module, example: torch.Tensor) -> str | None:

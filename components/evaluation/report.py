@@ -9,29 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from components.config import DataParams, EvaluateParams
-from components.evaluation.calibration import CalibrationResult, read_calibration
+from components.evaluation.calibration import read_calibration
 from components.evaluation.metrics import compute_metrics
+from components.evaluation.results import EvalReport
 from components.image_grid import Cell, image_grid, read_picture
 
 MAX_PIXELS = DataParams.model_fields["max_pixels"].default  # data.max_pixels when the caller has none
-
-
-class EvalReport(BaseModel):
-    """What the evaluate stage hands on: the summary metrics and where its files are."""
-
-    metrics: dict[str, float]
-    metrics_path: str
-    per_class_path: str
-    confusion_csv_path: str
-    confusion_png_path: str
-    misclassified_png_path: str | None
-    predictions_path: str
-    calibration: CalibrationResult | None = None  # temperature scaling, when evaluate.calibrate fitted one
-    pr_curves_png_path: str | None = None  # multi-label: precision-recall curve per label
-    thresholds_path: str | None = None  # multi-label: thresholds.json, the per-label thresholds tuned on val
 
 
 def _figure(width: float, height: float):

@@ -52,15 +52,19 @@ def weights_meta(name: str) -> WeightsMeta:
 
 
 def checkpoints_dir() -> Path:
-    """Where torchvision keeps downloaded weights: $TORCH_HOME/hub/checkpoints (torch.hub's rule)."""
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """Where torchvision keeps downloaded weights: torch.hub's folder and its rule, $TORCH_HOME/hub/checkpoints,
+    else $XDG_CACHE_HOME/torch/hub/checkpoints, else ~/.cache/torch/hub/checkpoints (read without importing torch)."""
+    home = os.getenv("TORCH_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME") or "~/.cache", "torch")
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
 def cached_weights(name: str) -> Path | None:
-    """The cached weight file of architecture `name`, or None when it is not in the cache."""
-    path = checkpoints_dir() / weights_meta(name).file_name
+    """The cached weight file of architecture `name`, or None when it is not in the cache (an empty or missing
+    cache folder answers without importing torchvision)."""
+    folder = checkpoints_dir()
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    path = folder / weights_meta(name).file_name
     return path if path.is_file() and os.path.getsize(path) > 0 else None
 
 

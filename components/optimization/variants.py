@@ -19,8 +19,9 @@ from torch import nn
 
 from components.config import DistillParams, PipelineParams, PruneParams
 from components.data.augment import build_eval_transform
-from components.data.dataset import eval_arrays, rows_of_split
+from components.data.dataset import eval_arrays
 from components.data.ingest import read_manifest
+from components.data.manifest import rows_of_split
 from components.optimization.distill import DistillationModule, check_teacher_classes
 from components.optimization.int8_fallback import quantize_with_fallback
 from components.optimization.measure import VariantResult, machine_summary, measure_onnx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from pydantic import BaseModel
 
@@ -29,18 +30,28 @@ def _host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _may_have_device() -> bool:
+    """False only where no accelerator can answer: not macOS (MPS) and no NVIDIA (or ROCm) driver's device node."""
+    device_nodes = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")
+    return sys.platform == "darwin" or any(os.path.exists(node) for node in device_nodes)
+
+
 def machine_of(trainer: TrainerParams) -> Machine:
     """The Machine the trainer params would train on (no device is initialised beyond CUDA's properties)."""
-    import torch
-
     from components.models.weights import cached_weights
 
     accelerator = {"gpu": "cuda"}.get(trainer.accelerator, trainer.accelerator)
-    if accelerator == "auto":  # Lightning's order: CUDA, then MPS, then CPU
-        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if accelerator == "auto" and not _may_have_device():
+        accelerator = "cpu"
     memory = _host_available_bytes()
-    if accelerator == "cuda" and torch.cuda.is_available():
-        memory = int(torch.cuda.get_device_properties(0).total_memory)
+    if accelerator != "cpu":  # torch (3 s to import) only where a device may answer
+        import torch
+
+        if accelerator == "auto":  # Lightning's order: CUDA, then MPS, then CPU
+            cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+            accelerator = "cuda" if cuda else "mps" if mps else "cpu"
+        if accelerator == "cuda" and torch.cuda.is_available():
+            memory = int(torch.cuda.get_device_properties(0).total_memory)
     devices = trainer.devices if isinstance(trainer.devices, int) else 1
     return Machine(
         accelerator=accelerator,

@@ -19,7 +19,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from pydantic import BaseModel
 
 from components.config import PipelineParams, fill_auto, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
@@ -32,39 +31,9 @@ from components.models import ModelSpec
 from components.models.weights import head_prefixes, is_head
 from components.quiet import LOG_FILE_ENV, VERBOSE_ENV, route_output
 from components.training.devices import DevicePlan, effective_batch_size, plan_devices, resolve_accelerator, scaled_lr
-from components.training.margins import MarginRecorder, SuspiciousLabels, write_suspicious_labels
+from components.training.margins import MarginRecorder, write_suspicious_labels
 from components.training.module import ClassifierModule
-
-
-class FitSpec(BaseModel):
-    """Everything the training process needs, written as JSON by the train task."""
-
-    params: PipelineParams
-    manifest_path: str
-    classes: list[str]
-    run_dir: str
-    result_path: str
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
-    progress_bar: bool = True
-    rank_results: bool = False  # every rank > 0 also writes its FitResult to <result_path>.rank<N> (tests, debugging)
-
-
-class FitResult(BaseModel):
-    """What the training process reports back (rank zero)."""
-
-    best_checkpoint: str | None = None
-    last_checkpoint: str | None = None
-    best_val_acc: float | None = None
-    epochs: int = 0
-    final_metrics: dict[str, float] = {}
-    error: str | None = None
-    global_rank: int = 0
-    world_size: int = 1
-    effective_batch_size: int | None = None
-    lr: float | None = None
-    weights_sha256: str | None = None  # of this rank's final state_dict
-    suspicious_labels: SuspiciousLabels | None = None  # train.suspicious_labels: the ranking's files and counts
+from components.training.spec import FitResult, FitSpec, SuspiciousLabels
 
 
 class EpochSummary(Callback):

@@ -24,25 +24,13 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from pydantic import BaseModel
 
 from components.data.manifest import ManifestRow
+from components.training.spec import SuspiciousLabels
 
 CSV_NAME = "suspicious_labels.csv"
 GRID_NAME = "suspicious_labels.png"
 GRID_MAX = 64
-
-
-class SuspiciousLabels(BaseModel):
-    """The ranking the training process wrote (rank zero): files, counts and a one-line summary."""
-
-    csv: str
-    grid: str | None = None
-    flagged: int  # training images whose AUM and last epoch's margin are both below 0
-    scored: int  # training images with at least one unmixed visit
-    summary: str
-    seconds: float = 0.0  # spent in the training process recording margins and writing the ranking (rank zero)
-    record_seconds: float = 0.0  # of which recording margins during training (the per-step hooks and epoch sums)
 
 
 class Scored(NamedTuple):

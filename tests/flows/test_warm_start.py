@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,9 +14,13 @@ import pytest
 from mlflow import MlflowClient
 
 from components import tracking
+from components.config import EvaluateParams, ParamsError, PipelineParams
+from components.data.ingest import read_manifest
+from components.evaluation.results import EvalReport
 from components.training.fit import FitResult
-from components.training.warm import TIMINGS_FILE
+from components.training.warm import SERVING_LINE, TIMINGS_FILE
 from flows import warm_start
+from flows.tasks import run_training_process
 from tests.helpers.params import planned_fit_spec
 
 
@@ -38,6 +43,37 @@ def test_a_waiting_process_never_handed_a_spec_exits_cleanly():
     assert warm_start._waiting is None
 
 
+def test_a_call_runs_in_the_waiting_process_and_brings_back_its_result_or_its_error(tmp_path):
+    warm_start.prestart_training_process()
+    process = warm_start._waiting.process
+    try:
+        assert warm_start.call("os:getpid") == process.pid
+        params = warm_start.call("components.config:load_params", None, ["train.max_epochs=3"])
+        assert isinstance(params, PipelineParams) and params.train.max_epochs == 3
+        with pytest.raises(ParamsError, match="params file not found"):  # the function's own error, as if run here
+            warm_start.call("components.config:load_params", tmp_path / "missing.yaml")
+        assert warm_start._waiting.process is process and process.poll() is None  # still waits for its spec
+    finally:
+        warm_start.discard_training_process()
+    assert warm_start.call("os:getpid") == os.getpid()  # none waiting: the function runs in this process
+
+
+def test_the_pipeline_imports_neither_torch_nor_lightning_before_training():
+    """The command's process draws nothing and plans on the CPU without torch: the waiting training process imports
+    it (a second copy in the command cost seconds of CPU while both started)."""
+    probe = (
+        "import sys\n"
+        "import flows.pipeline\n"
+        "from components.config import TrainerParams\n"
+        "from components.planning import machine_of\n"
+        "machine_of(TrainerParams(accelerator='cpu'))\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'albumentations', 'lightning') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.slow
 def test_the_waiting_process_trains_the_spec_and_its_ddp_ranks_start_from_it(tmp_path, shapes_dir):
     spec = planned_fit_spec(tmp_path, shapes_dir, trainer__strategy="ddp", trainer__devices=2, train__max_epochs=2)
@@ -47,8 +83,9 @@ def test_the_waiting_process_trains_the_spec_and_its_ddp_ranks_start_from_it(tmp
     spec_path.write_text(spec.model_dump_json())
     warm_start.prestart_training_process()
     env = dict(os.environ, MLFLOW_RUN_ID=spec.mlflow_run_id, MLFLOW_TRACKING_URI=tracking.tracking_uri())
-    process = warm_start.training_process(spec_path, env)
-    output = process.stdout.read().decode(errors="replace")  # as the train task relays it (its stdin is closed)
+    process = warm_start.training_process(spec_path, env, serve=True)
+    output = process.stdout.read().decode(errors="replace")  # to its end: a DDP rank zero does not serve calls
+    assert SERVING_LINE not in output
     assert process.wait(timeout=300) == 0, output[-3000:]
     timings = json.loads((spec_path.parent / TIMINGS_FILE).read_text())  # the waiting process trained
     assert timings["process_start"] <= timings["imported"] <= timings["spec_read"] <= timings["returned"]
@@ -59,6 +96,29 @@ def test_the_waiting_process_trains_the_spec_and_its_ddp_ranks_start_from_it(tmp
     client = MlflowClient(tracking.tracking_uri())
     assert len(client.get_metric_history(spec.mlflow_run_id, "val/acc")) == 2
     assert any(key.startswith("system/") for key in client.get_run(spec.mlflow_run_id).data.metrics)
+
+
+@pytest.mark.slow
+def test_after_its_fit_the_training_process_serves_calls_until_the_pipeline_lets_it_go(tmp_path, shapes_dir):
+    spec = planned_fit_spec(tmp_path, shapes_dir, train__max_epochs=1)
+    spec_path = tmp_path / "train" / "fit_spec.json"
+    spec_path.parent.mkdir(parents=True)
+    warm_start.prestart_training_process()
+    try:
+        result = run_training_process(spec, spec_path, logging.getLogger("test"))
+        serving = warm_start._serving.process
+        assert result.error is None and Path(result.best_checkpoint).is_file()
+        assert serving.poll() is None  # the train stage is over, the process is not
+        assert warm_start.call("os:getpid") == serving.pid != os.getpid()
+        report = warm_start.call(
+            "components.evaluation.evaluate:evaluate_checkpoint", result.best_checkpoint,
+            [row for row in read_manifest(spec.manifest_path) if row["split"] == "val"], tmp_path / "evaluation",
+            EvaluateParams(explain=False), spec.params.data.max_pixels,
+        )  # fmt: skip
+        assert isinstance(report, EvalReport) and Path(report.confusion_png_path).is_file()
+    finally:
+        warm_start.discard_training_process()
+    assert serving.poll() is not None and warm_start._serving is None
 
 
 _FLOW_ON_EARLY_SERVER = """
