@@ -168,16 +168,17 @@ def call(target: str, *args, **kwargs):
     after its fit (its imports are done, so this process need not import torch, albumentations or Lightning for it),
     else here. Returns what the function returns; raises what it raises. A process that ends before it answers is
     let go and the function runs here."""
-    reply = Path(tempfile.mkdtemp(prefix="visionflow-call-")) / "answer.pickle"
+    answer, sent, reply = None, False, None
     try:
-        with _lock:
-            ready = [w for w in (_serving, _waiting) if w and w.process.poll() is None and w.cwd == os.getcwd()]
-            process = ready[0].process if ready else None
-            order = {"call": target, "args": _packed(args, kwargs), "reply": str(reply)}
-            sent = process is not None and _send(process, order)
-        answer = _answer(process, reply) if sent else None
+        with _lock:  # the order line goes before a spec another thread may hand over
+            ready = [w.process for w in (_serving, _waiting) if w and w.process.poll() is None and w.cwd == os.getcwd()]
+            if ready:
+                reply = Path(tempfile.mkdtemp(prefix="visionflow-call-")) / "answer.pickle"
+                sent = _send(ready[0], {"call": target, "args": _packed(args, kwargs), "reply": str(reply)})
+        answer = _answer(ready[0], reply) if sent else None
     finally:
-        shutil.rmtree(reply.parent, ignore_errors=True)
+        if reply is not None:
+            shutil.rmtree(reply.parent, ignore_errors=True)
     if answer is not None:
         status, value = answer
         if status == "error":
