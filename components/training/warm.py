@@ -21,6 +21,7 @@ when it read the spec and when training returned (epoch seconds), for bench/trai
 from __future__ import annotations
 
 import base64
+import gc
 import importlib
 import json
 import os
@@ -101,6 +102,9 @@ def _serve_after_fit(spec_path: str) -> None:
     result = Path(spec.result_path)
     if not result.is_file() or FitResult.model_validate_json(result.read_text()).world_size != 1:
         return
+    # The fit's Trainer, data module and optimizer sit in reference cycles: freed now, not at some later collection,
+    # so an in-memory training set (up to its memory budget, on the GPU there) is not held through the evaluation.
+    gc.collect()
     # A terminal's Ctrl-C reaches the whole process group: the pipeline handles it and then closes this process's
     # stdin (or stops it), so it ends without a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

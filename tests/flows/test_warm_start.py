@@ -110,6 +110,8 @@ def test_after_its_fit_the_training_process_serves_calls_until_the_pipeline_lets
         assert result.error is None and Path(result.best_checkpoint).is_file()
         assert serving.poll() is None  # the train stage is over, the process is not
         assert warm_start.call("os:getpid") == serving.pid != os.getpid()
+        # the fit's objects (Trainer, data module, optimizer: reference cycles) were freed before it served
+        assert warm_start.call("gc:collect") < 300
         report = warm_start.call(
             "components.evaluation.evaluate:evaluate_checkpoint", result.best_checkpoint,
             [row for row in read_manifest(spec.manifest_path) if row["split"] == "val"], tmp_path / "evaluation",
