@@ -549,6 +549,14 @@ class PackageParams(_Section):
     parity_min_agreement: float = Field(
         0.99, ge=0, le=1, description="Smallest top-1 agreement between PyTorch and ONNX."
     )
+    onnx_exporter: Literal["auto", "torchscript", "dynamo"] = Field(
+        "auto",
+        description=(
+            "PyTorch's ONNX exporter: torchscript (torch.onnx.export dynamo=False: traces the model, 0.1 s for the "
+            "digits CNN), dynamo (torch.export: 2-3 s there, 11 s for mobilenet_v3_small), or auto: torchscript, "
+            "then dynamo when it fails or its file does not run."
+        ),
+    )
     torchscript: bool = Field(False, description="Also export TorchScript (model.torchscript.pt, outside the bundle).")
     executorch: bool = Field(
         False,

@@ -18,17 +18,8 @@ from components.config import DataParams, load_params
 from components.data.ingest import read_manifest
 from components.data.manifest import ManifestRow, rows_of_split
 from components.errors import VisionflowError
-from components.evaluation.calibration import read_calibration
-from components.evaluation.diff import (
-    DiffResult,
-    ModelSource,
-    answers_in,
-    label_set_problem,
-    model_labels,
-    score_model,
-    task_diff,
-    write_diff,
-)
+from components.evaluation.results import DiffResult, ModelSource, read_calibration
+from flows import warm_start
 from flows.runs import pipeline_run
 from flows.tasks import ingest_task, validate_task
 
@@ -106,6 +97,8 @@ def _checkpoint_thresholds(run_id: str, path: Path) -> dict[str, float]:
 def run_model(run_id: str) -> RunModel:
     """Resolve a pipeline run (or a package child run) for a diff; raises VisionflowError, one line, for an
     unknown run or one without a bundle or checkpoint."""
+    from components.evaluation.diff import model_labels
+
     run = pipeline_run(run_id)
     run_dir, home = _run_dir(run), _home(run)
     params = load_params(home / "params.yaml") if home and (home / "params.yaml").is_file() else load_params()
@@ -127,6 +120,8 @@ def run_model(run_id: str) -> RunModel:
 
 def check_pair(run_a: str, run_b: str) -> tuple[RunModel, RunModel]:
     """Both runs resolved, refused (VisionflowError, one line) when their models answer different questions."""
+    from components.evaluation.diff import label_set_problem, task_diff
+
     a, b = run_model(run_a), run_model(run_b)
     problem = label_set_problem(a.labels, b.labels)
     if problem:
@@ -146,29 +141,17 @@ def record_diff(
     source_text: str,
     max_pixels: int,
     grid: int = 25,
-) -> DiffResult:
+) -> DiffResult | None:
     """Score both models on `rows`, write the diff into `out_dir`, log its files (artifact folder `diff`), figures
     and both run ids (tags) to MLflow run `log_run_id`, and publish its summary as the Prefect markdown artifact
-    `run-diff`. Returns the DiffResult."""
+    `run-diff`. Returns the DiffResult; None, with nothing written, for a task the diff cannot read. The scoring
+    and figures run in the training process when one serves (components.evaluation.diff.diff_models), else here."""
     if not rows:
         raise VisionflowError("no images to compare the two models on")
-    probs_a, labels, thresholds_a = score_model(a, rows, max_pixels)
-    probs_b, labels_b, thresholds_b = score_model(b, rows, max_pixels)
-    problem = label_set_problem(labels, labels_b)
-    if problem:
-        raise VisionflowError(f"cannot diff {a.run_id} and {b.run_id}: {problem}")
-    result = write_diff(
-        answers_in(labels, probs_a, labels, thresholds_a),
-        answers_in(labels, probs_b, labels_b, thresholds_b),
-        task_diff(a.task).targets(rows, labels),
-        labels,
-        [r["path"] for r in rows],
-        Path(out_dir),
-        (a.run_id, b.run_id),
-        source_text,
-        a.task,
-        grid,
-    )
+    target = "components.evaluation.diff:diff_models"
+    result = warm_start.call(target, a, b, rows, Path(out_dir), source_text, max_pixels, grid)
+    if result is None:
+        return None
     tracking.set_tags(log_run_id, {RUN_A_TAG: a.run_id, RUN_B_TAG: b.run_id})
     metrics = {f"diff/{kind}": float(n) for kind, n in result.counts.items()}
     for side, summary in (("a", result.summary_a), ("b", result.summary_b)):
@@ -247,12 +230,11 @@ def gate_diff(
     """The registry decision's diff, champion (A) → challenger (B), on the gate's test rows, logged to the
     challenger's run (its `diff/` artifacts and tags); None, with a warning, for a task the diff cannot read."""
     from components.bundle_format import verify_bundle
-    from components.evaluation.diff import TASK_DIFFS
 
     task = verify_bundle(Path(challenger_bundle)).get("task", "single")
-    if task not in TASK_DIFFS:
-        get_run_logger().warning("no diff attached to the registry decision: diff does not read %s models", task)
-        return None
     champion = ModelSource(run_id=champion_run_id, kind="bundle", path=str(champion_bundle), task=task)
     challenger = ModelSource(run_id=challenger_run_id, kind="bundle", path=str(challenger_bundle), task=task)
-    return record_diff(champion, challenger, rows, out_dir, challenger_run_id, what, max_pixels)
+    result = record_diff(champion, challenger, rows, out_dir, challenger_run_id, what, max_pixels)
+    if result is None:
+        get_run_logger().warning("no diff attached to the registry decision: diff does not read %s models", task)
+    return result

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from components.config import DataParams
 from components.errors import VisionflowError
-from components.evaluation.calibration import read_calibration
 from components.evaluation.explain import ExplainMethod, Explanation, explain_files
+from components.evaluation.results import read_calibration
 from flows.runs import finished_pipeline_run
 
 

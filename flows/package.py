@@ -18,11 +18,11 @@ from components.config import PipelineParams, load_params
 from components.data.ingest import read_manifest
 from components.data.manifest import ManifestRow, rows_of_split
 from components.errors import VisionflowError
-from components.evaluation.report import EvalReport, read_report
+from components.evaluation.results import EvalReport, read_report
 from components.packaging.gate import GateDecision, bundle_incompatibility, decide_promotion, refuse_comparison
-from components.packaging.package import PackagedModel, bundle_accuracy, package_checkpoint
 from components.packaging.resolve import BUNDLE_ARTIFACTS
-from flows.diff import gate_diff
+from components.packaging.results import PackagedModel
+from flows import warm_start
 from flows.runs import finished_pipeline_run
 from flows.tasks import publish_summary
 
@@ -73,11 +73,18 @@ def _gate(
     why = bundle_incompatibility(bundle_dir, champion[1])
     if why:
         return refuse_comparison(accuracy, why, name, version, str(champion[0].version), margin)
-    champion_accuracy = bundle_accuracy(champion[1], test_rows, params.data.max_pixels)
+    champion_accuracy = _bundle_accuracy(champion[1], test_rows, params.data.max_pixels)
     what = f"the gate's test split, {name} v{champion[0].version} → v{version}"
     diff_dir = bundle_dir.parent / "diff"
+    from flows.diff import gate_diff  # a comparison only: the diff's modules
+
     gate_diff(champion[0].run_id, champion[1], run_id, bundle_dir, test_rows, diff_dir, params.data.max_pixels, what)
     return decide_promotion(accuracy, champion_accuracy, margin)
+
+
+def _bundle_accuracy(bundle_dir: Path, rows: list[ManifestRow], max_pixels: int) -> float:
+    """components.packaging.package.bundle_accuracy, in the training process when it serves, else here."""
+    return warm_start.call("components.packaging.package:bundle_accuracy", bundle_dir, rows, max_pixels)
 
 
 def _register_and_gate(
@@ -87,7 +94,7 @@ def _register_and_gate(
     and record the decision (metrics, tags, a Prefect summary); returns the PackageResult."""
     logger = get_run_logger()
     name = params.package.model_name
-    challenger_accuracy = bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
+    challenger_accuracy = _bundle_accuracy(Path(packaged.bundle_dir), test_rows, params.data.max_pixels)
     gate_metric = "mAP" if (Path(packaged.bundle_dir) / TASK_FILE).is_file() else "accuracy"  # multi-label: mAP
     version = tracking.register_onnx(
         run_id,
@@ -160,7 +167,9 @@ def package_task(
     """
     logger = get_run_logger()
     test_rows = rows_of_split(read_manifest(clean_manifest), "test")
-    packaged = package_checkpoint(
+    # in the training process when it serves (torch and onnx imported there), else here
+    packaged = warm_start.call(
+        "components.packaging.package:package_checkpoint",
         checkpoint,
         test_rows,
         Path(run_dir) / "package",

@@ -19,10 +19,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from components.evaluation.results import CalibrationResult
+from components.evaluation.results import CALIBRATION_JSON, RELIABILITY_PNG, CalibrationResult
 
-CALIBRATION_JSON = "calibration.json"
-RELIABILITY_PNG = "reliability.png"
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 
@@ -147,14 +145,3 @@ def calibrate(
     payload: dict[str, Any] = {**result.model_dump(exclude={"json_path", "png_path"}), "curves": curves}
     (out_dir / CALIBRATION_JSON).write_text(json.dumps(payload, indent=2))
     return result
-
-
-def read_calibration(out_dir: Path) -> CalibrationResult | None:
-    """The CalibrationResult written by calibrate() into `out_dir`, or None when there is none."""
-    path = Path(out_dir) / CALIBRATION_JSON
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    png = Path(out_dir) / RELIABILITY_PNG
-    fields = {k: v for k, v in data.items() if k in CalibrationResult.model_fields}
-    return CalibrationResult(**fields, json_path=str(path), png_path=str(png) if png.is_file() else None)

@@ -22,41 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 
 from components.data.manifest import ManifestRow
 from components.errors import DataError, VisionflowError
 from components.evaluation.calibration import reliability_bins, write_reliability_png
 from components.evaluation.metrics import compute_metrics
+from components.evaluation.results import DiffResult, ModelSource
 
 CHANGE_KINDS = ("fixed", "broken", "changed")  # wrong → right, right → wrong, wrong → another wrong answer
 SCORE_BATCH = 64
-
-
-class ModelSource(BaseModel):
-    """One side of a diff: the run, and the model file that answers for it."""
-
-    run_id: str
-    kind: str = Field(description="bundle (a verified bundle folder) or checkpoint (a .ckpt file).")
-    path: str
-    temperature: float = Field(1.0, description="Checkpoint only: the temperature its evaluation fitted.")
-    thresholds: dict[str, float] | None = Field(None, description="Multi-label checkpoint only: its tuned thresholds.")
-    task: str = "single"
-
-
-class DiffResult(BaseModel):
-    """What the diff found and where its files are."""
-
-    run_a: str
-    run_b: str
-    task: str
-    num_images: int
-    source: str = Field(description="Where the rows came from (a run's split, or a data set).")
-    summary_a: dict[str, float]
-    summary_b: dict[str, float]
-    counts: dict[str, int] = Field(description="Images per change kind: fixed, broken, changed.")
-    files: dict[str, str] = Field(description="File name → path of every file written.")
-    markdown: str = Field(description="The summary as markdown (also in summary.md).")
 
 
 @dataclass
@@ -449,3 +423,31 @@ def write_diff(
     (out_dir / "summary.md").write_text(result.markdown)
     (out_dir / "diff.json").write_text(result.model_dump_json(indent=2))
     return result
+
+
+def diff_models(
+    a: ModelSource, b: ModelSource, rows: list[ManifestRow], out_dir: Path, source: str, max_pixels: int, grid: int = 25
+) -> DiffResult | None:
+    """Score models `a` (before) and `b` (after) on `rows` and write their diff into `out_dir` (write_diff, at most
+    `grid` images a grid; `source` says where the rows came from). None when the diff does not read their task
+    (`a.task`). Raises VisionflowError (one line) for label sets that differ or a model or image that cannot be
+    read."""
+    if a.task not in TASK_DIFFS:
+        return None
+    probs_a, labels, thresholds_a = score_model(a, rows, max_pixels)
+    probs_b, labels_b, thresholds_b = score_model(b, rows, max_pixels)
+    problem = label_set_problem(labels, labels_b)
+    if problem:
+        raise VisionflowError(f"cannot diff {a.run_id} and {b.run_id}: {problem}")
+    return write_diff(
+        answers_in(labels, probs_a, labels, thresholds_a),
+        answers_in(labels, probs_b, labels_b, thresholds_b),
+        task_diff(a.task).targets(rows, labels),
+        labels,
+        [r["path"] for r in rows],
+        Path(out_dir),
+        (a.run_id, b.run_id),
+        source,
+        a.task,
+        grid,
+    )

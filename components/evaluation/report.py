@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from components.config import DataParams, EvaluateParams
-from components.evaluation.calibration import read_calibration
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.results import EvalReport
 from components.image_grid import Cell, image_grid, read_picture
@@ -169,36 +168,3 @@ def write_report(
         misclassified_png_path=str(misclassified) if misclassified else None,
         predictions_path=str(predictions_path),
     )
-
-
-def read_report(out_dir: Path) -> EvalReport:
-    """The EvalReport of an evaluation written earlier by write_report into `out_dir`.
-
-    Takes the folder; returns the EvalReport (summary metrics read back from metrics.json).
-    Raises FileNotFoundError naming the first of its files that is missing.
-    """
-    out_dir = Path(out_dir)
-    files = {
-        name: out_dir / name
-        for name in ("metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv")
-    }
-    for path in files.values():
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluation file missing: {path}")
-    misclassified = out_dir / "misclassified.png"
-    return EvalReport(
-        metrics=json.loads(files["metrics.json"].read_text())["summary"],
-        metrics_path=str(files["metrics.json"]),
-        per_class_path=str(files["per_class.csv"]),
-        confusion_csv_path=str(files["confusion_matrix.csv"]),
-        confusion_png_path=str(files["confusion_matrix.png"]),
-        misclassified_png_path=str(misclassified) if misclassified.is_file() else None,
-        predictions_path=str(files["predictions.csv"]),
-        calibration=read_calibration(out_dir),
-        pr_curves_png_path=_present(out_dir / "pr_curves.png"),  # multi-label evaluations
-        thresholds_path=_present(out_dir / "thresholds.json"),
-    )
-
-
-def _present(path: Path) -> str | None:
-    return str(path) if path.is_file() else None

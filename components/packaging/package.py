@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from components.bundle_format import CALIBRATION_FILE, MODEL_FILE, TASK_FILE, THRESHOLDS_FILE, read_checksums
 from components.config import PackageParams
@@ -17,9 +16,8 @@ from components.data.dataset import eval_arrays
 from components.data.images import load_image
 from components.data.manifest import ManifestRow
 from components.errors import VisionflowError
-from components.evaluation.calibration import CalibrationResult
 from components.evaluation.multilabel import read_thresholds
-from components.evaluation.report import EvalReport
+from components.evaluation.results import CalibrationResult, EvalReport
 from components.monitoring.profile import (
     PROFILE_FILE,
     ReferenceProfile,
@@ -36,6 +34,7 @@ from components.packaging.export import (
     onnx_parity,
 )
 from components.packaging.model_card import model_card
+from components.packaging.results import PackagedModel
 from components.safety import file_sha256
 from components.serving.predictor import Predictor
 from components.training.module import Classifier, load_classifier
@@ -46,19 +45,6 @@ PROFILE_MAX_IMAGES = 5000
 
 class PackagingError(VisionflowError):
     """The model cannot be packaged as it is (e.g. the ONNX export does not match PyTorch)."""
-
-
-class PackagedModel(BaseModel):
-    """The packaging result: bundle folder and archive, the ONNX file, parity figures, an input example."""
-
-    model_config = {"arbitrary_types_allowed": True}
-
-    bundle_dir: str
-    archive: str
-    onnx_path: str
-    parity: dict[str, float]
-    executorch_parity: dict[str, float] | None = None
-    input_example: np.ndarray
 
 
 def _check_parity(kind: str, parity: dict[str, float], params: PackageParams) -> None:
@@ -157,7 +143,7 @@ class _Exported:
 def _export(classifier: Classifier, images: torch.Tensor, params: PackageParams, export_dir: Path) -> _Exported:
     """ONNX (as the bundle's model.onnx), and with params the ExecuTorch .pte and TorchScript, each
     checked for parity with PyTorch on `images` (PackagingError past the thresholds)."""
-    onnx_path = export_onnx(classifier.model, classifier.spec, export_dir / MODEL_FILE)
+    onnx_path = export_onnx(classifier.model, classifier.spec, export_dir / MODEL_FILE, exporter=params.onnx_exporter)
     exported = _Exported(onnx_path, onnx_parity(classifier.model, onnx_path, images))
     _check_parity("ONNX", exported.parity, params)
     if params.executorch:

@@ -57,7 +57,7 @@ def test_explain_command_writes_one_png_per_image(shapes_run, shapes_dir, tmp_pa
 
 
 def test_explain_of_a_run_uses_the_temperature_its_evaluation_fitted(shapes_run):
-    from components.evaluation.calibration import read_calibration
+    from components.evaluation.results import read_calibration
     from flows.explain import checkpoint_of_run
 
     _, result = shapes_run

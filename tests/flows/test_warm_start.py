@@ -60,14 +60,16 @@ def test_a_call_runs_in_the_waiting_process_and_brings_back_its_result_or_its_er
 
 def test_the_pipeline_imports_neither_torch_nor_lightning_before_training():
     """The command's process draws nothing and plans on the CPU without torch: the waiting training process imports
-    it (a second copy in the command cost seconds of CPU while both started)."""
+    it (a second copy in the command cost seconds of CPU while both started). Its package stage and the registry
+    gate's diff hand their torch work to the serving training process too."""
     probe = (
         "import sys\n"
-        "import flows.pipeline\n"
+        "import flows.pipeline, flows.package, flows.diff\n"
         "from components.config import TrainerParams\n"
         "from components.planning import machine_of\n"
         "machine_of(TrainerParams(accelerator='cpu'))\n"
-        "print(sorted(m for m in ('torch', 'torchvision', 'albumentations', 'lightning') if m in sys.modules))"
+        "heavy = ('torch', 'torchvision', 'albumentations', 'lightning', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

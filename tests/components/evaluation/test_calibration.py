@@ -13,9 +13,9 @@ from components.evaluation.calibration import (
     calibrate,
     expected_calibration_error,
     fit_temperature,
-    read_calibration,
     reliability_bins,
 )
+from components.evaluation.results import read_calibration
 
 
 def _logits(n: int, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ from components.models import ModelSpec, build_model
 from components.packaging import export as export_module
 from components.packaging.export import check_onnx_file, export_onnx, export_torchscript, onnx_parity
 
-# One model per family; torchvision's mobilenet_v3_small also exports with the dynamo exporter
-# (checked by hand) but takes ~8 s, so resnet18 stands for the torchvision family here.
+# One model per family, through each exporter; torchvision's mobilenet_v3_small also exports with both
+# (checked by hand) but takes ~11 s through dynamo, so resnet18 stands for the torchvision family here.
 FAMILIES = {
     "cnn": ModelSpec(name="cnn", num_classes=3, image_size=16),
     "gru": ModelSpec(
@@ -39,12 +39,13 @@ FAMILIES = {
 }
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_exports_with_parity_at_batch_1_and_5(family, tmp_path):
+def test_every_family_exports_with_parity_at_batch_1_and_5(family, exporter, tmp_path):
     spec = FAMILIES[family]
     torch.manual_seed(0)
     model = build_model(spec).train()
-    path = export_onnx(model, spec, tmp_path / "model.onnx")
+    path = export_onnx(model, spec, tmp_path / "model.onnx", exporter=exporter)
     assert model.training  # mode restored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no .onnx.data beside it
     graph = onnx.load(str(path))
@@ -56,16 +57,27 @@ def test_every_family_exports_with_parity_at_batch_1_and_5(family, tmp_path):
         assert parity["top1_agreement"] == 1.0
 
 
-def test_legacy_exporter_is_the_fallback(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("dynamo cannot export this")
+def _broken(*args, **kwargs):
+    raise RuntimeError("this exporter cannot export this")
 
-    monkeypatch.setattr(export_module, "_export_dynamo", broken)
+
+def test_auto_tries_torchscript_first_and_dynamo_when_it_fails(tmp_path, monkeypatch):
     spec = FAMILIES["cnn"]
     model = build_model(spec).eval()
+    tried = []
+    monkeypatch.setattr(export_module, "_export_dynamo", lambda *args: tried.append("dynamo") or _broken())
+    export_onnx(model, spec, tmp_path / "first.onnx")
+    assert tried == []  # torchscript answered: dynamo never ran
+    monkeypatch.setattr(export_module, "_export_torchscript", _broken)
+    with pytest.raises(RuntimeError, match="torchscript: this exporter.*dynamo: this exporter"):
+        export_onnx(model, spec, tmp_path / "none.onnx")
+    monkeypatch.undo()
+    monkeypatch.setattr(export_module, "_export_torchscript", _broken)
     path = export_onnx(model, spec, tmp_path / "m.onnx")
     parity = onnx_parity(model, path, torch.randn(5, 3, 16, 16))
     assert parity["max_abs_logit_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
+    with pytest.raises(RuntimeError, match="could not export cnn to ONNX \\(torchscript: "):
+        export_onnx(model, spec, tmp_path / "forced.onnx", exporter="torchscript")  # a choice has no fallback
 
 
 def test_no_exporter_working_is_a_clear_error(tmp_path, monkeypatch):
@@ -73,7 +85,7 @@ def test_no_exporter_working_is_a_clear_error(tmp_path, monkeypatch):
         raise RuntimeError("nope")
 
     monkeypatch.setattr(export_module, "_export_dynamo", broken)
-    monkeypatch.setattr(export_module, "_export_legacy", broken)
+    monkeypatch.setattr(export_module, "_export_torchscript", broken)
     with pytest.raises(RuntimeError, match="could not export cnn"):
         export_onnx(build_model(FAMILIES["cnn"]), FAMILIES["cnn"], tmp_path / "m.onnx")
 
