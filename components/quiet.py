@@ -8,6 +8,7 @@
   written to the log file only.
 - `route_output(log_file, verbose)`: the root logger writes everything to the log file and, filtered by
   `TerminalFilter`, to the terminal; Python warnings go through logging (`logging.captureWarnings`).
+- `mlflow_prints_to_log()`: what MLflow prints itself rather than logs (registering a model) becomes its log records.
 
 The CLI calls `route_output` once per command; the training process (`python -m components.training.fit`) calls it
 at start with the log file the CLI handed down in `LOG_FILE_ENV`, so its third-party lines land in the same file.
@@ -146,6 +147,32 @@ def route_output(log_file: str | Path | None, verbose: bool = False, terminal=No
         file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(logging.Formatter(_FILE_FORMAT))
         root.addHandler(file_handler)
+
+
+class _LinesToLogger:
+    """A text stream handing each line written to it to `logger` at INFO."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def mlflow_prints_to_log() -> None:
+    """MLflow's prints (mlflow.utils.logging_utils.eprint: "Successfully registered model …", "Created version …",
+    waiting for a version to be ready) become INFO records of the "mlflow" logger: the log file keeps them and the
+    terminal filter drops them, where the pipeline says what it registered in a line of its own. Imports mlflow."""
+    from mlflow.utils import logging_utils
+
+    if not isinstance(logging_utils.MLFLOW_LOGGING_STREAM, _LinesToLogger):
+        logging_utils.MLFLOW_LOGGING_STREAM = _LinesToLogger(logging.getLogger("mlflow"))
 
 
 def _is_file(handler: logging.Handler) -> bool:

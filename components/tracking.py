@@ -334,6 +334,9 @@ def register_onnx(run_id: str, onnx_path: str | Path, name: str, input_example, 
     import mlflow.onnx
     import onnx
 
+    from components.quiet import mlflow_prints_to_log
+
+    mlflow_prints_to_log()
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(

@@ -23,6 +23,8 @@ NOISE = (
     "LeafSpec",  # torch pytree deprecation inside Lightning
     "can be interpreted in multiple ways",  # MLflow data set source warning
     "CUDAExecutionProvider",  # onnxruntime CPU build asked for CUDA
+    "Created version '1' of model",  # MLflow's print on registering (the pipeline says it in its own line)
+    "Successfully registered model",
 )
 
 
@@ -146,6 +148,7 @@ def test_a_run_shows_progress_and_results_and_keeps_third_party_noise_in_the_log
     assert [noise for noise in NOISE if noise in terminal] == []
     log = _log_text(tmp_path)
     assert "can be interpreted in multiple ways" in log and "litlogger" in log  # kept, in the log file
+    assert "Created version '1' of model" in log
     assert "ingested" in out.stdout and "epoch 1/1" in out.stdout  # progress the user needs
     table = [line for line in out.stdout.splitlines() if line[:1] in "┌│├└"]
     assert table and all(len(line) <= 80 for line in table)
