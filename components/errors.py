@@ -32,6 +32,10 @@ class TrainingError(VisionflowError):
     """Training stopped on a problem the user must fix (non-finite loss, bad device request)."""
 
 
+class PackagingError(VisionflowError):
+    """The model cannot be packaged as it is (e.g. the ONNX export does not match PyTorch)."""
+
+
 class CheckpointError(VisionflowError):
     """A file given as a checkpoint is not a visionflow checkpoint (missing, not a PyTorch file, refused by
     the safe loader, or without the model spec, classes and weights visionflow writes)."""

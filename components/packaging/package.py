@@ -15,7 +15,7 @@ from components.data.augment import build_eval_transform, eval_preprocess_spec
 from components.data.dataset import eval_arrays
 from components.data.images import load_image
 from components.data.manifest import ManifestRow
-from components.errors import VisionflowError
+from components.errors import PackagingError
 from components.evaluation.multilabel import read_thresholds
 from components.evaluation.results import CalibrationResult, EvalReport
 from components.monitoring.profile import (
@@ -41,10 +41,6 @@ from components.training.module import Classifier, load_classifier
 
 PARITY_IMAGES = 64
 PROFILE_MAX_IMAGES = 5000
-
-
-class PackagingError(VisionflowError):
-    """The model cannot be packaged as it is (e.g. the ONNX export does not match PyTorch)."""
 
 
 def _check_parity(kind: str, parity: dict[str, float], params: PackageParams) -> None:
