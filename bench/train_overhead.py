@@ -7,10 +7,12 @@ reads its MLflow runs back for the breakdown. Prints a table of wall times and r
 rounds), then what each part of the fixed cost took.
 
 With --with-server each round also runs the command against a Prefect server that is already running (what
-`visionflow up` gives: no temporary server to start), in the same MLflow store.
+`visionflow up` gives: no temporary server to start), in the same MLflow store. With --package the runs package
+too (off otherwise, as the plain loop exports nothing): the breakdown adds the package stage, which from the
+second run on compares the new version with the champion the run before registered and diffs them.
 
     python bench/train_overhead.py [--params params/default.yaml] [--set train.max_epochs=10] [--repeat 3]
-                                   [--with-server]
+                                   [--with-server] [--package]
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ ROWS = [
     ("proc_last_epoch_to_returned", "      last epoch → training returned (flush, system metrics, result)"),
     ("proc_returned_to_run_end", "      training returned → train run ended (process exit, upload)"),
     ("evaluate", "  evaluate stage"),
+    ("package", "  package stage (export, parity, bundle, register, gate; with --package)"),
     ("end", "  end: summary, run end, server stop, exit"),
 ]
 
@@ -221,10 +224,12 @@ def main() -> None:
     parser.add_argument(
         "--with-server", action="store_true", help="Also run against a running Prefect server (as after visionflow up)."
     )
+    parser.add_argument("--package", action="store_true", help="Package in the runs too (export, register, gate).")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visionflow-bench-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    sets = [*BENCH_SETS, f"run.output_dir={work / 'runs'}", *args.set]
+    bench_sets = [s for s in BENCH_SETS if not (args.package and s == "package.enabled=false")]
+    sets = [*bench_sets, f"run.output_dir={work / 'runs'}", *args.set]
     params = load_params(args.params, sets)
     snapshot = ingest(params.data, work / "snapshot", Path(params.run.cache_dir))
     report = validate(snapshot, params.data, work / "data")
@@ -270,7 +275,8 @@ def print_tables(params, rounds, med, ratios, alone) -> None:
     table.add_row("plain PyTorch loop (train + val passes, no tracking)", f"{med['plain']:.1f}", "1.00")
     table.add_row("visionflow train stage (own process, Lightning, MLflow)", f"{med['train_stage']:.1f}",
                   f"{ratios['train_stage']:.2f}")  # fmt: skip
-    table.add_row("whole `visionflow run` (new process, Prefect, ingest … evaluate)", f"{med['whole']:.1f}",
+    last = "package" if "package" in med else "evaluate"
+    table.add_row(f"whole `visionflow run` (new process, Prefect, ingest … {last})", f"{med['whole']:.1f}",
                   f"{ratios['whole']:.2f}")  # fmt: skip
     if "whole_server" in ratios:
         table.add_row("whole `visionflow run`, Prefect server already running (visionflow up)",
@@ -282,7 +288,8 @@ def print_tables(params, rounds, med, ratios, alone) -> None:
     parts.add_column("s")
     parts.add_row("epoch: plain loop / visionflow", f"{med['plain_epoch']:.2f} / {med['train_epoch']:.2f}")
     for key, label in ROWS:
-        parts.add_row(label, f"{med.get(key, float('nan')):.1f}")
+        if key in med or key != "package":
+            parts.add_row(label, f"{med.get(key, float('nan')):.1f}")
     for label, seconds in alone.items():
         parts.add_row(f"alone, in a fresh process: {label}", f"{seconds:.1f}")
     console.print(parts)
