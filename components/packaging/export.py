@@ -103,7 +103,7 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, out_path: Path,
         )
 
 
-# package.onnx_exporter -> the exporters tried, in order (names of this module's functions, looked up when called)
+# package.onnx_exporter -> the exporters export_onnx tries, in order
 EXPORTER_ORDER = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}
 
 
