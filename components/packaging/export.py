@@ -107,7 +107,7 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, out_path: Path,
 EXPORTER_ORDER = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}
 
 
-def export_onnx(model: nn.Module, spec: ModelSpec, out_path: Path, opset: int = 18, exporter: str = "auto") -> Path:
+def export_onnx(model: nn.Module, spec: ModelSpec, out_path: Path, *, opset: int = 18, exporter: str = "auto") -> Path:
     """Export `model` (run in eval mode; its train/eval mode is restored afterwards) to one
     self-contained ONNX file at `out_path` (parent folders are created).
 

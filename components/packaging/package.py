@@ -139,7 +139,11 @@ class _Exported:
 def _export(classifier: Classifier, images: torch.Tensor, params: PackageParams, export_dir: Path) -> _Exported:
     """ONNX (as the bundle's model.onnx), and with params the ExecuTorch .pte and TorchScript, each
     checked for parity with PyTorch on `images` (PackagingError past the thresholds)."""
-    onnx_path = export_onnx(classifier.model, classifier.spec, export_dir / MODEL_FILE, exporter=params.onnx_exporter)
+    try:
+        onnx_path = export_onnx(classifier.model, classifier.spec, export_dir / MODEL_FILE, exporter=params.onnx_exporter)
+    except RuntimeError as err:
+        hint = "" if params.onnx_exporter == "auto" else "; package.onnx_exporter=auto tries both exporters"
+        raise PackagingError(f"{err}{hint}") from err
     exported = _Exported(onnx_path, onnx_parity(classifier.model, onnx_path, images))
     _check_parity("ONNX", exported.parity, params)
     if params.executorch:

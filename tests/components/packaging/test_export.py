@@ -80,6 +80,19 @@ def test_auto_tries_torchscript_first_and_dynamo_when_it_fails(tmp_path, monkeyp
         export_onnx(model, spec, tmp_path / "forced.onnx", exporter="torchscript")  # a choice has no fallback
 
 
+def test_a_forced_exporter_that_fails_is_a_packaging_error_naming_the_param(tmp_path, monkeypatch):
+    from components.config import AugmentParams, PackageParams
+    from components.errors import PackagingError
+    from components.training.module import Classifier
+    from components.packaging.package import _export
+
+    spec = FAMILIES["cnn"]
+    classifier = Classifier(build_model(spec).eval(), spec, ["a", "b", "c"], AugmentParams(), {})
+    monkeypatch.setattr(export_module, "_export_torchscript", _broken)
+    with pytest.raises(PackagingError, match="torchscript: this exporter.*package.onnx_exporter=auto tries both"):
+        _export(classifier, torch.randn(4, 3, 16, 16), PackageParams(onnx_exporter="torchscript"), tmp_path)
+
+
 def test_no_exporter_working_is_a_clear_error(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("nope")
