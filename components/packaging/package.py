@@ -140,7 +140,8 @@ def _export(classifier: Classifier, images: torch.Tensor, params: PackageParams,
     """ONNX (as the bundle's model.onnx), and with params the ExecuTorch .pte and TorchScript, each
     checked for parity with PyTorch on `images` (PackagingError past the thresholds)."""
     try:
-        onnx_path = export_onnx(classifier.model, classifier.spec, export_dir / MODEL_FILE, exporter=params.onnx_exporter)
+        path = export_dir / MODEL_FILE
+        onnx_path = export_onnx(classifier.model, classifier.spec, path, exporter=params.onnx_exporter)
     except RuntimeError as err:
         hint = "" if params.onnx_exporter == "auto" else "; package.onnx_exporter=auto tries both exporters"
         raise PackagingError(f"{err}{hint}") from err

@@ -83,8 +83,8 @@ def test_auto_tries_torchscript_first_and_dynamo_when_it_fails(tmp_path, monkeyp
 def test_a_forced_exporter_that_fails_is_a_packaging_error_naming_the_param(tmp_path, monkeypatch):
     from components.config import AugmentParams, PackageParams
     from components.errors import PackagingError
-    from components.training.module import Classifier
     from components.packaging.package import _export
+    from components.training.module import Classifier
 
     spec = FAMILIES["cnn"]
     classifier = Classifier(build_model(spec).eval(), spec, ["a", "b", "c"], AugmentParams(), {})
