@@ -4,7 +4,10 @@ Same data (the default params' data set), model, transforms, epochs and batch si
 do the same number of epochs. Each round trains the plain loop in this process, then runs the `visionflow run`
 command (a fresh process: interpreter, imports, Prefect's temporary server, flow, exit) on the same params and
 reads its MLflow runs back for the breakdown. Prints a table of wall times and ratios (medians over --repeat
-rounds), then what each part of the fixed cost took.
+rounds), then what each part of the fixed cost took. The bench runs under the glibc allocator settings the
+training processes get (flows/warm_start.py, ALLOCATOR_ENV), so the plain loop has them too. The table's last row
+is the floor of any tracked Lightning script: the plain loop plus a new interpreter's imports of torch, Lightning
+and MLflow.
 
 With --with-server each round also runs the command against a Prefect server that is already running (what
 `visionflow up` gives: no temporary server to start), in the same MLflow store. With --package the runs package
@@ -32,6 +35,12 @@ from pathlib import Path
 from components.quiet import set_offline_defaults  # noqa: E402 - before prefect / mlflow / albumentations
 
 set_offline_defaults()
+from flows.warm_start import process_env  # noqa: E402 - the allocator settings the training processes get
+
+if process_env(dict(os.environ)) != dict(os.environ):
+    # glibc reads its allocator variables when a process starts: run the plain loop under the same settings as
+    # the training processes, so the ratios show visionflow's overhead and not an allocator's.
+    os.execve(sys.executable, [sys.executable, *sys.argv], process_env(dict(os.environ)))
 for key, value in {
     # Prefect's 20 s default for its temporary server is too short on a loaded machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -160,7 +169,15 @@ def standalone_costs(env: dict[str, str]) -> dict[str, float]:
         timed = f"import time\nt = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)"
         done = subprocess.run([sys.executable, "-c", timed], env=env, capture_output=True, text=True)
         out[name] = float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else float("nan")
+    # The floor of any tracked Lightning script: a new interpreter that imports torch, Lightning and MLflow (what
+    # visionflow's training process imports, as any Lightning + MLflow script would) and exits without teardown.
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", "import os, lightning.pytorch, mlflow; os._exit(0)"], env=env)
+    out[FLOOR] = time.perf_counter() - start if done.returncode == 0 else float("nan")
     return out
+
+
+FLOOR = "interpreter start + import torch, Lightning, MLflow"
 
 
 ROWS = [
@@ -281,6 +298,9 @@ def print_tables(params, rounds, med, ratios, alone) -> None:
     if "whole_server" in ratios:
         table.add_row("whole `visionflow run`, Prefect server already running (visionflow up)",
                       f"{med['whole_server']:.1f}", f"{ratios['whole_server']:.2f}")  # fmt: skip
+    floor = med["plain"] + alone[FLOOR]
+    table.add_row("floor: plain loop + a new process's imports of torch, Lightning, MLflow", f"{floor:.1f}",
+                  f"{floor / med['plain']:.2f}")  # fmt: skip
     console.print(table)
 
     parts = Table(title="where the time goes (median seconds)")

@@ -145,13 +145,15 @@ def validate_data(path: str, params_file: Path | None, sets: list[str], out: Pat
 
 
 def plan_data(path: str, params_file: Path | None, sets: list[str]) -> Plan:
-    """`plan`: what a run would decide from the data at `path` (in a new temporary folder); nothing is trained."""
+    """`plan`: what a run would decide from the data at `path` (ingested and validated in a temporary folder that
+    is removed afterwards); nothing is trained."""
     import tempfile
 
     from components.planning import plan_source
 
     p = load_params(params_file, [*sets, f"data.path={path}"])
-    return plan_source(p, Path(tempfile.mkdtemp(prefix="visionflow-plan-")))
+    with tempfile.TemporaryDirectory(prefix="visionflow-plan-") as work:
+        return plan_source(p, Path(work))
 
 
 def evaluate_checkpoint(

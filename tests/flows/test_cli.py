@@ -11,14 +11,14 @@ from PIL import Image
 from tests.helpers.shapes import make_shapes
 
 
-def _visionflow(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+def _visionflow(*args: str, cwd=None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env=dict(os.environ, COLUMNS="200"),
+        env=dict(os.environ, COLUMNS="200", **(env or {})),
     )
 
 

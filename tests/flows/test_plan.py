@@ -14,10 +14,19 @@ from tests.flows.test_cli import _visionflow
 
 
 def test_plan_command_prints_the_decisions_and_marks_explicit_values(tmp_path, shapes_dir):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     out = _visionflow(
-        "plan", str(shapes_dir), "--set", f"run.cache_dir={tmp_path / 'cache'}", "--set", "augment.image_size=24"
+        "plan",
+        str(shapes_dir),
+        "--set",
+        f"run.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "augment.image_size=24",
+        env={"TMPDIR": str(scratch)},
     )
     assert out.returncode == 0, out.stderr
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("visionflow-plan-")]  # its work folder went
     lines = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
     assert lines["data.channels"][1:3] == ["3", "plan"]  # the shapes are RGB
     assert lines["augment.image_size"][1:3] == ["24", "explicit"]
