@@ -332,8 +332,7 @@ class SweepReport(NamedTuple):
 def _sweep_on_deployment(mode: str) -> bool:
     """Whether a sweep's combinations run as flow runs of the pipeline deployment (else here, one after
     another): `deployment` requires that deployment, `auto` uses it when a server has it."""
-    from flows.deploy import PIPELINE_DEPLOYMENT, deployment_exists
-    from flows.prefect_api import server_configured
+    from flows.prefect_api import PIPELINE_DEPLOYMENT, deployment_exists, server_configured
 
     if mode == "local":
         return False
@@ -355,7 +354,7 @@ def run_sweep(
     """`sweep`: plan (every combination validated), call `on_planned(plan)`, run here or on the deployment as
     `mode` says, then look up the sweep's runs."""
     from components import tracking
-    from flows.deploy import PIPELINE_DEPLOYMENT
+    from flows.prefect_api import PIPELINE_DEPLOYMENT
     from flows.sweep import SWEEP_TAG, plan_sweep, submit_sweep
     from flows.sweep import sweep as sweep_flow
 

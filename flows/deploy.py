@@ -33,7 +33,6 @@ from flows.retrain import retrain
 from flows.tune import tune_form
 
 TAGS = ["visionflow"]
-PIPELINE_DEPLOYMENT = "visionflow-pipeline/pipeline"
 
 
 @flow(name="visionflow-optimize-run", log_prints=True)
@@ -152,10 +151,3 @@ def deploy_to_pool(deployments: list[RunnerDeployment], pool: str) -> list[str]:
     _with_heartbeats(deployments, job_env=True)
     ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [str(i) for i in ids]
-
-
-def deployment_exists(name: str = PIPELINE_DEPLOYMENT) -> bool:
-    """True when the Prefect API in use knows the deployment `flow-name/deployment-name`."""
-    from flows.prefect_api import read_deployment
-
-    return read_deployment(name) is not None

@@ -9,6 +9,10 @@ from prefect.exceptions import ObjectNotFound
 
 from components.errors import VisionflowError
 
+# The pipeline's deployment as flows/deploy.py serves it; here so that a command can look it up without importing
+# every flow (flows.deploy imports them all: 15 s on 2 busy cores, paid before an error like "--parallel needs …").
+PIPELINE_DEPLOYMENT = "visionflow-pipeline/pipeline"
+
 
 def server_configured() -> bool:
     """True when a Prefect server URL is configured (not the ephemeral per-process API)."""
@@ -24,6 +28,11 @@ def read_deployment(name: str):
             return client.read_deployment_by_name(name)
         except ObjectNotFound:
             return None
+
+
+def deployment_exists(name: str = PIPELINE_DEPLOYMENT) -> bool:
+    """True when the Prefect API in use knows the deployment `flow-name/deployment-name`."""
+    return read_deployment(name) is not None
 
 
 def work_pool_exists(pool: str) -> bool:

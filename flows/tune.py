@@ -229,8 +229,7 @@ def run_trials_on_pool(plan: TunePlan, trials: list, parent_run_id: str, timeout
     whose process was killed: the zombie rule ends it)."""
     from prefect.deployments import run_deployment
 
-    from flows.deploy import PIPELINE_DEPLOYMENT
-    from flows.prefect_api import HEARTBEAT_TAG, heartbeat_env, wait_for_flow_runs
+    from flows.prefect_api import HEARTBEAT_TAG, PIPELINE_DEPLOYMENT, heartbeat_env, wait_for_flow_runs
 
     ids = []
     for trial in trials:
@@ -363,8 +362,7 @@ def summarize(plan: TunePlan, study, run_id: str) -> TuneResult:
 
 def check_pool_deployment() -> None:
     """Raise VisionflowError unless the pipeline deployment is on a work pool (parallel trials need one)."""
-    from flows.deploy import PIPELINE_DEPLOYMENT
-    from flows.prefect_api import read_deployment, server_configured
+    from flows.prefect_api import PIPELINE_DEPLOYMENT, read_deployment, server_configured
 
     deployment = read_deployment(PIPELINE_DEPLOYMENT) if server_configured() else None
     if deployment is None or not deployment.work_pool_name:

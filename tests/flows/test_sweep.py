@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -24,6 +28,27 @@ def test_invalid_grid_exits_2_without_a_traceback():
     result = runner.invoke(app, ["sweep", "--grid", "train.optimizer"])
     assert result.exit_code == 2
     assert "expected KEY=V1,V2" in result.output and "Traceback" not in result.output
+
+
+def test_without_a_server_a_deployment_sweep_or_pool_search_exits_2_before_importing_every_flow(tmp_path):
+    """Both need the pipeline deployment; with no Prefect server configured the answer comes before flows.deploy,
+    which imports every flow, is imported (it took 15 s of a 20 s error on 2 busy cores)."""
+    (tmp_path / "space.yaml").write_text("params:\n  train.lr: {low: 0.001, high: 0.1}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    for args, error in (
+        (["sweep", "--grid", "train.lr=0.001,0.002", "--mode", "deployment"], "error: no visionflow-pipeline/pipeline"),
+        (["tune", "--space", "space.yaml", "--parallel", "2"], "error: --parallel needs the visionflow-pipeline"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "flows.cli", *args],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr[-2000:]
+        said = [line for line in out.stderr.splitlines() if not line.startswith("import time:")]
+        assert len(said) == 1 and said[0].startswith(error), said
+        imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if "|" in line}
+        assert "flows.pipeline" in imported or "flows.tune" in imported  # the import lines were read
+        assert "flows.deploy" not in imported and "flows.retrain" not in imported
 
 
 @pytest.mark.slow
