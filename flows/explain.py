@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components.config import DataParams
 from components.errors import VisionflowError
-from components.evaluation.explain import ExplainMethod, Explanation, explain_files
 from components.evaluation.results import read_calibration
-from flows.runs import finished_pipeline_run
+
+if TYPE_CHECKING:  # torch and the CAM library load with explain_files, after the arguments are checked
+    from components.evaluation.explain import ExplainMethod, Explanation
 
 
 def checkpoint_of_run(run_id: str) -> tuple[str, float]:
     """The best checkpoint of the finished pipeline run `run_id` and the temperature its evaluation fitted (1.0
     without one); VisionflowError for an unknown or unfinished run, or one whose checkpoint is gone."""
+    from flows.runs import finished_pipeline_run  # MLflow: after the arguments are checked
+
     _, finished = finished_pipeline_run(run_id, "explain")
     checkpoint = finished.get("checkpoint") or ""
     if not checkpoint or not Path(checkpoint).is_file():
@@ -37,4 +41,6 @@ def explain_command(
     if not images:
         raise VisionflowError("name at least one image to explain")
     source, temperature = checkpoint_of_run(run_id) if run_id else (checkpoint, 1.0)
+    from components.evaluation.explain import explain_files
+
     return explain_files(source, images, Path(out_dir), method, max_pixels or DataParams().max_pixels, temperature)

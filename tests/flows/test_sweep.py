@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from typer.testing import CliRunner
 
@@ -13,6 +9,7 @@ from components import tracking
 from components.errors import VisionflowError
 from flows.cli import app
 from flows.sweep import SWEEP_TAG, plan_sweep, sweep
+from tests.helpers.importtime import visionflow_importtime
 from tests.helpers.params import tiny_overrides
 
 runner = CliRunner()
@@ -34,21 +31,13 @@ def test_without_a_server_a_deployment_sweep_or_pool_search_exits_2_before_impor
     """Both need the pipeline deployment; with no Prefect server configured the answer comes before flows.deploy,
     which imports every flow, is imported (it took 15 s of a 20 s error on 2 busy cores)."""
     (tmp_path / "space.yaml").write_text("params:\n  train.lr: {low: 0.001, high: 0.1}\n")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     for args, error in (
         (["sweep", "--grid", "train.lr=0.001,0.002", "--mode", "deployment"], "error: no visionflow-pipeline/pipeline"),
         (["tune", "--space", "space.yaml", "--parallel", "2"], "error: --parallel needs the visionflow-pipeline"),
     ):
-        out = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", "flows.cli", *args],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-        )  # fmt: skip
-        assert out.returncode == 2, out.stderr[-2000:]
-        said = [line for line in out.stderr.splitlines() if not line.startswith("import time:")]
-        assert len(said) == 1 and said[0].startswith(error), said
-        imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if "|" in line}
-        assert "flows.pipeline" in imported or "flows.tune" in imported  # the import lines were read
-        assert "flows.deploy" not in imported and "flows.retrain" not in imported
+        answer = visionflow_importtime(*args, cwd=tmp_path, drop_env=("PREFECT_API_URL",))
+        assert answer.returncode == 2 and len(answer.said) == 1 and answer.said[0].startswith(error), answer.said
+        assert "flows.deploy" not in answer.imported and "flows.retrain" not in answer.imported
 
 
 @pytest.mark.slow
