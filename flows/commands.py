@@ -419,8 +419,11 @@ def monitor_predictions(
     p = load_params(params_file, sets)
     check_writable(p)
     start_temporary_server()
-    from flows.monitor import monitor_flow
+    from components.packaging.resolve import resolve_bundle
+    from flows.monitor import default_bundle_source, monitor_flow
 
+    # a bundle that cannot be found is one line while the server starts, before a flow run is made for it
+    resolve_bundle(bundle or default_bundle_source(p), p.run.cache_dir)
     wait_for_server()
     return monitor_flow(str(log) if log else None, bundle, str(feedback) if feedback else None, p)
 

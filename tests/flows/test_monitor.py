@@ -154,5 +154,15 @@ def test_cli_reports_what_it_cannot_compute(prefect_harness, tmp_path, monitor_p
     assert "line 2: expected 2 columns" in report and "unknown label 'not-a-digit'" in report
     assert list((Path(monitor_params.run.output_dir) / "monitor").glob("*/report.html"))
     assert "Not computed: class_distribution" in report
+    flow_runs = _monitor_flow_runs()
     missing_bundle = CliRunner().invoke(app, ["monitor", "--log", str(tmp_path), "--bundle", str(tmp_path / "nope")])
     assert missing_bundle.exit_code == 2 and "bundle not found" in " ".join(missing_bundle.output.split())
+    assert _monitor_flow_runs() == flow_runs  # refused before a flow run was made for it
+
+
+def _monitor_flow_runs() -> int:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["visionflow-monitor"]))))
