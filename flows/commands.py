@@ -192,8 +192,11 @@ def optimize_model(
     if bool(from_run) == bool(checkpoint):
         raise VisionflowError("give exactly one of --from-run RUN_ID or --checkpoint CKPT (with --data)")
     if from_run:
+        from flows.runs import finished_pipeline_run
+
         check_writable()
-        from flows.optimize import optimize_from_run  # checks the run before its flow starts Prefect's server
+        finished_pipeline_run(from_run, "optimize")  # an unknown or unfinished run is one line before torch loads
+        from flows.optimize import optimize_from_run
 
         return optimize_from_run(from_run, sets)
     if not data:
@@ -277,13 +280,14 @@ def deploy_flows(
 ) -> list[str] | None:
     """`deploy`: build the deployments; send them to work pool `pool` (returns their ids), or call
     `on_serving(params.retrain)` and serve them here until stopped (returns None)."""
-    from flows.deploy import build_deployments, deploy_to_pool, serve_deployments
     from flows.prefect_api import server_configured
 
     p = load_params(params_file, sets)
     check_writable(p)
     if not server_configured():
         raise VisionflowError("deploy needs a Prefect server: run `visionflow up` first (or set PREFECT_API_URL)")
+    from flows.deploy import build_deployments, deploy_to_pool, serve_deployments  # every flow: after the checks
+
     deployments = build_deployments(p)
     if pool:
         return deploy_to_pool(deployments, pool)

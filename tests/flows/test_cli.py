@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
+from tests.helpers.importtime import visionflow_importtime
 from tests.helpers.shapes import make_shapes
 
 
@@ -98,3 +100,29 @@ def test_evaluate_and_optimize_refuse_a_file_that_is_not_a_checkpoint(tmp_path):
     assert evaluate.returncode == 2, evaluate.stdout[-2000:] + evaluate.stderr[-2000:]
     assert [line for line in evaluate.stderr.splitlines() if line.startswith("error:") and expected in line]
     assert "IndexError" not in evaluate.stderr and "KeyError" not in evaluate.stderr
+
+
+MISTAKES = {  # a mistake, the start of its one line, modules that must not have been imported before it
+    "sweep-without-server": (
+        ["sweep", "--grid", "train.lr=0.001,0.002", "--mode", "deployment"],
+        "error: no visionflow-pipeline/pipeline deployment",
+        ("flows.deploy", "flows.retrain"),  # flows.deploy imports every flow: 15 s of a 20 s answer before
+    ),
+    "tune-parallel-without-server": (
+        ["tune", "--space", "space.yaml", "--parallel", "2"],
+        "error: --parallel needs the visionflow-pipeline/pipeline deployment",
+        ("flows.deploy", "flows.retrain"),
+    ),
+    "deploy-without-server": (["deploy"], "error: deploy needs a Prefect server", ("flows.deploy", "torch")),
+    "explain-without-model": (["explain", "x.png"], "error: give exactly one of --run", ("torch", "mlflow")),
+    "optimize-unknown-run": (["optimize", "--from-run", "nope"], "error: no MLflow run nope", ("torch",)),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_a_mistake_is_one_line_before_the_heavy_imports(tmp_path, case):
+    args, error, not_imported = MISTAKES[case]
+    (tmp_path / "space.yaml").write_text("params:\n  train.lr: {low: 0.001, high: 0.1}\n")
+    answer = visionflow_importtime(*args, cwd=tmp_path, drop_env=("PREFECT_API_URL",))
+    assert answer.returncode == 2 and len(answer.said) == 1 and answer.said[0].startswith(error), answer.said
+    assert not answer.imported & set(not_imported)

@@ -9,7 +9,6 @@ from components import tracking
 from components.errors import VisionflowError
 from flows.cli import app
 from flows.sweep import SWEEP_TAG, plan_sweep, sweep
-from tests.helpers.importtime import visionflow_importtime
 from tests.helpers.params import tiny_overrides
 
 runner = CliRunner()
@@ -25,19 +24,6 @@ def test_invalid_grid_exits_2_without_a_traceback():
     result = runner.invoke(app, ["sweep", "--grid", "train.optimizer"])
     assert result.exit_code == 2
     assert "expected KEY=V1,V2" in result.output and "Traceback" not in result.output
-
-
-def test_without_a_server_a_deployment_sweep_or_pool_search_exits_2_before_importing_every_flow(tmp_path):
-    """Both need the pipeline deployment; with no Prefect server configured the answer comes before flows.deploy,
-    which imports every flow, is imported (it took 15 s of a 20 s error on 2 busy cores)."""
-    (tmp_path / "space.yaml").write_text("params:\n  train.lr: {low: 0.001, high: 0.1}\n")
-    for args, error in (
-        (["sweep", "--grid", "train.lr=0.001,0.002", "--mode", "deployment"], "error: no visionflow-pipeline/pipeline"),
-        (["tune", "--space", "space.yaml", "--parallel", "2"], "error: --parallel needs the visionflow-pipeline"),
-    ):
-        answer = visionflow_importtime(*args, cwd=tmp_path, drop_env=("PREFECT_API_URL",))
-        assert answer.returncode == 2 and len(answer.said) == 1 and answer.said[0].startswith(error), answer.said
-        assert "flows.deploy" not in answer.imported and "flows.retrain" not in answer.imported
 
 
 @pytest.mark.slow
