@@ -29,6 +29,7 @@ from flows.monitor import monitor_deployment, retrain_trigger
 from flows.optimize import optimize_from_run
 from flows.package import package_flow
 from flows.pipeline import pipeline
+from flows.prefect_api import PIPELINE_DEPLOYMENT
 from flows.retrain import retrain
 from flows.tune import tune_form
 
@@ -55,7 +56,7 @@ def build_deployments(params: PipelineParams) -> list[RunnerDeployment]:
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": TAGS}
     deployments = [
         pipeline.to_deployment(
-            name="pipeline",
+            name=PIPELINE_DEPLOYMENT.split("/", 1)[1],  # the name the commands look it up by
             parameters=defaults,
             description="Ingest, validate, train, evaluate, [optimize], package.",
             **common,

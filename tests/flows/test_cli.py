@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from PIL import Image
 
-from tests.helpers.importtime import visionflow_importtime
+from tests.helpers.cli import run_visionflow, visionflow_importtime
 from tests.helpers.shapes import make_shapes
 
-
-def _visionflow(*args: str, cwd=None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=dict(os.environ, COLUMNS="200", **(env or {})),
-    )
+_visionflow = run_visionflow
 
 
 def test_invalid_parameter_exits_2_naming_the_field():
