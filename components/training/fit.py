@@ -13,14 +13,17 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from components.config import PipelineParams, fill_auto, unresolved_fields
+from components.config import PipelineParams, TrainerParams, fill_auto, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
 from components.data.dataset import ImageDataModule, resolve_num_workers
 from components.data.ingest import read_manifest
@@ -258,8 +261,52 @@ def build_trainer(
         enable_progress_bar=spec.progress_bar,
         enable_model_summary=False,
         default_root_dir=spec.run_dir,
+        plugins=checkpoint_plugins(params.trainer),
     )
     return trainer, checkpoint
+
+
+class WaitingAsyncCheckpointIO(AsyncCheckpointIO):
+    """Lightning's AsyncCheckpointIO (the tensors are copied on the training thread, then serialised and written by
+    a background thread while training goes on; the trainer's teardown waits for the last write), except that a load
+    or a removal first waits for the writes in flight: the Tuner saves a checkpoint and restores it a few steps
+    later."""
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.teardown()  # waits for the pending writes (and raises a failed one's error); the next save restarts it
+        return super().load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self.teardown()
+        super().remove_checkpoint(*args, **kwargs)
+
+
+def checkpoint_plugins(trainer: TrainerParams) -> list:
+    """The trainer's checkpoint writer: WaitingAsyncCheckpointIO with trainer.async_checkpoints, but not under FSDP,
+    which writes its sharded checkpoints itself."""
+    if not trainer.async_checkpoints or trainer.strategy == "fsdp":
+        return []
+    return [WaitingAsyncCheckpointIO()]
+
+
+# MLflow's asynchronous logging thread polls its queue with a 1-s timeout unless it buffers; buffering, it waits
+# on its stop event instead, so the flush that ends a fit (the logger's set_terminated) returns at once (0.05 s
+# against 0.95 s measured). Metrics still carry the time they were logged at; they reach the store up to 1 s later.
+# MLflow reads the value as an int (a float stops its logging thread, and a flush then waits forever).
+ASYNC_LOGGING_ENV = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}
+
+
+def async_logger(experiment: str, tracking_uri: str | None, run_id: str) -> MLFlowLogger:
+    """Lightning's MLflow logger for the run `run_id`, asynchronous (a metric write, an SQLite transaction or an
+    HTTP call, must not stall the step), with ASYNC_LOGGING_ENV where the environment does not set it or sets a
+    value MLflow cannot read (said in one line)."""
+    for key, value in ASYNC_LOGGING_ENV.items():
+        given = os.environ.setdefault(key, value)
+        if not given.strip().isdigit():
+            print(f"[visionflow] {key}={given} is not a whole number of seconds (MLflow's logging would stop): "
+                  f"{value} used", flush=True)  # fmt: skip
+            os.environ[key] = value
+    return MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run_id, synchronous=False)
 
 
 def finish_system_metrics(monitor) -> None:
@@ -311,12 +358,7 @@ def fit(spec: FitSpec) -> FitResult:
     )
     data = datamodule_from_params(params, rows, spec.classes, task_classes, plan, params.train.suspicious_labels)
     run_id = spec.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
-    logger: MLFlowLogger | bool = False
-    if run_id:
-        # Asynchronous: a metric write (an SQLite transaction or an HTTP call) must not stall the step.
-        logger = MLFlowLogger(
-            experiment_name=params.run.experiment, tracking_uri=spec.tracking_uri, run_id=run_id, synchronous=False
-        )
+    logger = async_logger(params.run.experiment, spec.tracking_uri, run_id) if run_id else False
     train_rows = [row for row in rows if row["split"] == "train"]
     # A margin (given label's logit minus the largest other) needs one label per image: none for multi-label.
     margins = MarginRecorder(len(train_rows)) if params.train.suspicious_labels and not _multilabel(params) else None
@@ -481,10 +523,12 @@ def _lr_rule(params: PipelineParams, effective_batch: int) -> str:
     return f"{train.lr_scaling}: {train.lr:g} {factor}({effective_batch}/{train.lr_base_batch_size})"
 
 
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """sha256 over a module's state_dict (names, dtypes, shapes and bytes of every tensor, in key order)."""
+def state_dict_sha256(module: torch.nn.Module | Mapping[str, Any]) -> str:
+    """sha256 over a module's state_dict, or a checkpoint's (names, dtypes, shapes and bytes of every tensor, in key
+    order)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    for name, tensor in sorted(state.items()):
         if isinstance(tensor, torch.Tensor):
             value = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\n".encode())

@@ -18,7 +18,8 @@ from components import tracking
 from components.config import load_params
 from components.data.ingest import read_manifest
 from components.quiet import LOG_FILE_ENV
-from components.training.fit import FitResult, FitSpec
+from components.training.checkpoint import read_checkpoint
+from components.training.fit import FitResult, FitSpec, state_dict_sha256
 from components.training.launch import prepare_fit_spec
 from components.training.module import load_classifier
 from tests.helpers.params import planned_fit_spec, tiny_overrides
@@ -44,6 +45,9 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_path, shapes_dir):
     result = FitResult.model_validate_json((tmp_path / "result.json").read_text())
     assert result.error is None and Path(result.best_checkpoint).is_file()
     assert load_classifier(result.best_checkpoint).classes == spec.classes
+    # written by rank zero's background thread: the last checkpoint holds the weights the fit ended with
+    last = read_checkpoint(result.last_checkpoint)
+    assert last["epoch"] == 1 and state_dict_sha256(last["state_dict"]) == result.weights_sha256
     client = MlflowClient(tracking.tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name(params.run.experiment).experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the other rank created no run

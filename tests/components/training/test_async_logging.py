@@ -1,0 +1,42 @@
+"""The training process's MLflow logger: asynchronous, buffered so the flush that ends a fit returns at once, and
+nothing logged is lost."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
+
+from components.training.fit import async_logger
+
+
+def test_the_async_logger_buffers_and_every_metric_reaches_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv(MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.name, raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("async")).info.run_id
+    logger = async_logger("async", uri, run_id)
+    # MLflow's own parser reads the setting (a value it cannot read stops its logging thread for good)
+    assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() >= 1
+    for step in range(5):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    logger.finalize("success")  # flushes the queue and ends the run, as at the end of a fit
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert [(m.step, round(m.value, 4)) for m in history] == [(s, round(1.0 / (s + 1), 4)) for s in range(5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_buffering_interval_set_in_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv(MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.name, "3")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    async_logger("async", uri, client.create_run(client.create_experiment("async")).info.run_id)
+    assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 3
+
+
+def test_a_value_mlflow_cannot_read_is_replaced_and_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.name, "0.5")  # MLflow's int() would stop its thread
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    async_logger("async", uri, client.create_run(client.create_experiment("async")).info.run_id)
+    assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 1
+    assert "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=0.5 is not a whole number" in capsys.readouterr().out
