@@ -8,7 +8,7 @@ saves spaced as epochs would be. The background writer still spends the CPU time
 MLflow: the flush that ends a fit (Lightning's MLFlowLogger.finalize → set_terminated) after a few asynchronous
 metric writes, with MLflow's default queue polling and with the buffering visionflow sets (ASYNC_LOGGING_ENV).
 
-    python bench/writes.py [--saves 5] [--gap 1.0]
+    python bench/writes.py [--saves 5] [--gap 1.0] [--device cuda]
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def models() -> dict[str, torch.nn.Module]:
     }
 
 
-def checkpoint_of(model: torch.nn.Module) -> tuple[dict, float]:
-    """A checkpoint as Lightning writes one (weights, Adam's two moments) after one step; returns it and its MiB."""
+def checkpoint_of(model: torch.nn.Module, device: str) -> tuple[dict, float]:
+    """A checkpoint as Lightning writes one (weights, Adam's two moments) after one step on `device`; returns it and
+    its MiB."""
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters())
     channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-    model(torch.randn(2, channels, 32, 32)).sum().backward()
+    model(torch.randn(2, channels, 32, 32, device=device)).sum().backward()
     optimizer.step()
     checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "epoch": 0}
     tensors = [*model.state_dict().values(), *(t for s in optimizer.state.values() for t in s.values())]
@@ -96,14 +98,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=5, help="Saves per model and writer (medians).")
     parser.add_argument("--gap", type=float, default=1.0, help="Seconds between saves (an epoch's training).")
+    parser.add_argument("--device", default="cpu", help="Where the model and its optimizer state live (cpu, cuda).")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visionflow-writes-"))
     console = Console()
-    table = Table(title=f"checkpoint save: seconds the training thread waits ({os.cpu_count()} CPUs, median)")
+    where = f"{os.cpu_count()} CPUs" + (f", tensors on {args.device}" if args.device != "cpu" else "")
+    table = Table(title=f"checkpoint save: seconds the training thread waits ({where}, median)")
     for column in ("model", "MiB", "synchronous", "background (visionflow)", "ratio"):
         table.add_column(column)
     for name, model in models().items():
-        checkpoint, mib = checkpoint_of(model)
+        checkpoint, mib = checkpoint_of(model, args.device)
         sync, _ = stall(TorchCheckpointIO(), checkpoint, work / "sync.ckpt", args.saves, args.gap)
         held, _ = stall(
             WaitingAsyncCheckpointIO(TorchCheckpointIO()), checkpoint, work / "bg.ckpt", args.saves, args.gap

@@ -394,7 +394,7 @@ class TrainerParams(_Section):
         True,
         description=(
             "Write checkpoints from a background thread (Lightning's AsyncCheckpointIO): the training thread copies "
-            "the tensors and goes on while they are serialised and written (resnet18 with Adam: a 128 MB "
+            "the tensors and goes on while they are serialised and written (resnet18 with Adam: a 128 MiB "
             "checkpoint stalls training ~70 ms instead of ~630 ms). Not with fsdp, which writes its own."
         ),
     )

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from components.config import PipelineParams, TrainerParams, fill_auto, unresolved_fields
 from components.data.augment import build_eval_transform, build_train_transform, eval_resize_side
@@ -270,7 +271,13 @@ class WaitingAsyncCheckpointIO(AsyncCheckpointIO):
     """Lightning's AsyncCheckpointIO (the tensors are copied on the training thread, then serialised and written by
     a background thread while training goes on; the trainer's teardown waits for the last write), except that a load
     or a removal first waits for the writes in flight: the Tuner saves a checkpoint and restores it a few steps
-    later."""
+    later. Device tensors come to host memory on the training thread, where Lightning's would copy them on the
+    device: that would need the checkpoint's size again in GPU memory, which a batch size found by the Tuner may
+    not leave."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        on_host = apply_to_collection(checkpoint, torch.Tensor, lambda t: t if t.device.type == "cpu" else t.cpu())
+        super().save_checkpoint(on_host, *args, **kwargs)  # copies the host tensors: training goes on changing them
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.teardown()  # waits for the pending writes (and raises a failed one's error); the next save restarts it
@@ -302,11 +309,19 @@ def async_logger(experiment: str, tracking_uri: str | None, run_id: str) -> MLFl
     value MLflow cannot read (said in one line)."""
     for key, value in ASYNC_LOGGING_ENV.items():
         given = os.environ.setdefault(key, value)
-        if not given.strip().isdigit():
+        if not _is_int(given):
             print(f"[visionflow] {key}={given} is not a whole number of seconds (MLflow's logging would stop): "
                   f"{value} used", flush=True)  # fmt: skip
             os.environ[key] = value
     return MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run_id, synchronous=False)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def finish_system_metrics(monitor) -> None:
@@ -450,8 +465,10 @@ def _announce(trainer, logger, params, plan: DevicePlan, accumulate: int, effect
             "train.lr_effective": lr,
             "train.lr_rule": rule,
         }
-        try:
-            logger.log_hyperparams(scale)
+        from mlflow.entities import Param
+
+        try:  # synchronous: a refused batch is caught here, and no metric shares its fate in the logging queue
+            logger.experiment.log_batch(logger.run_id, params=[Param(k, str(v)) for k, v in scale.items()])
         except Exception as err:  # MLflow params are immutable: a resume on other devices keeps the first values
             print(
                 f"[visionflow] note: batch/lr params of the first attempt kept in MLflow ({type(err).__name__})",

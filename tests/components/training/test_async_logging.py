@@ -40,3 +40,27 @@ def test_a_value_mlflow_cannot_read_is_replaced_and_said(tmp_path, monkeypatch, 
     async_logger("async", uri, client.create_run(client.create_experiment("async")).info.run_id)
     assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 1
     assert "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=0.5 is not a whole number" in capsys.readouterr().out
+
+
+def test_a_resume_on_other_devices_keeps_the_first_batch_params_says_so_and_loses_no_metric(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from components.config import load_params
+    from components.training.devices import plan_devices
+    from components.training.fit import _announce
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("async")).info.run_id
+    logger = async_logger("async", uri, run_id)
+    params = load_params(None, ["train.lr=0.01", "trainer.accelerator=cpu"])
+    plan, rank_zero = plan_devices(params.trainer), SimpleNamespace(is_global_zero=True)
+    _announce(rank_zero, logger, params, plan, 1, 64, 0.01, 64)
+    logger.log_metrics({"val/acc": 0.5}, 0)
+    _announce(rank_zero, logger, params, plan, 1, 128, 0.02, 128)  # resumed on other devices: MLflow refuses
+    logger.log_metrics({"val/acc": 0.75}, 1)
+    logger.finalize("success")
+    assert "batch/lr params of the first attempt kept in MLflow" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert run.data.params["trainer.effective_batch_size"] == "64" and run.data.params["train.lr_effective"] == "0.01"
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "val/acc"), key=lambda m: m.step)] == [0.5, 0.75]
