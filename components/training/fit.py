@@ -309,19 +309,12 @@ def async_logger(experiment: str, tracking_uri: str | None, run_id: str) -> MLFl
     value MLflow cannot read (said in one line)."""
     for key, value in ASYNC_LOGGING_ENV.items():
         given = os.environ.setdefault(key, value)
-        if not _is_int(given):
-            print(f"[visionflow] {key}={given} is not a whole number of seconds (MLflow's logging would stop): "
-                  f"{value} used", flush=True)  # fmt: skip
+        if not given.strip().isascii() or not given.strip().isdigit():
+            # int() fails on "0.5" (MLflow's logging thread stops) and reads "-1" (it would spin without waiting)
+            print(f"[visionflow] {key}={given} is not a whole number of seconds ≥ 0 (MLflow's logging would stop "
+                  f"or spin): {value} used", flush=True)  # fmt: skip
             os.environ[key] = value
     return MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run_id, synchronous=False)
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 def finish_system_metrics(monitor) -> None:

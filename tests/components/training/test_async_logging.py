@@ -3,6 +3,7 @@ nothing logged is lost."""
 
 from __future__ import annotations
 
+import pytest
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
 
@@ -33,13 +34,14 @@ def test_a_buffering_interval_set_in_the_environment_wins(tmp_path, monkeypatch)
     assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 3
 
 
-def test_a_value_mlflow_cannot_read_is_replaced_and_said(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.name, "0.5")  # MLflow's int() would stop its thread
+@pytest.mark.parametrize("value", ["0.5", "-1", "²"])  # int() stops MLflow's thread on two, "-1" makes it spin
+def test_a_value_mlflow_cannot_use_is_replaced_and_said(tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setenv(MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.name, value)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     async_logger("async", uri, client.create_run(client.create_experiment("async")).info.run_id)
     assert MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.get() == 1
-    assert "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=0.5 is not a whole number" in capsys.readouterr().out
+    assert f"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS={value} is not a whole number" in capsys.readouterr().out
 
 
 def test_a_resume_on_other_devices_keeps_the_first_batch_params_says_so_and_loses_no_metric(tmp_path, capsys):
