@@ -10,6 +10,17 @@ from mlflow.environment_variables import MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
 from components.training.fit import async_logger
 
 
+@pytest.fixture(autouse=True)
+def _session_tracking_uri():
+    """Lightning's MLflow logger sets MLflow's process-wide tracking URI to its own: the next tests in this worker
+    must find the session's store again."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
+
 def test_the_async_logger_buffers_and_every_metric_reaches_the_run(tmp_path, monkeypatch):
     monkeypatch.delenv(MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS.name, raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
