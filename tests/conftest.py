@@ -7,8 +7,8 @@ import tempfile
 
 # One compute thread per process (before anything imports torch, which reads it once): the two xdist workers share
 # two cores with the training processes and servers they start, and two OpenMP threads each kept them waiting on one
-# another. Measured side by side on 2 cores (2026-12-03): 893 s → 792 s of tests, 22.1 → 18.6 CPU-minutes; the
-# default job's test 145 s → 72 s. A value in the environment wins.
+# another. Measured on 2 cores, one run after the other (2026-12-03): 22.1 → 18.6 CPU-minutes, 893 s → 792 s of
+# tests; the default job's test 145 s → 72 s. A value in the environment wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from components.quiet import set_offline_defaults  # noqa: E402 - after the thread setting
