@@ -5,11 +5,14 @@ import os
 import shutil
 import tempfile
 
-# One compute thread per process (before anything imports torch, which reads it once): the two xdist workers share
-# two cores with the training processes and servers they start, and two OpenMP threads each kept them waiting on one
-# another. Measured on 2 cores, one run after the other (2026-12-03): 22.1 → 18.6 CPU-minutes, 893 s → 792 s of
-# tests; the default job's test 145 s → 72 s. A value in the environment wins.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests in parallel xdist workers share the cores among them: each worker, and the training processes it starts, gets
+# its share of compute threads (set before anything imports torch, which reads it once). With two workers on two cores
+# and two OpenMP threads each, their processes kept waiting on one another. Measured on 2 cores, one run after the other
+# (2026-12-03): 22.1 → 18.6 CPU-minutes, 893 s → 792 s of tests; the default job's test 145 s → 72 s. One process
+# (`make test PYTEST_PARALLEL=`) keeps torch's default; a value in the environment wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # set by xdist in a worker before conftests load
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 from components.quiet import set_offline_defaults  # noqa: E402 - after the thread setting
 
